@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build by default; for a GPU install a CUDA torch into .venv first (see README), it is kept.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test bench clean
+
+$(BIN)/separeg: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e '.[dev]'
+	@touch $@
+
+demo: $(BIN)/separeg
+	$(BIN)/separeg demo --out demo_output
+
+test: $(BIN)/separeg
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/separeg
+	$(BIN)/python Testing/benchmarks/bench_sis.py
+
+clean:
+	rm -rf demo_output .pytest_cache

@@ -1,0 +1,167 @@
+"""`separeg` command line: each subcommand maps flags to a job config and calls one ``run_*`` function.
+
+Exit codes: 0 done, 1 error (a message, no traceback), 2 bad usage, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import SepaRegError
+from .events import Events, JsonLinesSink, TerminalSink
+
+__all__ = ["main", "build_parser"]
+
+EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 1, 2, 130
+
+
+def _existing_path(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print progress and log events as JSON lines on stdout (for the Slicer modules)")
+    parser.add_argument("--workers", type=_positive_int, default=None,
+                        help="CPU threads for reading and separation (default: all cores)")
+
+
+def _add_sis(parser: argparse.ArgumentParser) -> None:
+    from .regions import SEPARATION_EXTENTS, SEPARATION_MODES, SISConfig
+
+    d = SISConfig()
+    group = parser.add_argument_group("structure-aware image separation")
+    group.add_argument("--separation", choices=SEPARATION_MODES, default=d.mode,
+                       help="sis: SLIC superpixels (paper); regular: square grid (ablation)")
+    group.add_argument("--extent", choices=SEPARATION_EXTENTS, default=d.extent,
+                       help="separate the body's bounding box (default) or the whole slice (reference code)")
+    group.add_argument("--n-segments", type=_positive_int, default=d.n_segments, help="superpixels per slice (32)")
+    group.add_argument("--compactness", type=float, default=d.compactness, help="SLIC compactness (15)")
+    group.add_argument("--sigma", type=float, default=d.sigma, help="SLIC Gaussian smoothing (0.8)")
+    group.add_argument("--body-threshold", type=float, default=d.body_threshold_hu,
+                       help="HU above which a voxel belongs to the body mask (-500)")
+
+
+def _sis_config(args: argparse.Namespace):
+    from .regions import SISConfig
+
+    return SISConfig(mode=args.separation, extent=args.extent, n_segments=args.n_segments,
+                     compactness=args.compactness, sigma=args.sigma, body_threshold_hu=args.body_threshold)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="separeg", description="SepaReg: region-level contrastive pretraining and "
+                                     "few-shot organ contouring for radiotherapy CT")
+    parser.add_argument("--version", action="version", version=f"separeg {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scan = sub.add_parser("scan", help="list the usable volumes of an archive folder (and why others are skipped)")
+    scan.add_argument("archive", type=Path, help="folder with NIfTI/NRRD/MHA files and/or DICOM series")
+    scan.add_argument("--modality", choices=("CT", "MR", "PT", "any"), default="CT",
+                      help="which images count as usable (default CT)")
+    scan.add_argument("--out", type=Path, default=None, help="write the manifest JSON here")
+    _add_common(scan)
+    scan.set_defaults(handler=_run_scan)
+
+    regions = sub.add_parser("regions", help="separate one volume into regions; write the cache and an overlay PNG")
+    regions.add_argument("volume", type=_existing_path, help="a volume file or a DICOM series folder")
+    regions.add_argument("--out", type=Path, required=True, help="output folder (cache/, overlay.png, regions.json)")
+    regions.add_argument("--reference", type=_existing_path, default=None,
+                         help="organ label map on the same grid: report the fraction of each organ kept")
+    regions.add_argument("--slices", type=_positive_int, default=4, help="slices in the overlay (4)")
+    _add_sis(regions)
+    _add_common(regions)
+    regions.set_defaults(handler=_run_regions)
+
+    demo = sub.add_parser("demo", help="run the pipeline on the bundled sample CTs")
+    demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)")
+    demo.add_argument("--data", type=_existing_path, default=None, help="sample data folder (Resources/SampleData)")
+    _add_sis(demo)
+    _add_common(demo)
+    demo.set_defaults(handler=_run_demo)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("separeg")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _run_scan(args: argparse.Namespace, events: Events) -> int:
+    from .archive import format_table, scan_archive
+
+    manifest = scan_archive(args.archive, modality=args.modality, events=events, workers=args.workers)
+    if args.out:
+        manifest.save(args.out)
+    if not args.json:
+        print(format_table(manifest))
+    manifest.require_usable()
+    events.done(f"{len(manifest.usable())} usable volume(s); manifest hash {manifest.hash[:12]}"
+                + (f"; written to {args.out}" if args.out else ""))
+    return 0
+
+
+def _run_regions(args: argparse.Namespace, events: Events) -> int:
+    from .regions_job import RegionsJob, run_regions
+
+    job = RegionsJob(volume=args.volume, out_dir=args.out, sis=_sis_config(args), reference=args.reference,
+                     overlay_slices=args.slices, workers=args.workers)
+    result = run_regions(job, events)
+    coverage = result.statistics.get("organ_coverage")
+    if coverage:
+        events.log("organ coverage: " + ", ".join(f"{k}: {100 * v:.1f} %" for k, v in coverage.items()), stage="sis")
+    events.done(f"wrote {args.out / 'regions.json'}" + (f" and {result.overlay}" if result.overlay else ""))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace, events: Events) -> int:
+    from .demo import SAMPLE_DATA, DemoJob, run_demo
+
+    run_demo(DemoJob(out_dir=args.out, data_dir=args.data or SAMPLE_DATA, sis=_sis_config(args),
+                     workers=args.workers), events)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    events = Events(JsonLinesSink(sys.stdout) if args.json else TerminalSink(sys.stderr))
+    handler: Callable[[argparse.Namespace, Events], int] = args.handler
+    try:
+        return handler(args, events)
+    except SepaRegError as exc:
+        events.error(str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        events.cancelled("interrupted; finished outputs are kept, re-run the same command to continue")
+        return EXIT_CANCELLED
+    except OSError as exc:  # disk full, permissions: say which file, no traceback
+        events.error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

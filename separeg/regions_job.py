@@ -1,0 +1,111 @@
+"""`separeg regions`: separate one volume, cache its label maps, write an overlay and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_json
+from .errors import InputError
+from .events import Events
+from .figures import pick_slices, region_overlay, save_png
+from .regions import RegionMaps, SISConfig, load_or_compute
+from .volumes import Geometry, content_hash, read_volume
+
+__all__ = ["RegionsJob", "RegionsResult", "separate_volume", "organ_coverage", "region_statistics", "read_reference",
+           "run_regions"]
+
+
+@dataclass(frozen=True)
+class RegionsJob:
+    volume: Path
+    out_dir: Path
+    sis: SISConfig = field(default_factory=SISConfig)
+    reference: Path | None = None  # organ label map on the same grid: reports how much of each organ is kept
+    overlay_slices: int = 4
+    workers: int | None = None
+
+
+@dataclass
+class RegionsResult:
+    maps: RegionMaps
+    from_cache: bool
+    statistics: dict
+    overlay: Path | None
+
+
+def separate_volume(path: str | Path, config: SISConfig, cache_dir: str | Path, *, events: Events | None = None,
+                    workers: int | None = None):
+    """Read a volume and get its region maps (cached). Returns ``(image, hu, maps, from_cache)``."""
+    import SimpleITK as sitk
+
+    image = read_volume(path)
+    hu = sitk.GetArrayFromImage(image)
+    maps, cached = load_or_compute(hu, content_hash(image), config, cache_dir, events=events, workers=workers)
+    return image, hu, maps, cached
+
+
+def organ_coverage(maps: RegionMaps, reference: np.ndarray) -> dict[int, float]:
+    """Fraction of each organ's voxels (label value > 0 in ``reference``) that lie in kept regions.
+
+    Counted on whole body sections only (:meth:`RegionMaps.body_slices`): voxels of contours that run
+    into slices the archive did not store in full are not separable and are left out.
+    """
+    sections = maps.body_slices()
+    kept = maps.labels[sections] > 0
+    reference = reference[sections]
+    values = np.unique(reference[reference > 0])
+    return {int(v): float(kept[reference == v].mean()) for v in values}
+
+
+def region_statistics(maps: RegionMaps) -> dict:
+    per_slice = maps.regions_per_slice()
+    used = per_slice[per_slice > 0]
+    return {
+        "regions": len(maps),
+        "slices": int(len(per_slice)),
+        "slices_with_regions": int(len(used)),
+        "regions_per_slice": {"mean": float(used.mean()) if len(used) else 0.0,
+                              "min": int(used.min()) if len(used) else 0, "max": int(used.max()) if len(used) else 0},
+        "region_pixels_median": float(np.median(maps.n_pixels)) if len(maps) else 0.0,
+    }
+
+
+def read_reference(path: Path, image) -> np.ndarray:
+    """An organ label map that must lie on ``image``'s grid, as a ``(Z, H, W)`` array."""
+    import SimpleITK as sitk
+
+    reference = read_volume(path)
+    if not Geometry.of(reference).matches(Geometry.of(image)):
+        raise InputError(f"reference {path} is not on the volume's grid:\n  reference: "
+                         f"{Geometry.of(reference).describe()}\n  volume:    {Geometry.of(image).describe()}")
+    return sitk.GetArrayFromImage(reference)
+
+
+def run_regions(job: RegionsJob, events: Events | None = None) -> RegionsResult:
+    """Separate ``job.volume`` into regions; write ``cache/``, ``overlay.png`` and ``regions.json`` to ``job.out_dir``."""
+    events = events or Events()
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image, hu, maps, cached = separate_volume(job.volume, job.sis, out / "cache", events=events, workers=job.workers)
+    reference = read_reference(Path(job.reference), image) if job.reference else None
+    stats = {"volume": str(job.volume), "volume_hash": maps.volume_hash, "config": asdict(job.sis),
+             "from_cache": cached, **region_statistics(maps)}
+    if reference is not None:
+        stats["organ_coverage"] = organ_coverage(maps, reference)
+    overlay = None
+    slices = pick_slices(maps, job.overlay_slices)
+    if slices:
+        overlay = save_png(region_overlay(hu, maps, slices, reference=reference, window=job.sis.hu_window),
+                           out / "overlay.png")
+        stats["overlay_slices"] = slices
+    else:
+        events.warning("no region was kept on any slice (no body found above "
+                       f"{job.sis.body_threshold_hu:g} HU?); no overlay written", stage="sis")
+    write_json(stats, out / "regions.json")
+    rps = stats["regions_per_slice"]
+    events.log(f"{stats['regions']} regions on {stats['slices_with_regions']}/{stats['slices']} slices "
+               f"({rps['mean']:.1f} per slice, {rps['min']}-{rps['max']}){' from cache' if cached else ''}", stage="sis")
+    return RegionsResult(maps, cached, stats, overlay)
