@@ -19,7 +19,15 @@ import numpy as np
 from .atomic import write_json
 from .errors import ArchiveError, SepaRegError
 from .events import Events
-from .volumes import DicomSeries, check_volume, content_hash, index_dicom_files, is_volume_file, read_dicom_series, read_volume
+from .volumes import (
+    DicomSeries,
+    check_volume,
+    content_hash,
+    index_dicom_files,
+    is_volume_file,
+    read_dicom_series,
+    read_volume,
+)
 
 __all__ = ["ManifestEntry", "Manifest", "scan_archive", "format_table", "MODALITIES"]
 
@@ -245,8 +253,8 @@ def scan_archive(root: str | Path, *, modality: str = "CT", events: Events | Non
             by_uid[s.series_uid].references = sorted(s.referenced_series_uids)
     _pair_annotations(entries)
     entries += [ManifestEntry(path=rel(p), kind="other", status="error", reason=reason) for p, reason in problems]
-    entries += [ManifestEntry(path=rel(p), kind="other", status="skipped", reason="not an image (unsupported file type)")
-                for p in others]
+    entries += [ManifestEntry(path=rel(p), kind="other", status="skipped",
+                              reason="not an image (unsupported file type)") for p in others]
     return Manifest(str(root), modality, entries)
 
 
@@ -264,7 +272,7 @@ def format_table(manifest: Manifest, *, max_other: int = 5) -> str:
             text += f"  [annotated by {', '.join(e.annotations)}]"
         rows.append((e.status, e.kind, e.modality or "-", size, spacing, text))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
     if other:
         names = ", ".join(e.path for e in other[:max_other]) + (", ..." if len(other) > max_other else "")
         lines.append(f"{len(other)} other file(s) skipped, not images: {names}")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from .archive import format_table, scan_archive
+from .atomic import atomic_path, write_json
 from .events import Events
 from .figures import pick_slices, region_overlay, save_png
 from .regions import SISConfig
-from .atomic import atomic_path, write_json
 from .regions_job import organ_coverage, read_reference, region_statistics, separate_volume
 
 __all__ = ["SAMPLE_DATA", "DemoJob", "run_demo", "label_file_for"]
@@ -96,7 +96,8 @@ def _report(summary: dict) -> str:
     for case, stats in summary["cases"].items():
         cov = stats.get("organ_coverage", {})
         cells = [f"{100 * cov[o]:.1f} %" if o in cov else "-" for o in organs]
-        lines.append(f"| {case} | {stats['regions']} | {stats['regions_per_slice']['mean']:.1f} | " + " | ".join(cells) + " |")
+        per_slice = stats["regions_per_slice"]["mean"]
+        lines.append(f"| {case} | {stats['regions']} | {per_slice:.1f} | " + " | ".join(cells) + " |")
     all_cov = [v for c in summary["cases"].values() for v in c.get("organ_coverage", {}).values()]
     if all_cov:
         lines += ["", f"Mean organ coverage over cases and organs: {100 * float(np.mean(all_cov)):.1f} %."]

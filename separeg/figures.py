@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from .atomic import atomic_path
 from .regions import RegionMaps, window_hu
@@ -74,7 +75,8 @@ def region_overlay(hu: np.ndarray, maps: RegionMaps, slices: Sequence[int], *, r
             organs = reference[k][box].repeat(scale, 0).repeat(scale, 1)
             for value in np.unique(organs[organs > 0]):
                 mask = organs == value
-                rgb[_edges(mask) & mask] = ORGAN_COLOURS[(int(value) - 1) % len(ORGAN_COLOURS)]
+                outline = mask & ~ndimage.binary_erosion(mask, iterations=max(1, scale // 3))
+                rgb[outline] = ORGAN_COLOURS[(int(value) - 1) % len(ORGAN_COLOURS)]
         panels.append(rgb)
     gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8) if panels else None
     row = [p for panel in panels for p in (panel, gap)][:-1]

@@ -85,7 +85,7 @@ def read_reference(path: Path, image) -> np.ndarray:
 
 
 def run_regions(job: RegionsJob, events: Events | None = None) -> RegionsResult:
-    """Separate ``job.volume`` into regions; write ``cache/``, ``overlay.png`` and ``regions.json`` to ``job.out_dir``."""
+    """Separate ``job.volume`` into regions; write ``cache/``, ``overlay.png`` and ``regions.json`` to its out_dir."""
     events = events or Events()
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +106,7 @@ def run_regions(job: RegionsJob, events: Events | None = None) -> RegionsResult:
                        f"{job.sis.body_threshold_hu:g} HU?); no overlay written", stage="sis")
     write_json(stats, out / "regions.json")
     rps = stats["regions_per_slice"]
+    source = " (from cache)" if cached else ""
     events.log(f"{stats['regions']} regions on {stats['slices_with_regions']}/{stats['slices']} slices "
-               f"({rps['mean']:.1f} per slice, {rps['min']}-{rps['max']}){' from cache' if cached else ''}", stage="sis")
+               f"({rps['mean']:.1f} per slice, {rps['min']}-{rps['max']}){source}", stage="sis")
     return RegionsResult(maps, cached, stats, overlay)

@@ -6,8 +6,11 @@ cache) runs where they are not installed.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import struct
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,8 @@ def _sitk():
         import SimpleITK as sitk
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise VolumeReadError("SimpleITK is needed to read volumes: pip install 'SimpleITK>=2.3'") from exc
+    # ITK prints warnings (unsupported metadata, ...) straight to stderr; errors still raise.
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     return sitk
 
 
@@ -70,7 +75,8 @@ class Geometry:
 
     @classmethod
     def of(cls, image: sitk.Image) -> Geometry:
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
 
     def describe(self) -> str:
         size = "x".join(str(s) for s in self.size)
@@ -139,6 +145,8 @@ def read_volume(path: str | Path, *, series_uid: str | None = None, min_slices: 
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             raise VolumeReadError(f"{path} could not be read (truncated or corrupt file?): {_first_line(exc)}") from exc
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(path)
     elif _looks_like_dicom(path):
         raise VolumeReadError(f"{path} is a single DICOM file; give the folder that holds the whole series")
     else:
@@ -148,6 +156,40 @@ def read_volume(path: str | Path, *, series_uid: str | None = None, min_slices: 
         )
     check_volume(image, path, min_slices=min_slices)
     return image
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file shorter than its header promises.
+
+    ITK fills the missing voxels of a truncated NIfTI with zeros and reports no error; NRRD and MHA
+    readers do raise.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(540)
+            length = len(header)
+            while chunk := f.read(1 << 22):
+                length += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise VolumeReadError(f"{path} is truncated or corrupt ({exc}); copy or export the file again") from exc
+    for order in "<>":
+        sizeof_hdr = struct.unpack(order + "i", header[:4])[0]
+        if sizeof_hdr == 348:  # NIfTI-1
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if sizeof_hdr == 540:  # NIfTI-2
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        raise VolumeReadError(f"{path} has no valid NIfTI header")
+    expected = offset + int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    if length < expected:
+        raise VolumeReadError(f"{path} is truncated: {length} of {expected} bytes; copy or export the file again")
 
 
 def write_volume(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
@@ -304,7 +346,9 @@ def read_dicom_series(source: str | Path | DicomSeries, *, series_uid: str | Non
         elif len(images) == 1:
             series = next(iter(images.values()))
         elif not images:
-            detail = f" ({len(problems)} damaged DICOM files, e.g. {problems[0][0].name}: {problems[0][1]})" if problems else ""
+            detail = ""
+            if problems:
+                detail = f" ({len(problems)} damaged DICOM files, e.g. {problems[0][0].name}: {problems[0][1]})"
             other = f"; it holds only {_list_series(found.values())}" if found else ""
             raise SeriesError(f"{folder} holds no CT, MR or PET image series{other}{detail}")
         else:
@@ -313,7 +357,8 @@ def read_dicom_series(source: str | Path | DicomSeries, *, series_uid: str | Non
                 "Move each series to its own folder or choose one by its SeriesInstanceUID."
             )
     if series.modality not in IMAGE_MODALITIES:
-        raise SeriesError(f"series {series.series_uid} is {series.modality or 'of unknown modality'}, not an image series")
+        modality = series.modality or "of unknown modality"
+        raise SeriesError(f"series {series.series_uid} is {modality}, not an image series")
     files = _sorted_slices(series)
     sitk = _sitk()
     reader = sitk.ImageSeriesReader()

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real public CTs in ../shared/data (see its README) and small synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("SEPAREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "openkbp").is_dir():
+        pytest.fail(f"shared test data not found at {SHARED_DATA}; check out ../shared beside the repository "
+                    "or set SEPAREG_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def openkbp(shared_data: Path) -> Path:
+    return shared_data / "openkbp"
+
+
+@pytest.fixture(scope="session")
+def lung1(shared_data: Path) -> Path:
+    return shared_data / "lung1_dicom"
+
+
+@pytest.fixture(scope="session")
+def pt1_hu(openkbp: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(openkbp / "pt_1_ct.nii.gz")))
+
+
+@pytest.fixture()
+def lung1_subset(lung1: Path, tmp_path: Path) -> Path:
+    """Eight consecutive slices of the LUNG1 series, copied so tests may alter them."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for path in sorted((lung1 / "ct").glob("*.dcm"))[40:48]:
+        shutil.copy(path, folder / path.name)
+        (folder / path.name).chmod(0o644)
+    return folder
+
+
+def write_image(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0)) -> Path:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing[: image.GetDimension()])
+    sitk.WriteImage(image, str(path))
+    return path

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from separeg.cli import main
+from separeg.events import Event, EventType
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _events(stdout: str) -> list[Event]:
+    return [Event.from_json(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_scan_prints_table_and_writes_manifest(lung1: Path, tmp_path: Path, capsys) -> None:
+    assert main(["scan", str(lung1), "--out", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "dicom-series" in out and "1 usable CT volume(s)" in out
+    assert json.loads((tmp_path / "m.json").read_text())["counts"]["usable"] == 1
+
+
+def test_scan_of_an_empty_folder_fails_with_a_message(tmp_path: Path, capsys) -> None:
+    assert main(["scan", str(tmp_path)]) == 1
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_scan_json_events_end_with_error_when_nothing_usable(shared_data: Path, tmp_path: Path, capsys) -> None:
+    shutil.copy(shared_data / "totalseg" / "example_mr_sm.nii.gz", tmp_path)
+    assert main(["scan", str(tmp_path), "--json"]) == 1
+    events = _events(capsys.readouterr().out)
+    assert events[0].type == EventType.PROGRESS and events[0].stage == "scan"
+    assert events[-1].type == EventType.ERROR and "no usable CT volumes" in events[-1].msg
+
+
+def test_regions_writes_overlay_stats_and_reuses_the_cache(openkbp: Path, tmp_path: Path, capsys) -> None:
+    args = ["regions", str(openkbp / "pt_1_ct.nii.gz"), "--out", str(tmp_path), "--reference",
+            str(openkbp / "pt_1_oar.nii.gz")]
+    assert main(args) == 0
+    stats = json.loads((tmp_path / "regions.json").read_text())
+    assert stats["from_cache"] is False and stats["regions"] > 100
+    assert set(stats["organ_coverage"]) == {"1", "2", "3", "4", "7"}
+    assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "organ coverage" in capsys.readouterr().err
+    assert main(args + ["--json"]) == 0
+    assert json.loads((tmp_path / "regions.json").read_text())["from_cache"] is True
+    assert _events(capsys.readouterr().out)[-1].type == EventType.DONE
+
+
+def test_regions_refuses_a_reference_on_another_grid(openkbp: Path, tmp_path: Path, capsys) -> None:
+    args = ["regions", str(openkbp / "pt_1_ct.nii.gz"), "--out", str(tmp_path), "--reference",
+            str(openkbp / "pt_6_oar.nii.gz")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "not on the volume's grid" in err and "spacing 2.734" in err and "spacing 3.906" in err
+
+
+def test_bad_arguments_exit_with_usage_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["regions", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path)])
+    assert info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["regions", str(tmp_path), "--out", str(tmp_path), "--n-segments", "0"])
+
+
+def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("pt_1_ct.nii.gz", "pt_1_oar.nii.gz", "pt_203_ct.nii.gz", "labels.json"):
+        shutil.copy(REPO / "Resources" / "SampleData" / name, data / name)
+    out = tmp_path / "out"
+    # Through the module entry point, as the Slicer modules run it.
+    result = subprocess.run([sys.executable, "-m", "separeg", "demo", "--data", str(data), "--out", str(out),
+                             "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert _events(result.stdout)[-1].type == EventType.DONE
+    report = (out / "report.md").read_text()
+    assert "| pt_1 |" in report and "| pt_203 |" in report and "Bone_Mandible" in report
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["pt_1.png", "pt_203.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"]["pt_1"]["organ_coverage"]["Brainstem"] > 0.95
