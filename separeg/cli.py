@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import SepaRegError
+from .errors import CancelledError, SepaRegError
 from .events import Events, JsonLinesSink, TerminalSink
 
 __all__ = ["main", "build_parser"]
@@ -59,6 +59,55 @@ def _add_sis(parser: argparse.ArgumentParser) -> None:
                        help="HU above which a voxel belongs to the body mask (-500)")
 
 
+def _add_pretrain(parser: argparse.ArgumentParser) -> None:
+    from .nets import ENCODER_DIMS
+    from .pretrain_config import STAGES, PretrainConfig
+    from .ssl import METHODS
+
+    d = PretrainConfig()
+    group = parser.add_argument_group("pretraining")
+    group.add_argument("--method", choices=list(METHODS), default=d.method, help="Φ_CLR (default simsiam)")
+    group.add_argument("--encoder", choices=list(ENCODER_DIMS), default=d.encoder,
+                       help="resnet50 (paper) or resnet18 (CPU-only sites)")
+    group.add_argument("--iterations", type=_positive_int, default=d.iterations,
+                       help=f"iterations over all stages ({d.iterations}, the paper's budget)")
+    group.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                       help=f"regions per step ({d.batch_size})")
+    group.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.05 x batch / 256)")
+    group.add_argument("--crop-size", type=_positive_int, default=d.crop_size, help="region crop side (128)")
+    group.add_argument("--clusters", type=_positive_int, default=d.clusters, help="organ groups K (5)")
+    group.add_argument("--distill-loss", choices=("both", "intra"), default=d.distill_loss,
+                       help="L_intra + L_inter (default) or L_intra only (ablation)")
+    group.add_argument("--no-iid", action="store_true", help="stop after the inter stage (the 'SIS only' ablation)")
+    group.add_argument("--seed", type=int, default=d.seed, help="random seed (runs are deterministic per seed)")
+    group.add_argument("--modality", choices=("CT", "MR", "PT", "any"), default=d.modality)
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
+    run.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="insist on resuming an existing run")
+    mode.add_argument("--restart", action="store_true", help="discard the run's progress and start over")
+    run.add_argument("--stop-file", type=Path, default=None,
+                     help="stop cleanly (checkpoint first) when this file appears; used by Slicer")
+    run.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save at least this often (10)")
+
+
+def _run_pretrain(args: argparse.Namespace, events: Events) -> int:
+    from .pretrain import run_pretrain
+    from .pretrain_config import PretrainConfig, PretrainJob
+
+    config = PretrainConfig(method=args.method, encoder=args.encoder, sis=_sis_config(args), crop_size=args.crop_size,
+                            iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                            clusters=args.clusters, iid=not args.no_iid, distill_loss=args.distill_loss,
+                            seed=args.seed, modality=args.modality)
+    job = PretrainJob(archive=args.archive, run_dir=args.out, config=config, device=args.device,
+                      stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), restart=args.restart,
+                      resume=args.resume, stop_file=args.stop_file, checkpoint_minutes=args.checkpoint_minutes,
+                      workers=args.workers)
+    run_pretrain(job, events)
+    return 0
+
+
 def _sis_config(args: argparse.Namespace):
     from .regions import SISConfig
 
@@ -90,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sis(regions)
     _add_common(regions)
     regions.set_defaults(handler=_run_regions)
+
+    pretrain = sub.add_parser("pretrain", help="SepaReg pretraining on an archive -> RUN_DIR/encoder.separeg")
+    pretrain.add_argument("archive", type=_existing_path, help="folder with CT volumes and/or DICOM series")
+    pretrain.add_argument("--out", type=Path, required=True, help="run directory (resumed when it exists)")
+    _add_pretrain(pretrain)
+    _add_sis(pretrain)
+    _add_common(pretrain)
+    pretrain.set_defaults(handler=_run_pretrain)
 
     demo = sub.add_parser("demo", help="run the pipeline on the bundled sample CTs")
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)")
@@ -152,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace, Events], int] = args.handler
     try:
         return handler(args, events)
+    except CancelledError as exc:
+        events.cancelled(str(exc))
+        return EXIT_CANCELLED
     except SepaRegError as exc:
         events.error(str(exc))
         return EXIT_ERROR

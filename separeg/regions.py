@@ -43,7 +43,7 @@ __all__ = [
     "naive_crops",
 ]
 
-SEPARATION_MODES = ("sis", "regular")
+SEPARATION_MODES = ("sis", "regular", "image")
 SEPARATION_EXTENTS = ("body", "slice")
 CACHE_FORMAT = 1
 
@@ -53,7 +53,8 @@ class SISConfig:
     """Parameters of the separation. Defaults follow the paper and its reference code.
 
     Attributes:
-        mode: ``sis`` (SLIC superpixels) or ``regular`` (square grid; the paper's ablation, Table 4).
+        mode: ``sis`` (SLIC superpixels), ``regular`` (square grid; the paper's ablation, Table 4) or
+            ``image`` (one region per body slice: the extent itself, for image-level baselines).
         extent: ``body`` separates each slice's body bounding box (plus ``body_margin`` pixels), ``slice`` the
             whole slice as the reference code does. Where the patient fills a small part of the field of
             view (OpenKBP: 5-10 % of the pixels) ``slice`` leaves one or two regions per slice; ``body``
@@ -271,7 +272,12 @@ def compute_region_maps(hu: np.ndarray, config: SISConfig = SISConfig(), *, even
             return raw
         box = _body_box(body[k], config.body_margin) if config.extent == "body" else np.s_[:, :]
         part = grey[k][box]
-        raw[box] = _grid_slice(part.shape, config.n_segments) if config.mode == "regular" else slic_slice(part, config)
+        if config.mode == "image":
+            raw[box] = 1
+        elif config.mode == "regular":
+            raw[box] = _grid_slice(part.shape, config.n_segments)
+        else:
+            raw[box] = slic_slice(part, config)
         return raw
 
     labels = np.zeros(hu.shape, np.uint16)
@@ -316,7 +322,8 @@ def _keep_regions(raw: np.ndarray, body: np.ndarray, hu: np.ndarray, config: SIS
         if box is None or value == 0:
             continue
         count = n_pixels[value]
-        if count < config.min_region_pixels or inside[value] < config.min_body_fraction * count:
+        outside_body = config.mode != "image" and inside[value] < config.min_body_fraction * count
+        if count < config.min_region_pixels or outside_body:
             continue
         ys, xs = box
         rows.append((value, ys.start, ys.stop - 1, xs.start, xs.stop - 1, count, hu_sum[value] / count))
@@ -354,7 +361,8 @@ class RegionCropper:
     interpolation matrices; windows are gathered through one strided view. No Python loop over regions.
 
     Args:
-        image: ``(Z, H, W)`` float intensities (windowed to [0, 1]).
+        image: ``(Z, H, W)`` windowed intensities: float in [0, 1], or uint8 grey levels (a quarter of the
+            memory; scaled to [0, 1] after the gather).
         maps: the volume's region maps.
         crop_size: output side.
         device: where slices, labels and the table live (default: ``image``'s device).
@@ -367,7 +375,7 @@ class RegionCropper:
             raise InputError(f"image shape {tuple(image.shape)} does not match label maps {maps.labels.shape}")
         device = torch.device(device) if device is not None else image.device
         self.crop_size = crop_size
-        self.image = image.to(device=device, dtype=torch.float32)
+        self.image = image.to(device=device) if image.dtype == torch.uint8 else image.to(device, torch.float32)
         self.labels = torch.from_numpy(maps.labels.astype(np.int16)).to(device)
         _, height, width = maps.labels.shape
         boxes = maps.boxes.astype(np.int64)
@@ -404,6 +412,9 @@ class RegionCropper:
         k = self.slice_index[idx]
         image_windows = self.image.unfold(1, window, 1).unfold(2, window, 1)[k, win_y0, win_x0]
         label_windows = self.labels.unfold(1, window, 1).unfold(2, window, 1)[k, win_y0, win_x0]
+        image_windows = image_windows.to(torch.float32)
+        if self.image.dtype == torch.uint8:
+            image_windows = image_windows / 255.0
         image_windows = image_windows * (label_windows == self.label[idx, None, None])
         side = self.side[idx]
         rows = self._interpolation_matrix(side, self.square_y0[idx] - win_y0, window)
