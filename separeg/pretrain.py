@@ -182,14 +182,16 @@ class _Context:
             self._regions = load_region_set(self.run, self.cfg, self.runtime.device, self.events, self.job.workers)
         return self._regions
 
-    def batch(self, stage: str, step: int, pool: np.ndarray | None = None) -> torch.Tensor:
-        """This rank's share of step ``step``'s batch: the same global draw on every rank, split by rank."""
+    def batch(self, stage: str, step: int, pool: np.ndarray | None = None, shard: bool = True) -> torch.Tensor:
+        """Step ``step``'s batch: the same global draw on every rank; with ``shard``, this rank's share of it."""
         rng = np.random.default_rng(step_seed(self.cfg.seed, stage, step))
         size = len(pool) if pool is not None else len(self.regions)
         index = rng.integers(0, size, self.cfg.batch_size)
         if pool is not None:
             index = pool[index]
-        x = self.regions.crops(index[self.runtime.rank::self.runtime.world_size])
+        if shard:
+            index = index[self.runtime.rank::self.runtime.world_size]
+        x = self.regions.crops(index)
         return x.contiguous(memory_format=torch.channels_last) if self.runtime.device.type == "cuda" else x
 
     def generator(self, stage: str, step: int) -> torch.Generator:
@@ -268,18 +270,23 @@ def _wrap(ctx: _Context, model: nn.Module) -> nn.Module:
 
 
 def _train_ssl(ctx: _Context, stage: str, total: int, pool: np.ndarray | None, distributed: bool) -> SSLModel:
-    """Φ_CLR on the regions (``pool``: a subset of region indices), resumable under ``checkpoints/<stage>.pt``."""
+    """Φ_CLR on the regions (``pool``: a subset of region indices), resumable under ``checkpoints/<stage>.pt``.
+
+    ``distributed=False`` trains on this rank alone (intra-organ groups are spread over the ranks): no
+    collectives, and this rank writes its own checkpoint.
+    """
     model = _ssl_model(ctx)
+    runtime = ctx.runtime if distributed else Runtime(ctx.runtime.device)
     trained = _wrap(ctx, model) if distributed else model
     optimizer = _optimizer(ctx, model.parameters())
 
     def step_loss(step: int) -> torch.Tensor:
-        v1, v2 = ctx.views(ctx.batch(stage, step, pool), ctx.generator(stage, step))
+        v1, v2 = ctx.views(ctx.batch(stage, step, pool, shard=distributed), ctx.generator(stage, step))
         return model.loss(trained(v1, v2))
 
     train_steps(stage=stage, model=trained, optimizer=optimizer, total=total, base_lr=ctx.cfg.base_lr,
                 step_loss=step_loss, after_step=lambda s: model.after_step(s / total),
-                checkpoint=ctx.run.checkpoint(stage), extra_state=ctx.extra_state, runtime=ctx.runtime,
+                checkpoint=ctx.run.checkpoint(stage), extra_state=ctx.extra_state, runtime=runtime,
                 events=ctx.events, stop=ctx.stop, checkpoint_seconds=ctx.checkpoint_seconds())
     return model
 

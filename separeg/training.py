@@ -255,7 +255,23 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
             save()
             last_save = time.monotonic()
         events.progress(stage, state.step, total, loss=state.losses[-1] if state.losses else None)
+    if runtime.distributed and isinstance(model, nn.parallel.DistributedDataParallel):
+        _check_replicas(model, runtime, stage, events)
     return state
+
+
+def _check_replicas(model: nn.Module, runtime: Runtime, stage: str, events: Events) -> None:
+    """All ranks must end a data-parallel stage with bit-identical weights; anything else is a bug to stop for."""
+    params = [p.detach().double().flatten() for p in _unwrap(model).parameters()]
+    flat = torch.cat(params)
+    fingerprint = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), device=flat.device,
+                                                                                   dtype=flat.dtype)).sum()])
+    gathered = [torch.empty_like(fingerprint) for _ in range(runtime.world_size)]
+    dist.all_gather(gathered, fingerprint)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"{stage}: weights differ between ranks after data-parallel training")
+    events.log(f"weights identical on all {runtime.world_size} ranks (fingerprint {gathered[0][0].item():.6g})",
+               stage=stage)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import FlexibleUNet
+
+from separeg.errors import InputError
+from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
+from separeg.regions import RegionCropper, SISConfig, compute_region_maps, window_hu
+from separeg.ssl import METHODS, SSLModel, channel_kl, negative_cosine, nt_xent
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(pt1_hu: np.ndarray) -> torch.Tensor:
+    """16 real region crops of OpenKBP pt_1 at 32 x 32."""
+    hu = pt1_hu[50:70]
+    maps = compute_region_maps(hu, SISConfig())
+    index = np.random.default_rng(0).choice(len(maps), 16, replace=False)
+    return RegionCropper(window_hu(hu, (-1000, 1000)), maps, crop_size=32).crops(index)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_learns_on_a_fixed_batch(method: str, fixed_batch: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = SSLModel(method, "resnet18", hidden_dim=256, out_dim=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    view1, view2 = fixed_batch, torch.flip(fixed_batch, dims=[3])  # fixed views: the loss must go down
+    losses = []
+    for step in range(12):
+        loss = model.loss(model(view1, view2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.after_step(step / 12)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.01, losses
+
+
+def test_simsiam_targets_carry_no_gradient(fixed_batch: torch.Tensor) -> None:
+    model = SSLModel("simsiam", "resnet18", hidden_dim=64, out_dim=32)
+    out = model(fixed_batch, fixed_batch)
+    assert set(out) == {"z1", "z2", "p1", "p2"} and out["z1"].shape == (16, 32)
+    assert "t1" not in out and not hasattr(model, "target_backbone")
+
+
+def test_byol_target_follows_online_by_ema() -> None:
+    model = SSLModel("byol", "resnet18", hidden_dim=32, out_dim=16, momentum=0.9)
+    online = next(model.backbone.parameters())
+    target = next(model.target_backbone.parameters())
+    assert not target.requires_grad and torch.equal(online, target)
+    with torch.no_grad():
+        online.add_(1.0)
+    before = target.clone()
+    model.after_step(0.0)  # momentum 0.9 at the start of training
+    torch.testing.assert_close(target, 0.9 * before + 0.1 * online)
+
+
+def test_loss_functions_on_known_cases() -> None:
+    z = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    assert negative_cosine(z, z).item() == pytest.approx(-1.0)
+    assert negative_cosine(z, -z).item() == pytest.approx(1.0)
+    # SimCLR: orthogonal, identical pairs are easy; the loss approaches 0 as the temperature falls.
+    eye = torch.eye(8)
+    assert nt_xent(eye, eye, 0.05).item() < 1e-6
+    assert nt_xent(torch.ones(4, 3), torch.ones(4, 3), 1.0).item() == pytest.approx(math.log(7), rel=1e-5)
+    features = torch.randn(4, 32)
+    assert channel_kl(features, features, 0.1).item() == pytest.approx(0.0, abs=1e-6)
+    assert channel_kl(features, torch.randn(4, 32), 0.1).item() > 0
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_DIMS))
+def test_encoder_weights_load_into_the_unet_exactly(name: str) -> None:
+    pooled = PooledEncoder(name)
+    assert pooled(torch.zeros(2, 1, 64, 64)).shape == (2, ENCODER_DIMS[name])
+    unet = FlexibleUNet(in_channels=1, out_channels=8, backbone=name, pretrained=False, spatial_dims=2)
+    result = unet.encoder.load_state_dict(pooled.encoder.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(InputError, match="resnet18, resnet50"):
+        build_encoder("vgg16")
+    with pytest.raises(InputError, match="simsiam"):
+        SSLModel("moco", "resnet18")
