@@ -76,7 +76,8 @@ def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # Through the module entry point, as the Slicer modules run it.
     result = subprocess.run([sys.executable, "-m", "separeg", "demo", "--data", str(data), "--out", str(out),
-                             "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+                             "--json", "--iterations", "6", "--device", "cpu"], capture_output=True, text=True,
+                            cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
     assert _events(result.stdout)[-1].type == EventType.DONE
     report = (out / "report.md").read_text()
@@ -84,3 +85,4 @@ def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["pt_1.png", "pt_203.png"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cases"]["pt_1"]["organ_coverage"]["Brainstem"] > 0.95
+    assert (out / "pretrain" / "encoder.separeg").exists() and (out / "pretrain" / "stage_export.done").exists()
