@@ -22,6 +22,7 @@ test: $(BIN)/separeg
 
 bench: $(BIN)/separeg
 	$(BIN)/python Testing/benchmarks/bench_sis.py
+	$(BIN)/python Testing/benchmarks/bench_pretrain.py
 
 clean:
 	rm -rf demo_output .pytest_cache
