@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,30 @@ def test_two_process_torchrun_keeps_ranks_identical(archive: Path, tmp_path: Pat
     assert {e.stage for e in identical} == {"inter", "distill"}
     assert (run_dir / "checkpoints" / "intra0.pt").exists() and (run_dir / "checkpoints" / "intra1.pt").exists()
     assert load_bundle(run_dir / "encoder.separeg").kind == "encoder"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(archive: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "separeg", "pretrain", str(archive), "--out", str(run_dir), "--device", "cpu",
+               "--json", "--no-iid", *TINY[:2], "--iterations", "40", *TINY[4:8]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in process.stdout:
+        event = Event.from_json(line)
+        if event.type == EventType.PROGRESS and event.stage == "inter" and (event.step or 0) >= 2:
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.communicate(timeout=300)[0]
+    assert process.returncode == 130
+    last = Event.from_json(rest.splitlines()[-1])
+    assert last.type == EventType.CANCELLED and "SIGINT" in last.msg
+    step = load_checkpoint(run_dir / "checkpoints" / "inter.pt")["step"]
+    assert 2 <= step < 40
+    assert not (run_dir / "encoder.separeg").exists()
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-2000:]
+    assert any(e.msg == f"resumed at step {step}/40" for e in _events_of(finished.stdout))
+    assert (run_dir / "encoder.separeg").exists()
+
+
+def _events_of(stdout: str) -> list[Event]:
+    return [Event.from_json(line) for line in stdout.splitlines() if line.startswith("{")]

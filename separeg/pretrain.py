@@ -21,7 +21,7 @@ from torch import nn
 from .archive import Manifest, format_table, scan_archive
 from .atomic import atomic_path, write_json
 from .augment import TwoViews, augment
-from .errors import ArchiveError, InputError
+from .errors import ArchiveError, CancelledError, InputError
 from .events import Events, FileSink
 from .nets import PooledEncoder
 from .pretrain_config import STAGES, PretrainJob, as_json_dict, config_differences
@@ -217,6 +217,9 @@ def _stage_sis(ctx: _Context) -> None:
     if ctx.runtime.is_main:
         manifest.save(ctx.run.manifest)
         for i, entry in enumerate(usable, 1):
+            if ctx.stop.requested:
+                raise CancelledError(f"sis stopped after {i - 1}/{len(usable)} volumes ({ctx.stop.requested}); "
+                                     "their region maps are cached, re-run the same command to continue")
             ctx.events.log(f"volume {i}/{len(usable)}: {entry.path}", stage="sis")
             image = read_volume(Path(manifest.root) / entry.path)
             import SimpleITK as sitk
