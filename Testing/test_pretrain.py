@@ -120,11 +120,16 @@ def test_resume_needs_a_run(archive: Path, tmp_path: Path) -> None:
         run_pretrain(job)
 
 
-@pytest.mark.parametrize("separation", ["regular", "image"])
+@pytest.mark.parametrize("separation", ["regular", "image", "dense"])
 def test_baseline_separations_train(archive: Path, tmp_path: Path, separation: str) -> None:
     config = tiny_config(iid=False, iterations=3, sis=SISConfig(mode=separation))
     run_pretrain(PretrainJob(archive=archive, run_dir=tmp_path, config=config, device="cpu"))
     assert (tmp_path / "encoder.separeg").exists()
+
+
+def test_dense_needs_the_no_iid_setting() -> None:
+    with pytest.raises(InputError, match="--no-iid"):
+        tiny_config(sis=SISConfig(mode="dense"))
 
 
 def test_empty_archive_and_bad_device(tmp_path: Path, capsys) -> None:

@@ -86,3 +86,34 @@ def test_unknown_names_list_the_valid_ones() -> None:
         build_encoder("vgg16")
     with pytest.raises(InputError, match="simsiam"):
         SSLModel("moco", "resnet18")
+
+
+def test_dense_pairs_pixels_that_show_the_same_place() -> None:
+    from separeg.augment import AugmentConfig, augment_with_geometry
+    from separeg.ssl.dense import DenseSSLModel, corresponding_points
+
+    # A horizontal flip: pixel column j of one view is column w-1-j of the other.
+    identity = torch.tensor([[[1.0, 0, 0], [0, 1, 0]]])
+    flipped = torch.tensor([[[-1.0, 0, 0], [0, 1, 0]]])
+    points = corresponding_points(identity, flipped, 4, 4)
+    grid = torch.nn.functional.affine_grid(identity, [1, 1, 4, 4], align_corners=False)
+    torch.testing.assert_close(points[..., 0], -grid[..., 0])
+    torch.testing.assert_close(points[..., 1], grid[..., 1])
+    # A zoomed crop: its pixels land inside the full view; the full view's border falls outside the crop.
+    crop = torch.tensor([[[0.5, 0, 0.25], [0, 0.5, 0]]])
+    assert (corresponding_points(crop, identity, 8, 8).abs() < 1).all()
+    assert not (corresponding_points(identity, crop, 8, 8).abs() < 1).all()
+    # Batch, height and width all differ: each sample uses its own matrices.
+    both = corresponding_points(torch.cat([identity, crop, flipped]), torch.cat([flipped, identity, identity]), 5, 7)
+    assert both.shape == (3, 5, 7, 2)
+    torch.testing.assert_close(both[1], corresponding_points(crop, identity, 5, 7)[0])
+    torch.testing.assert_close(both[2, ..., 0], -corresponding_points(identity, identity, 5, 7)[0, ..., 0])
+    # Maps that agree at corresponding places give the minimal loss.
+    x = torch.rand(2, 1, 64, 64)
+    views, theta = augment_with_geometry(torch.cat([x, x]), AugmentConfig(), torch.Generator().manual_seed(0))
+    model = DenseSSLModel("resnet18", hidden_dim=64, out_dim=32)
+    out = model(views[:2], views[2:])
+    loss = model.loss(out, theta[:2], theta[2:])
+    assert torch.isfinite(loss) and -1.0 <= loss.item() <= 1.0
+    same = {"z1": out["z1"], "z2": out["z1"], "p1": out["z1"], "p2": out["z1"]}
+    assert model.loss(same, theta[:2], theta[:2]).item() == pytest.approx(-1.0, abs=1e-4)

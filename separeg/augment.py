@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["AugmentConfig", "augment", "TwoViews"]
+__all__ = ["AugmentConfig", "augment", "augment_with_geometry", "TwoViews"]
 
 # Columns of the per-sample uniform draw.
 _SCALE, _RATIO, _CX, _CY, _HFLIP, _VFLIP, _JITTER, _BRIGHT, _CONTRAST, _BLUR, _SIGMA = range(11)
@@ -184,6 +184,15 @@ def _blur(x: torch.Tensor, u: torch.Tensor, config: AugmentConfig) -> torch.Tens
 def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """One random view of each sample: crop + flips, jitter, blur (in that order, as SimCLR).
 
+    See :func:`augment_with_geometry` for the arguments; this drops the geometry.
+    """
+    return augment_with_geometry(x, config, generator)[0]
+
+
+def augment_with_geometry(x: torch.Tensor, config: AugmentConfig,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random view of each sample, and the crop + flip matrices that made it.
+
     Args:
         x: ``(B, C, H, W)`` floating images, intensities ~[0, 1], on any device.
         config: augmentation parameters.
@@ -192,8 +201,9 @@ def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator |
             views. ``None`` uses the global RNG of ``x``'s device.
 
     Returns:
-        ``(B, C, H, W)`` views, same dtype and device as ``x`` (half and bfloat16 are computed in float32).
-        Not clamped to [0, 1].
+        ``(B, C, H, W)`` views, same dtype and device as ``x`` (half and bfloat16 are computed in float32),
+        not clamped to [0, 1]; and ``(B, 2, 3)`` matrices mapping a view's normalised coordinates to the
+        input's (``F.affine_grid`` convention), which dense methods use to pair pixels across views.
 
     Raises:
         InputError: ``x`` is not a 4D floating tensor, the generator is on another device type, or the crops
@@ -203,15 +213,16 @@ def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator |
         raise InputError(f"augment expects a (B, C, H, W) floating tensor, got {tuple(x.shape)} {x.dtype}")
     batch, _, height, width = x.shape
     u = _draw(batch, x, generator)
+    theta = _crop_flip_theta(u, config, height, width)
     if batch == 0:
-        return x.clone()
+        return x.clone(), theta
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    out = _warp(work, _crop_flip_theta(u, config, height, width))
+    out = _warp(work, theta)
     if config.jitter_prob > 0.0:
         out = _jitter(out, u, config)
     if config.blur_prob > 0.0:
         out = _blur(out, u, config)
-    return out.to(x.dtype)
+    return out.to(x.dtype), theta
 
 
 class TwoViews:

@@ -49,7 +49,8 @@ def _add_sis(parser: argparse.ArgumentParser) -> None:
     d = SISConfig()
     group = parser.add_argument_group("structure-aware image separation")
     group.add_argument("--separation", choices=SEPARATION_MODES, default=d.mode,
-                       help="sis: SLIC superpixels (paper); regular: square grid (ablation)")
+                       help="sis: SLIC superpixels (paper); regular: square grid; image: whole slices (image-level "
+                       "baselines); dense: pixel pairs on feature maps (the 'no separation' ablation)")
     group.add_argument("--extent", choices=SEPARATION_EXTENTS, default=d.extent,
                        help="separate the body's bounding box (default) or the whole slice (reference code)")
     group.add_argument("--n-segments", type=_positive_int, default=d.n_segments, help="superpixels per slice (32)")

@@ -20,7 +20,7 @@ from torch import nn
 
 from .archive import Manifest, format_table, scan_archive
 from .atomic import atomic_path, write_json
-from .augment import TwoViews, augment
+from .augment import TwoViews, augment, augment_with_geometry
 from .errors import ArchiveError, CancelledError, InputError
 from .events import Events, FileSink
 from .nets import PooledEncoder
@@ -28,6 +28,7 @@ from .pretrain_config import STAGES, PretrainJob, as_json_dict, config_differenc
 from .regions import load_or_compute
 from .regionset import RegionSet, VolumeRegions
 from .ssl import SSLModel, channel_kl, negative_cosine
+from .ssl.dense import DenseSSLModel
 from .training import Runtime, StopRequest, load_checkpoint, setup_runtime, step_seed, train_steps
 from .volumes import content_hash, read_volume
 
@@ -251,9 +252,12 @@ def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, work
     return regions
 
 
-def _ssl_model(ctx: _Context) -> SSLModel:
+def _ssl_model(ctx: _Context) -> SSLModel | DenseSSLModel:
     cfg = ctx.cfg
-    model = SSLModel(cfg.method, cfg.encoder, cfg.in_channels, temperature=cfg.temperature, momentum=cfg.ema)
+    if cfg.sis.mode == "dense":
+        model = DenseSSLModel(cfg.encoder, cfg.in_channels)
+    else:
+        model = SSLModel(cfg.method, cfg.encoder, cfg.in_channels, temperature=cfg.temperature, momentum=cfg.ema)
     model = model.to(ctx.runtime.device)
     if ctx.runtime.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -284,7 +288,11 @@ def _train_ssl(ctx: _Context, stage: str, total: int, pool: np.ndarray | None, d
     optimizer = _optimizer(ctx, model.parameters())
 
     def step_loss(step: int) -> torch.Tensor:
-        v1, v2 = ctx.views(ctx.batch(stage, step, pool, shard=distributed), ctx.generator(stage, step))
+        x = ctx.batch(stage, step, pool, shard=distributed)
+        if isinstance(model, DenseSSLModel):  # pixel pairs need the views' geometry
+            views, theta = augment_with_geometry(torch.cat([x, x]), ctx.cfg.augment, ctx.generator(stage, step))
+            return model.loss(trained(views[: len(x)], views[len(x):]), theta[: len(x)], theta[len(x):])
+        v1, v2 = ctx.views(x, ctx.generator(stage, step))
         return model.loss(trained(v1, v2))
 
     train_steps(stage=stage, model=trained, optimizer=optimizer, total=total, base_lr=ctx.cfg.base_lr,

@@ -65,6 +65,9 @@ class PretrainConfig:
         if len(self.stage_fractions) != 3 or min(self.stage_fractions) < 0 or sum(self.stage_fractions) <= 0:
             raise InputError("stage fractions must be three non-negative numbers (inter, intra, distill)")
         object.__setattr__(self, "stage_fractions", tuple(float(f) for f in self.stage_fractions))
+        if self.sis.mode == "dense" and (self.iid or self.method != "simsiam"):
+            raise InputError("--separation dense is the paper's no-separation ablation of the inter-organ stage: "
+                             "it runs with --method simsiam and --no-iid")
 
     @property
     def base_lr(self) -> float:

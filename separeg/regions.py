@@ -43,7 +43,7 @@ __all__ = [
     "naive_crops",
 ]
 
-SEPARATION_MODES = ("sis", "regular", "image")
+SEPARATION_MODES = ("sis", "regular", "image", "dense")
 SEPARATION_EXTENTS = ("body", "slice")
 CACHE_FORMAT = 1
 
@@ -54,7 +54,8 @@ class SISConfig:
 
     Attributes:
         mode: ``sis`` (SLIC superpixels), ``regular`` (square grid; the paper's ablation, Table 4) or
-            ``image`` (one region per body slice: the extent itself, for image-level baselines).
+            ``image`` (one region per body slice: the extent itself, for image-level baselines). ``dense``
+            separates like ``image``; pretraining then pairs feature-map pixels (the "no separation" ablation).
         extent: ``body`` separates each slice's body bounding box (plus ``body_margin`` pixels), ``slice`` the
             whole slice as the reference code does. Where the patient fills a small part of the field of
             view (OpenKBP: 5-10 % of the pixels) ``slice`` leaves one or two regions per slice; ``body``
@@ -272,7 +273,7 @@ def compute_region_maps(hu: np.ndarray, config: SISConfig = SISConfig(), *, even
             return raw
         box = _body_box(body[k], config.body_margin) if config.extent == "body" else np.s_[:, :]
         part = grey[k][box]
-        if config.mode == "image":
+        if config.mode in ("image", "dense"):
             raw[box] = 1
         elif config.mode == "regular":
             raw[box] = _grid_slice(part.shape, config.n_segments)
@@ -322,7 +323,7 @@ def _keep_regions(raw: np.ndarray, body: np.ndarray, hu: np.ndarray, config: SIS
         if box is None or value == 0:
             continue
         count = n_pixels[value]
-        outside_body = config.mode != "image" and inside[value] < config.min_body_fraction * count
+        outside_body = config.mode not in ("image", "dense") and inside[value] < config.min_body_fraction * count
         if count < config.min_region_pixels or outside_body:
             continue
         ys, xs = box
