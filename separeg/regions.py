@@ -36,6 +36,8 @@ __all__ = [
     "RegionMaps",
     "window_hu",
     "body_mask",
+    "body_box",
+    "to_uint8",
     "slic_slice",
     "compute_region_maps",
     "load_or_compute",
@@ -170,17 +172,22 @@ def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     enclosed by the body are filled in, so lung regions count as inside.
     """
     above = hu > threshold_hu
-    opened = ndimage.binary_opening(above, structure=np.ones((1, 3, 3), bool), iterations=2)
+    # Two 3 x 3 erosions are one 5 x 5 erosion: a separable min filter (likewise max for dilation) is
+    # several times faster than iterated binary morphology and gives the same mask.
+    in_plane = (1, 5, 5)
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(above.view(np.uint8), size=in_plane), size=in_plane)
     components, n = ndimage.label(opened)
     if n == 0:
         return np.zeros_like(above)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     body = components == int(np.argmax(sizes))
-    body = ndimage.binary_dilation(body, structure=np.ones((1, 3, 3), bool), iterations=2) & above
+    body = ndimage.maximum_filter(body.view(np.uint8), size=in_plane).view(bool) & above
     for k in range(body.shape[0]):
-        if body[k].any():
-            body[k] = ndimage.binary_fill_holes(body[k])
+        rows, cols = np.flatnonzero(body[k].any(axis=1)), np.flatnonzero(body[k].any(axis=0))
+        if len(rows):
+            box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            body[k][box] = ndimage.binary_fill_holes(body[k][box])
     return body
 
 
@@ -231,7 +238,7 @@ def _grid_slice(shape: tuple[int, int], n_segments: int) -> np.ndarray:
     return (rows[:, None] * (cols.max() + 1) + cols[None, :] + 1).astype(np.int32)
 
 
-def _body_box(body: np.ndarray, margin: int) -> tuple[slice, slice]:
+def body_box(body: np.ndarray, margin: int) -> tuple[slice, slice]:
     """Bounding box of a slice's body mask grown by ``margin`` pixels, clipped to the slice."""
     rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
     y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
@@ -271,7 +278,7 @@ def compute_region_maps(hu: np.ndarray, config: SISConfig = SISConfig(), *, even
         raw = np.zeros(hu.shape[1:], np.int32)
         if not body[k].any():
             return raw
-        box = _body_box(body[k], config.body_margin) if config.extent == "body" else np.s_[:, :]
+        box = body_box(body[k], config.body_margin) if config.extent == "body" else np.s_[:, :]
         part = grey[k][box]
         if config.mode in ("image", "dense"):
             raw[box] = 1
@@ -403,10 +410,25 @@ class RegionCropper:
         return self.image.device
 
     def crops(self, index: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Crops of the regions ``index`` (``(B,)`` ints): ``(B, 1, crop_size, crop_size)`` float32."""
+        """Crops of the regions ``index`` (``(B,)`` ints): ``(B, 1, crop_size, crop_size)`` float32.
+
+        The cost of a group grows with its largest window squared, so regions are sorted by size and cut
+        in groups of similar windows (a few large groups on a GPU, where launches cost more than FLOPs).
+        """
         index_np = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+        group = 256 if self.device.type == "cuda" else 8
+        if len(index_np) <= group:
+            return self._crops(index_np)
+        order = np.argsort(self._side[index_np], kind="stable")
+        out = torch.empty(len(index_np), 1, self.crop_size, self.crop_size, device=self.device)
+        for start in range(0, len(order), group):
+            members = order[start:start + group]
+            out[torch.as_tensor(members, device=self.device)] = self._crops(index_np[members])
+        return out
+
+    def _crops(self, index_np: np.ndarray) -> torch.Tensor:
         idx = torch.as_tensor(index_np, device=self.device)
-        # One window side for the batch: the largest square, bounded by the slice.
+        # One window side for the group: its largest square, bounded by the slice.
         window = int(min(self._side[index_np].max(initial=1), self.height, self.width))
         win_y0 = (self.square_y0[idx]).clamp(0, self.height - window)
         win_x0 = (self.square_x0[idx]).clamp(0, self.width - window)

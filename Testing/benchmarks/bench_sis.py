@@ -65,7 +65,7 @@ from separeg.regions import (  # noqa: E402
     RegionCropper,
     RegionMaps,
     SISConfig,
-    _body_box,
+    body_box,
     body_mask,
     compute_region_maps,
     naive_crops,
@@ -252,7 +252,7 @@ def bench_superpixels(hu: np.ndarray, config: SISConfig, *, workers: int, rounds
     t_body = time.perf_counter() - start
     grey = to_uint8(hu, config.hu_window)
     ks = [k for k in range(depth) if body[k].any()]
-    boxes = [_body_box(body[k], config.body_margin) for k in ks]
+    boxes = [body_box(body[k], config.body_margin) for k in ks]
     box_parts = [np.ascontiguousarray(grey[k][box]) for k, box in zip(ks, boxes, strict=True)]
     slice_parts = [grey[k] for k in ks]
     n = len(ks)
