@@ -5,22 +5,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from skimage.segmentation import slic
 
 from separeg.errors import InputError
 from separeg.events import Events, EventType, ListSink
 from separeg.regions import (
-    RegionCropper,
     RegionMaps,
     SISConfig,
     body_mask,
     compute_region_maps,
     load_or_compute,
-    naive_crops,
     slic_slice,
     to_uint8,
-    window_hu,
 )
 from separeg.regions_job import organ_coverage
 
@@ -88,33 +84,6 @@ def test_regular_grid_mode(pt1_hu: np.ndarray) -> None:
     sides = np.maximum(y1 - y0 + 1, x1 - x0 + 1)
     assert np.median(sides) == pytest.approx(np.median(sides[sides == sides.max()]), abs=1)  # squares of one size
     assert len(maps) >= 3
-
-
-def test_crops_match_the_per_region_loop(pt1_hu: np.ndarray, pt1_maps: RegionMaps) -> None:
-    image = window_hu(pt1_hu, (-1000, 1000))
-    cropper = RegionCropper(image, pt1_maps, crop_size=64)
-    index = np.random.default_rng(0).choice(len(pt1_maps), 48, replace=False)
-    fast = cropper.crops(torch.as_tensor(index))
-    slow = naive_crops(image, pt1_maps, index, crop_size=64)
-    assert fast.shape == (48, 1, 64, 64) and fast.dtype == torch.float32
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
-
-
-def test_crops_at_the_slice_border_and_zero_outside_the_region() -> None:
-    labels = np.zeros((2, 40, 50), np.uint16)
-    labels[0, 0:10, 30:50] = 1  # touches the top and right border: its square leaves the slice
-    labels[1, 5:35, 20:26] = 1  # tall and thin: padded left and right
-    labels[1, 5:35, 26:40] = 2
-    maps = RegionMaps(labels=labels, slice_index=np.array([0, 1, 1], np.int32), label=np.array([1, 1, 2], np.int32),
-                      boxes=np.array([[0, 9, 30, 49], [5, 34, 20, 25], [5, 34, 26, 39]], np.int32),
-                      n_pixels=np.array([200, 180, 420], np.int32), mean_hu=np.zeros(3, np.float32),
-                      body_area=np.array([200, 600], np.int32))
-    image = np.random.default_rng(1).random((2, 40, 50)).astype(np.float32) + 1.0
-    crops = RegionCropper(image, maps, crop_size=40).crops(np.arange(3))
-    torch.testing.assert_close(crops, naive_crops(image, maps, np.arange(3), crop_size=40), atol=1e-5, rtol=0)
-    thin = crops[1, 0]
-    assert thin[:, :12].abs().max() == 0 and thin[:, -12:].abs().max() == 0  # padding and the neighbour are zero
-    assert (thin[2:-2, 18:22] > 0.9).all()  # the region itself keeps its intensities
 
 
 def test_cache_round_trip_and_recovery(pt1_hu: np.ndarray, tmp_path: Path) -> None:

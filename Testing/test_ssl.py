@@ -7,9 +7,10 @@ import pytest
 import torch
 from monai.networks.nets import FlexibleUNet
 
+from separeg.crops import RegionCropper
 from separeg.errors import InputError
 from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
-from separeg.regions import RegionCropper, SISConfig, compute_region_maps, window_hu
+from separeg.regions import SISConfig, compute_region_maps, window_hu
 from separeg.ssl import METHODS, SSLModel, channel_kl, negative_cosine, nt_xent
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .regions import RegionCropper, RegionMaps, to_uint8
+from .crops import RegionCropper
+from .regions import RegionMaps, to_uint8
 
 __all__ = ["VolumeRegions", "RegionSet", "compact", "concat_maps"]
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from separeg.atomic import write_json  # noqa: E402
 from separeg.augment import TwoViews  # noqa: E402
-from separeg.regions import SISConfig, compute_region_maps, naive_crops, window_hu  # noqa: E402
+from separeg.crops import naive_crops  # noqa: E402
+from separeg.regions import SISConfig, compute_region_maps, window_hu  # noqa: E402
 from separeg.regionset import RegionSet, VolumeRegions  # noqa: E402
 from separeg.ssl import SSLModel  # noqa: E402
 

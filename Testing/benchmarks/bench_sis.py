@@ -13,8 +13,8 @@ Measures, in one run, on the LUNG1 DICOM series (512 x 512 slices) and a few Ope
     - ``ours_slice_threads`` / ``naive_slice``: the same two on whole slices (``extent="slice"``, as the
       paper's reference code does).
     Labels of ours and naive are compared slice by slice (fraction of identical label maps).
-(b) Training-batch production from the cached maps, regions/s: :class:`separeg.regions.RegionCropper`
-    versus :func:`separeg.regions.naive_crops` (per-region loop with ``F.interpolate``) and versus a
+(b) Training-batch production from the cached maps, regions/s: :class:`separeg.crops.RegionCropper`
+    versus :func:`separeg.crops.naive_crops` (per-region loop with ``F.interpolate``) and versus a
     reference-code style loop (numpy crop, mask, ``np.pad``, ``skimage.transform.resize``, ``torch.stack``),
     for random batches of 32 and 256 regions.
 (c) When CUDA is available, (b) with the cropper on the GPU.
@@ -61,14 +61,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from separeg.atomic import atomic_path  # noqa: E402
+from separeg.crops import RegionCropper, naive_crops  # noqa: E402
 from separeg.regions import (  # noqa: E402
-    RegionCropper,
     RegionMaps,
     SISConfig,
     body_box,
     body_mask,
     compute_region_maps,
-    naive_crops,
     slic_slice,
     to_uint8,
     window_hu,
