@@ -8,10 +8,8 @@ minutes, at the end of each stage and when a stop is requested. Re-running the s
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,92 +17,23 @@ import torch
 from torch import nn
 
 from .archive import Manifest, format_table, scan_archive
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path
 from .augment import TwoViews, augment, augment_with_geometry
 from .errors import ArchiveError, CancelledError, InputError
 from .events import Events, FileSink
 from .nets import PooledEncoder
-from .pretrain_config import STAGES, PretrainJob, as_json_dict, config_differences
+from .pretrain_config import PretrainJob, as_json_dict
 from .regions import load_or_compute
 from .regionset import RegionSet, VolumeRegions
+from .rundir import RunDir, prepare_run_dir
 from .ssl import SSLModel, channel_kl, negative_cosine
 from .ssl.dense import DenseSSLModel
 from .training import Runtime, StopRequest, load_checkpoint, setup_runtime, step_seed, train_steps
 from .volumes import content_hash, read_volume
 
-__all__ = ["run_pretrain", "RunDir", "load_region_set"]
+__all__ = ["run_pretrain", "load_region_set"]
 
 CPU_STEP_WARNING = 2_000  # more iterations than this on a CPU gets a warning with a smaller suggestion
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """File layout of a pretraining run directory."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "sis_cache"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def clusters(self) -> Path:
-        return self.root / "clusters.npz"
-
-    @property
-    def encoder(self) -> Path:
-        return self.root / "encoder.separeg"
-
-    def done(self, stage: str) -> Path:
-        return self.root / f"stage_{stage}.done"
-
-    def checkpoint(self, name: str) -> Path:
-        return self.checkpoints / f"{name}.pt"
-
-    def has_progress(self) -> bool:
-        return any(self.done(s).exists() for s in STAGES) or any(self.checkpoints.glob("*.pt"))
-
-    def clear(self) -> None:
-        """Forget all training state (the SIS cache stays: it is keyed by content and parameters)."""
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
-        for path in [*(self.done(s) for s in STAGES), self.clusters, self.encoder, self.config, self.manifest]:
-            path.unlink(missing_ok=True)
-
-
-def _prepare_run_dir(job: PretrainJob, run: RunDir, runtime: Runtime) -> None:
-    """Check the config against the saved one (resume) or save it (new run)."""
-    current = {"archive": str(Path(job.archive).resolve()), "config": as_json_dict(job.config)}
-    if job.restart and runtime.is_main:
-        run.clear()
-    runtime.barrier()
-    if run.config.exists():
-        saved = json.loads(run.config.read_text(encoding="utf-8"))
-        differences = config_differences(saved, current)
-        if differences:
-            raise InputError(f"{run.root} holds a run with another configuration:\n  " + "\n  ".join(differences)
-                             + "\nUse another --out folder, or --restart to start this one over.")
-    elif job.resume:
-        raise InputError(f"--resume: {run.root} holds no run to resume (no config.json); start it without --resume")
-    if job.resume and not run.has_progress():
-        raise InputError(f"--resume: {run.root} has no checkpoint or finished stage yet; run without --resume")
-    if runtime.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        run.checkpoints.mkdir(exist_ok=True)
-        if not run.config.exists():
-            write_json(current, run.config)
-    runtime.barrier()
 
 
 def run_pretrain(job: PretrainJob, events: Events | None = None) -> Path:
@@ -117,7 +46,7 @@ def run_pretrain(job: PretrainJob, events: Events | None = None) -> Path:
     events = events or Events()
     runtime = setup_runtime(job.device)
     run = RunDir(Path(job.run_dir))
-    _prepare_run_dir(job, run, runtime)
+    prepare_run_dir(job, run, runtime)
     if runtime.is_main:
         events.add_sink(FileSink(run.root / "events.jsonl"))
     else:

@@ -16,7 +16,7 @@ from .figures import save_png
 from .training import load_checkpoint
 
 if TYPE_CHECKING:
-    from .pretrain import RunDir
+    from .rundir import RunDir
 
 __all__ = ["write_report", "loss_curves", "cluster_grid"]
 
