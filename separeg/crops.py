@@ -12,7 +12,7 @@ import torch
 from .errors import InputError
 from .regions import RegionMaps
 
-__all__ = ["RegionCropper", "naive_crops"]
+__all__ = ["RegionCropper", "naive_crops", "region_square"]
 
 
 class RegionCropper:
@@ -120,22 +120,26 @@ class RegionCropper:
         return weights[:, :, :window]
 
 
-def naive_crops(image: np.ndarray, maps: RegionMaps, index: np.ndarray, crop_size: int = 128) -> torch.Tensor:
-    """Reference implementation, one region at a time: crop the box, zero the rest, pad to a square, resize.
+def region_square(image: np.ndarray, maps: RegionMaps, i: int) -> np.ndarray:
+    """Region ``i`` cut out the simple way: its box, zero outside the region, padded to a centred square."""
+    y0, y1, x0, x1 = maps.boxes[i]
+    k = maps.slice_index[i]
+    crop = image[k, y0:y1 + 1, x0:x1 + 1] * (maps.labels[k, y0:y1 + 1, x0:x1 + 1] == maps.label[i])
+    h, w = crop.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return np.pad(crop, ((top, side - h - top), (left, side - w - left)))
 
-    Used by tests (the batched cropper must agree with it) and as the benchmark's naive baseline.
+
+def naive_crops(image: np.ndarray, maps: RegionMaps, index: np.ndarray, crop_size: int = 128) -> torch.Tensor:
+    """Reference implementation, one region at a time: :func:`region_square`, then ``F.interpolate``.
+
+    Used by tests (the batched cropper must agree with it) and as the benchmarks' naive baseline.
     """
     import torch.nn.functional as F
 
     out = []
     for i in np.asarray(index):
-        y0, y1, x0, x1 = maps.boxes[i]
-        k = maps.slice_index[i]
-        crop = image[k, y0:y1 + 1, x0:x1 + 1] * (maps.labels[k, y0:y1 + 1, x0:x1 + 1] == maps.label[i])
-        h, w = crop.shape
-        side = max(h, w)
-        top, left = (side - h) // 2, (side - w) // 2
-        square = np.pad(crop, ((top, side - h - top), (left, side - w - left)))
-        tensor = torch.from_numpy(np.ascontiguousarray(square, dtype=np.float32))[None, None]
+        tensor = torch.from_numpy(np.ascontiguousarray(region_square(image, maps, i), dtype=np.float32))[None, None]
         out.append(F.interpolate(tensor, size=(crop_size, crop_size), mode="bilinear", align_corners=False)[0])
     return torch.stack(out)

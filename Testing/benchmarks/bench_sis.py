@@ -61,7 +61,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from separeg.atomic import atomic_path  # noqa: E402
-from separeg.crops import RegionCropper, naive_crops  # noqa: E402
+from separeg.crops import RegionCropper, naive_crops, region_square  # noqa: E402
 from separeg.regions import (  # noqa: E402
     RegionMaps,
     SISConfig,
@@ -317,15 +317,8 @@ def skimage_crops(image: np.ndarray, maps: RegionMaps, index: np.ndarray, crop_s
     """
     out = []
     for i in np.asarray(index):
-        y0, y1, x0, x1 = maps.boxes[i]
-        k = maps.slice_index[i]
-        crop = image[k, y0:y1 + 1, x0:x1 + 1] * (maps.labels[k, y0:y1 + 1, x0:x1 + 1] == maps.label[i])
-        h, w = crop.shape
-        side = max(h, w)
-        top, left = (side - h) // 2, (side - w) // 2
-        square = np.pad(crop, ((top, side - h - top), (left, side - w - left)))
-        resized = resize(square, (crop_size, crop_size), order=1, anti_aliasing=False, preserve_range=True,
-                         mode=mode)
+        resized = resize(region_square(image, maps, i), (crop_size, crop_size), order=1, anti_aliasing=False,
+                         preserve_range=True, mode=mode)
         out.append(torch.from_numpy(resized.astype(np.float32))[None])
     return torch.stack(out)
 
