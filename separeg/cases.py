@@ -1,0 +1,326 @@
+"""Labelled training cases: a CT and its organ label map on the same grid.
+
+Cases are found by naming convention (:func:`find_cases`) or listed in a JSON/CSV file (:func:`read_case_list`),
+and read with :func:`load_case`, which checks the grid and the label values against a :class:`LabelTable`.
+
+Partial labels: a case's label map is trusted only for the organs it contains. An organ of the table that has no
+voxel in a case was *not annotated* there; its voxels are 0 like the background, but they are unknown, not
+background (OpenKBP contours 7 organs, and only 7 of its 50 patients have all 7; DESIGN §7). Fine-tuning must
+leave the organs outside :attr:`LoadedCase.annotated` out of the loss for that case.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import InputError
+from .labels import LabelTable
+from .volumes import VOLUME_SUFFIXES, Geometry, read_volume
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+__all__ = [
+    "IMAGE_SUFFIX",
+    "LABEL_SUFFIXES",
+    "FOLDER_PAIRS",
+    "Case",
+    "LoadedCase",
+    "find_cases",
+    "read_case_list",
+    "load_case",
+]
+
+# <case>_ct.<ext> beside <case>_oar.<ext> (OpenKBP), <case>_seg, <case>_label or <case>_labels; any volume ext.
+IMAGE_SUFFIX = "_ct"
+LABEL_SUFFIXES = ("_oar", "_seg", "_label", "_labels")
+# images/<case>.<ext> + labels/<case>.<ext>, and nnU-Net's imagesTr/<case>_0000.<ext> + labelsTr/<case>.<ext>.
+FOLDER_PAIRS = (("images", "labels"), ("imagestr", "labelstr"))
+NNUNET_CHANNEL = "_0000"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A labelled case: its name (unique in a data set), the image volume and the label map."""
+
+    name: str
+    image: Path
+    labels: Path
+
+
+@dataclass
+class LoadedCase:
+    """A case read into memory.
+
+    Attributes:
+        name: the case name.
+        image: the image volume, geometry kept (LPS).
+        labels: the label map, (Z, Y, X) like ``sitk.GetArrayFromImage(image)``; uint8 when the table's values fit,
+            else uint16.
+        annotated: the label values present in this case. Organs of the table outside this set were not
+            annotated in this case: unknown, not background.
+    """
+
+    name: str
+    image: sitk.Image
+    labels: np.ndarray
+    annotated: frozenset[int]
+
+    def not_annotated(self, table: LabelTable) -> frozenset[int]:
+        """The table's label values this case has no voxel of (unknown in this case, not background)."""
+        return frozenset(table.values) - self.annotated
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """``(stem, ext)`` of a volume file name, or None when it is not one."""
+    lower = name.lower()
+    for ext in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(ext):
+            return name[: -len(ext)], name[-len(ext):]
+    return None
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    """Volume files under ``folder``, recursively, sorted; hidden files and folders skipped."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and _split_name(p.name)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
+    """Pair images with label maps by naming convention, in ``folder`` and its subfolders.
+
+    Conventions (suffixes and extensions matched ignoring case; extensions: NIfTI, NRRD, MHA; the image and its
+    label map may have different extensions):
+
+    - ``<case>_ct.<ext>`` beside ``<case>_oar.<ext>``, ``<case>_seg``, ``<case>_label`` or ``<case>_labels``;
+    - ``images/<case>.<ext>`` with ``labels/<case>.<ext>`` (the two folders side by side), and nnU-Net's
+      ``imagesTr/<case>_0000.<ext>`` with ``labelsTr/<case>.<ext>``.
+
+    Files that are not volumes (text, DICOM, ...) are ignored. Volumes that pair with nothing (a CT without labels,
+    labels without a CT) are returned, so that the caller can report them; they are not an error as long as at
+    least one case is found.
+
+    Args:
+        folder: the data folder.
+
+    Returns:
+        ``(cases, unpaired)``: cases sorted by name, and the unpaired volume files, sorted.
+
+    Raises:
+        InputError: ``folder`` is not a folder; no case found (the message says what was found and the
+            conventions); a CT with two label maps; two cases with the same name.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder; give the folder that holds the labelled cases")
+    files = _volume_files(folder)
+    stems_by_dir: dict[tuple[Path, str], list[Path]] = {}
+    for p in files:
+        stem, _ = _split_name(p.name)  # type: ignore[misc]
+        stems_by_dir.setdefault((p.parent, stem.lower()), []).append(p)
+    cases: list[Case] = []
+    used: set[Path] = set()
+    pair_dirs: dict[Path, Path | None] = {}
+
+    for p in files:
+        stem, _ = _split_name(p.name)  # type: ignore[misc]
+        lower = stem.lower()
+        labels: list[Path] = []
+        name = None
+        if p.parent not in pair_dirs:
+            pair_dirs[p.parent] = _folder_pair(p.parent)
+        pair_dir = pair_dirs[p.parent]
+        if pair_dir is not None:
+            name = stem[: -len(NNUNET_CHANNEL)] if lower.endswith(NNUNET_CHANNEL) else stem
+            labels = stems_by_dir.get((pair_dir, name.lower()), [])
+        elif lower.endswith(IMAGE_SUFFIX) and len(stem) > len(IMAGE_SUFFIX):
+            name = stem[: -len(IMAGE_SUFFIX)]
+            for suffix in LABEL_SUFFIXES:
+                labels += stems_by_dir.get((p.parent, (name + suffix).lower()), [])
+        if name is None or not labels:
+            continue
+        if len(labels) > 1:
+            raise InputError(f"{p} has {len(labels)} label maps: {', '.join(str(q) for q in labels)}; keep one "
+                             "(or list the cases in a case list file)")
+        cases.append(Case(name, p, labels[0]))
+        used.update((p, labels[0]))
+
+    _refuse_duplicate_names(cases, str(folder))
+    unpaired = [p for p in files if p not in used]
+    if not cases:
+        found = f"{len(files)} volume file(s), none paired (e.g. {files[0].name})" if files else "no volume files"
+        raise InputError(
+            f"{folder} holds no labelled case ({found}). Name each CT <case>_ct.nii.gz and its label map "
+            f"<case>_oar.nii.gz (or {', '.join(LABEL_SUFFIXES[1:])}), put them in images/ and labels/ folders under "
+            "the same names, or list the cases in a JSON or CSV file"
+        )
+    return sorted(cases, key=lambda c: c.name), unpaired
+
+
+def _folder_pair(images_dir: Path) -> Path | None:
+    """The labels folder beside ``images_dir`` when ``images_dir`` is an images folder of :data:`FOLDER_PAIRS`."""
+    for images, labels in FOLDER_PAIRS:
+        if images_dir.name.lower() == images:
+            for sibling in sorted(images_dir.parent.iterdir()):
+                if sibling.is_dir() and sibling.name.lower() == labels:
+                    return sibling
+    return None
+
+
+def _refuse_duplicate_names(cases: list[Case], source: str) -> None:
+    seen: dict[str, Case] = {}
+    for case in cases:
+        other = seen.setdefault(case.name, case)
+        if other is not case:
+            raise InputError(f"{source}: two cases are named {case.name!r} ({other.image} and {case.image}); "
+                             "rename one so that every case name is unique")
+
+
+def read_case_list(path: str | Path) -> list[Case]:
+    """Read cases listed in a JSON or CSV file.
+
+    JSON: a list of ``{"name": ..., "image": ..., "labels": ...}`` objects (or ``{"cases": [...]}``); CSV: a header
+    with the columns ``name,image,labels``. Relative paths are taken from the list file's folder. ``name`` may be
+    left out: the image's file name without extension and ``_ct`` is used.
+
+    Args:
+        path: the list file (``.json`` or ``.csv``).
+
+    Returns:
+        The cases, in the file's order.
+
+    Raises:
+        InputError: the file is unreadable or malformed; an entry lacks ``image`` or ``labels``; a listed file
+            does not exist (all missing files are named); two cases have the same name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"case list {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"case list {path} could not be read ({exc}); it must be a UTF-8 JSON or CSV file") from exc
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"case list {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") \
+                from exc
+        rows = data.get("cases") if isinstance(data, Mapping) else data
+        if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
+            raise InputError(f"case list {path} must be a JSON list of {{\"name\", \"image\", \"labels\"}} objects")
+    elif suffix == ".csv":
+        reader = csv.DictReader([line for line in text.splitlines() if line.strip()])
+        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        if "image" not in fields or "labels" not in fields:
+            raise InputError(f"case list {path}: the header must name the columns name,image,labels "
+                             f"(found {', '.join(fields) or 'nothing'})")
+        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
+    else:
+        raise InputError(f"case list {path} has an unknown format; use .json or .csv with name,image,labels")
+
+    base = path.parent
+    cases: list[Case] = []
+    missing: list[str] = []
+    for i, row in enumerate(rows, start=1):
+        image, labels = row.get("image"), row.get("labels")
+        if not image or not labels:
+            raise InputError(f"case list {path}: entry {i} has no {'image' if not image else 'labels'}; every case "
+                             "needs an image and a label map")
+        image_path, labels_path = base / Path(str(image)).expanduser(), base / Path(str(labels)).expanduser()
+        name = str(row.get("name") or "").strip() or _case_name(image_path)
+        missing += [f"{name}: {p}" for p in (image_path, labels_path) if not p.exists()]
+        cases.append(Case(name, image_path, labels_path))
+    if missing:
+        shown = "; ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InputError(f"case list {path} names files that do not exist: {shown}. Paths are taken from the "
+                         "list's folder; fix them or move the files")
+    if not cases:
+        raise InputError(f"case list {path} lists no case")
+    _refuse_duplicate_names(cases, f"case list {path}")
+    return cases
+
+
+def _case_name(image: Path) -> str:
+    split = _split_name(image.name)
+    stem = split[0] if split else image.name
+    return stem[: -len(IMAGE_SUFFIX)] if stem.lower().endswith(IMAGE_SUFFIX) and len(stem) > 3 else stem
+
+
+def load_case(case: Case, table: LabelTable) -> LoadedCase:
+    """Read a case's image and label map and check them against each other and against ``table``.
+
+    Args:
+        case: the case.
+        table: the organs the label maps may hold.
+
+    Returns:
+        The loaded case; ``annotated`` holds the label values with at least one voxel (organs of ``table`` outside
+        it were not contoured in this case: unknown, not background).
+
+    Raises:
+        VolumeReadError: an unreadable file (from :func:`~separeg.volumes.read_volume`).
+        InputError: the label map's grid differs from the image's (both geometries are named), it holds
+            negative or fractional values, or values that are not in ``table``.
+    """
+    import SimpleITK as sitk
+
+    image = read_volume(case.image)
+    label_image = read_volume(case.labels)
+    image_geometry, label_geometry = Geometry.of(image), Geometry.of(label_image)
+    if not image_geometry.matches(label_geometry):
+        raise InputError(
+            f"case {case.name}: the label map does not lie on the image's grid: image {case.image}: "
+            f"{image_geometry.describe()}; labels {case.labels}: {label_geometry.describe()}. Export the label map "
+            "on the CT's grid (in Slicer: Segmentations > Export to label map with the CT as reference volume) or "
+            "pair the right files"
+        )
+    array = sitk.GetArrayFromImage(label_image)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise InputError(f"case {case.name}: the label map {case.labels} holds fractional values; it must hold "
+                             "whole label values (is it a probability map or an image?)")
+        array = array.astype(np.int64)
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"case {case.name}: the label map {case.labels} has voxel type {array.dtype}; "
+                         "integer label values are needed")
+    if array.size and array.min() < 0:
+        raise InputError(f"case {case.name}: the label map {case.labels} holds negative values (min {array.min()}); "
+                         "label values are 0 (background) and the table's positive values")
+    present = _present_values(array)
+    unknown = sorted(present - set(table.values) - {0})
+    if unknown:
+        raise InputError(
+            f"case {case.name}: the label map {case.labels} holds values {', '.join(map(str, unknown))} that are not "
+            f"in the label table (values {', '.join(map(str, table.values))}: {', '.join(table.names)}). "
+            "Add them to the label table or relabel the map"
+        )
+    top = max(table.values, default=0)
+    dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
+    return LoadedCase(case.name, image, array.astype(dtype, copy=False), frozenset(present - {0}))
+
+
+def _present_values(array: np.ndarray, chunk: int = 1 << 22) -> set[int]:
+    """Distinct values of a non-negative integer array.
+
+    Counted with bincount in chunks of ``chunk`` voxels: faster than ``np.unique`` (no sort) and without a
+    64-bit copy of a whole large volume.
+    """
+    if array.size == 0:
+        return set()
+    top = int(array.max())
+    if top >= 1 << 16:
+        return {int(v) for v in np.unique(array)}
+    flat = array.ravel()
+    counts = np.zeros(top + 1, dtype=np.int64)
+    for start in range(0, flat.size, chunk):
+        counts += np.bincount(flat[start:start + chunk], minlength=top + 1)
+    return {int(v) for v in np.flatnonzero(counts)}
