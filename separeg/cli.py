@@ -109,6 +109,77 @@ def _run_pretrain(args: argparse.Namespace, events: Events) -> int:
     return 0
 
 
+def _add_finetune(parser: argparse.ArgumentParser) -> None:
+    from .finetune import FinetuneConfig
+    from .nets import ENCODER_DIMS
+
+    d = FinetuneConfig()
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument("--encoder", choices=list(ENCODER_DIMS), default=d.encoder,
+                       help="used without --init (with it, the bundle's encoder)")
+    group.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs ({d.epochs}, the paper's)")
+    group.add_argument("--steps-per-epoch", type=_positive_int, default=None,
+                       help="default: foreground slices / batch size")
+    group.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                       help=f"slices per step ({d.batch_size})")
+    group.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate ({d.lr})")
+    group.add_argument("--patience", type=_positive_int, default=d.patience, help="early stopping, in epochs (30)")
+    group.add_argument("--validation-cases", type=int, default=None, help="cases held out (default 20 %%)")
+    group.add_argument("--seed", type=int, default=d.seed)
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="insist on resuming an existing run")
+    mode.add_argument("--restart", action="store_true", help="discard the run's progress and start over")
+    run.add_argument("--stop-file", type=Path, default=None, help="stop cleanly when this file appears")
+    run.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save at least this often (10)")
+
+
+def _run_finetune(args: argparse.Namespace, events: Events) -> int:
+    from .finetune import FinetuneConfig, FinetuneJob, run_finetune
+
+    config = FinetuneConfig(encoder=args.encoder, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                            batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                            validation_cases=args.validation_cases, seed=args.seed)
+    run_finetune(FinetuneJob(data=args.data, out_dir=args.out, labels=args.labels, init=args.init, config=config,
+                             device=args.device, restart=args.restart, resume=args.resume, stop_file=args.stop_file,
+                             checkpoint_minutes=args.checkpoint_minutes), events)
+    return 0
+
+
+def _run_contour(args: argparse.Namespace, events: Events) -> int:
+    from .contour import ContourJob, run_contour
+
+    run_contour(ContourJob(volume=args.volume, model=args.model, out_dir=args.out, device=args.device,
+                           largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
+                           series_uid=args.series_uid), events)
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace, events: Events) -> int:
+    from .evaluate import EvaluateJob, run_evaluate
+
+    run_evaluate(EvaluateJob(pred=args.pred, ref=args.ref, out_dir=args.out, labels=args.labels), events)
+    events.done(f"metrics in {args.out / 'metrics.csv'}, summary in {args.out / 'summary.md'}")
+    return 0
+
+
+def _run_models(args: argparse.Namespace, events: Events) -> int:
+    from .bundle import read_bundle_info
+    from .models import list_models, model_dirs
+
+    found = list_models()
+    for path in found:
+        info = read_bundle_info(path)
+        labels = info.get("labels", {}).get("labels", [])
+        arch = info["architecture"]
+        print(f"{path.stem:28s} {info['kind']:13s} {arch.get('backbone') or arch.get('encoder')}  {len(labels)} labels"
+              f"  {path}")
+    if not found:
+        print("no models installed; folders searched: " + ", ".join(str(d) for d in model_dirs()))
+    return 0
+
+
 def _sis_config(args: argparse.Namespace):
     from .regions import SISConfig
 
@@ -148,6 +219,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sis(pretrain)
     _add_common(pretrain)
     pretrain.set_defaults(handler=_run_pretrain)
+
+    finetune = sub.add_parser("finetune", help="train a segmentation model on a few annotated CTs -> model.separeg")
+    finetune.add_argument("data", type=_existing_path,
+                          help="folder of <case>_ct + <case>_oar volumes, or a JSON/CSV case list")
+    finetune.add_argument("--out", type=Path, required=True, help="run directory (resumed when it exists)")
+    finetune.add_argument("--labels", type=_existing_path, default=None,
+                          help="label table (labels.json or CSV); default: labels.json beside the data")
+    finetune.add_argument("--init", type=_existing_path, default=None,
+                          help="encoder bundle from `separeg pretrain` (random init without it)")
+    _add_finetune(finetune)
+    _add_common(finetune)
+    finetune.set_defaults(handler=_run_finetune)
+
+    contour = sub.add_parser("contour", help="Auto-contour a CT -> OUT/segmentation.nii.gz + segmentation.json")
+    contour.add_argument("volume", type=_existing_path, help="CT volume file or DICOM series folder")
+    contour.add_argument("--model", required=True, help="segmentation bundle path or installed model name")
+    contour.add_argument("--out", type=Path, required=True, help="output folder")
+    contour.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    contour.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")
+    contour.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
+    contour.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the contours")
+    _add_common(contour)
+    contour.set_defaults(handler=_run_contour)
+
+    evaluate = sub.add_parser("evaluate", help="DSC, HD95 (mm), volume difference of predictions vs references")
+    evaluate.add_argument("pred", type=_existing_path, help="predicted label map, or a folder of them")
+    evaluate.add_argument("ref", type=_existing_path, help="reference label map, or a folder with the same names")
+    evaluate.add_argument("--out", type=Path, required=True, help="output folder (metrics.csv, summary.md, ...)")
+    evaluate.add_argument("--labels", type=_existing_path, default=None, help="label table for organ names")
+    _add_common(evaluate)
+    evaluate.set_defaults(handler=_run_evaluate)
+
+    models = sub.add_parser("models", help="list installed and shipped models")
+    models.set_defaults(handler=_run_models, json=False)
 
     demo = sub.add_parser("demo", help="run the pipeline on the bundled sample CTs")
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)")

@@ -1,4 +1,4 @@
-"""The pretraining run directory: its file layout, and the check that a re-run may resume it."""
+"""Run directories: the pretraining layout, and the check that a re-run may resume a run (all training jobs)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .errors import InputError
 from .pretrain_config import STAGES, PretrainJob, as_json_dict, config_differences
 from .training import Runtime
 
-__all__ = ["RunDir", "prepare_run_dir"]
+__all__ = ["RunDir", "check_identity", "prepare_run_dir"]
 
 
 @dataclass(frozen=True)
@@ -54,32 +54,45 @@ class RunDir:
     def has_progress(self) -> bool:
         return any(self.done(s).exists() for s in STAGES) or any(self.checkpoints.glob("*.pt"))
 
-    def clear(self) -> None:
-        """Forget all training state (the SIS cache stays: it is keyed by content and parameters)."""
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
-        for path in [*(self.done(s) for s in STAGES), self.clusters, self.encoder, self.config, self.manifest]:
-            path.unlink(missing_ok=True)
+
+
+def check_identity(root: Path, identity: dict, *, restart: bool, resume: bool, has_progress: bool,
+                   runtime: Runtime, state: list[Path]) -> None:
+    """Resume, refuse or start a run in ``root`` (shared by pretraining and fine-tuning; DESIGN §3).
+
+    The run's identity (data, configuration) is saved as ``config.json``. Re-running with the same identity
+    resumes; a different one is refused with the list of differences unless ``restart``, which deletes
+    ``state`` first; ``resume`` insists on something to resume.
+    """
+    config = root / "config.json"
+    if restart and runtime.is_main:
+        for path in state:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
+    runtime.barrier()
+    if config.exists():
+        saved = json.loads(config.read_text(encoding="utf-8"))
+        differences = config_differences(saved, identity)
+        if differences:
+            raise InputError(f"{root} holds a run with another configuration:\n  " + "\n  ".join(differences)
+                             + "\nUse another --out folder, or --restart to start this one over.")
+    elif resume:
+        raise InputError(f"--resume: {root} holds no run to resume (no config.json); start it without --resume")
+    if resume and not has_progress:
+        raise InputError(f"--resume: {root} has no checkpoint or finished stage yet; run without --resume")
+    if runtime.is_main:
+        (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if not config.exists():
+            write_json(identity, config)
+    runtime.barrier()
 
 
 def prepare_run_dir(job: PretrainJob, run: RunDir, runtime: Runtime) -> None:
-    """Check the config against the saved one (resume) or save it (new run)."""
-    current = {"archive": str(Path(job.archive).resolve()), "config": as_json_dict(job.config)}
-    if job.restart and runtime.is_main:
-        run.clear()
-    runtime.barrier()
-    if run.config.exists():
-        saved = json.loads(run.config.read_text(encoding="utf-8"))
-        differences = config_differences(saved, current)
-        if differences:
-            raise InputError(f"{run.root} holds a run with another configuration:\n  " + "\n  ".join(differences)
-                             + "\nUse another --out folder, or --restart to start this one over.")
-    elif job.resume:
-        raise InputError(f"--resume: {run.root} holds no run to resume (no config.json); start it without --resume")
-    if job.resume and not run.has_progress():
-        raise InputError(f"--resume: {run.root} has no checkpoint or finished stage yet; run without --resume")
-    if runtime.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        run.checkpoints.mkdir(exist_ok=True)
-        if not run.config.exists():
-            write_json(current, run.config)
-    runtime.barrier()
+    """Check the pretraining config against the saved one (resume) or save it (new run)."""
+    identity = {"archive": str(Path(job.archive).resolve()), "config": as_json_dict(job.config)}
+    state = [run.checkpoints, *(run.done(s) for s in STAGES), run.clusters, run.encoder, run.manifest]
+    check_identity(run.root, identity, restart=job.restart, resume=job.resume, has_progress=run.has_progress(),
+                   runtime=runtime, state=state)

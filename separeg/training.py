@@ -189,7 +189,9 @@ class TrainState:
 def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, total: int, base_lr: float,
                 step_loss: Callable[[int], torch.Tensor], after_step: Callable[[int], None] | None,
                 checkpoint: Path, extra_state: Callable[[], dict], runtime: Runtime, events: Events,
-                stop: StopRequest, checkpoint_seconds: float, log_every: int = 10) -> TrainState:
+                stop: StopRequest, checkpoint_seconds: float, log_every: int = 10,
+                on_step: Callable[[int], bool] | None = None,
+                restore: Callable[[dict], None] | None = None) -> TrainState:
     """The step loop of one stage, resumable from ``checkpoint``.
 
     Args:
@@ -199,8 +201,11 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
         base_lr: peak learning rate of the cosine schedule (per parameter group, scaled by its ``lr_scale``).
         step_loss: computes the loss of step ``i`` (batch drawn from :func:`step_seed`).
         after_step: called after each optimizer step (e.g. BYOL's EMA update).
-        extra_state: more to store in the checkpoint (e.g. config hash).
+        extra_state: more to store in the checkpoint (e.g. config hash, validation history).
         checkpoint_seconds: save at least this often; also at the end and when stopped.
+        on_step: called after step ``i`` is counted (e.g. validation at epoch ends); returning True ends the
+            stage early (early stopping), with a checkpoint.
+        restore: called with the loaded checkpoint when resuming, to restore what ``extra_state`` saved.
 
     Raises:
         CancelledError: a stop was requested; the checkpoint was saved first.
@@ -211,12 +216,17 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainState(int(saved["step"]), [float(x) for x in saved["losses"]])
+        if restore is not None:
+            restore(saved)
+        if saved.get("finished_early"):
+            return state
         events.log(f"resumed at step {state.step}/{total}", stage=stage)
 
-    def save() -> None:
+    def save(finished_early: bool = False) -> None:
         if runtime.is_main:
             save_checkpoint(checkpoint, {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                         "step": state.step, "losses": state.losses, **extra_state()})
+                                         "step": state.step, "losses": state.losses,
+                                         "finished_early": finished_early, **extra_state()})
 
     last_save = time.monotonic()
     pending: list[torch.Tensor] = []
@@ -255,6 +265,11 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
             save()
             last_save = time.monotonic()
         events.progress(stage, state.step, total, loss=state.losses[-1] if state.losses else None)
+        if on_step is not None and on_step(state.step) and state.step < total:
+            state.losses += [float(x) for x in torch.stack(pending).tolist()] if pending else []
+            pending.clear()
+            save(finished_early=True)
+            break
     if runtime.distributed and isinstance(model, nn.parallel.DistributedDataParallel):
         _check_replicas(model, runtime, stage, events)
     return state

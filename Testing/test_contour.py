@@ -1,0 +1,114 @@
+"""Auto-contour: geometry, laterality and outputs, with a small random-weight model (the pipeline, not accuracy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from separeg.bundle import save_bundle
+from separeg.contour import LABELS_FILE, REVIEW_NOTICE, SEGMENTATION_FILE, ContourJob, postprocess, run_contour
+from separeg.errors import InputError
+from separeg.labels import load_label_table
+from separeg.models import resolve_model
+from separeg.segmodel import GridSpec, build_unet, from_canonical, to_canonical
+from separeg.volumes import Geometry, read_volume
+
+
+@pytest.fixture(scope="module")
+def model_bundle(tmp_path_factory, openkbp: Path) -> Path:
+    torch.manual_seed(0)
+    table = load_label_table(openkbp / "labels.json")
+    unet = build_unet("resnet18", max(table.values) + 1)
+    path = tmp_path_factory.mktemp("model") / "tiny.separeg"
+    return save_bundle(path, kind="segmentation",
+                       architecture={"network": "monai.networks.nets.FlexibleUNet", "backbone": "resnet18",
+                                     "spatial_dims": 2, "in_channels": 1, "out_channels": max(table.values) + 1},
+                       state_dict=unet.state_dict(),
+                       metadata={"inputs": {**GridSpec(spacing_xy=(3.9, 3.9)).to_dict(), "orientation": "LPS"},
+                                 "labels": table.to_dict(),
+                                 "data": {"spacing_min": [3.9, 3.9, 2.5], "spacing_max": [3.9, 3.9, 2.5]}})
+
+
+def _contour(volume, model: Path, out: Path) -> tuple[sitk.Image, dict]:
+    run_contour(ContourJob(volume=volume, model=str(model), out_dir=out, device="cpu"))
+    return sitk.ReadImage(str(out / SEGMENTATION_FILE)), json.loads((out / LABELS_FILE).read_text())
+
+
+def test_output_has_the_input_geometry_for_nifti_and_dicom(model_bundle: Path, openkbp: Path,
+                                                           lung1_subset: Path, tmp_path: Path) -> None:
+    for volume in (openkbp / "pt_1_ct.nii.gz", lung1_subset):
+        segmentation, description = _contour(volume, model_bundle, tmp_path / Path(volume).name)
+        assert Geometry.of(segmentation).matches(Geometry.of(read_volume(volume)))
+        assert segmentation.GetPixelID() == sitk.sitkUInt8
+        assert description["notice"] == REVIEW_NOTICE
+        assert [lb["tg263"] for lb in description["labels"]][:3] == ["Brainstem", "SpinalCord", "Parotid_R"]
+    # LUNG1 has 0.98 mm pixels, the model was trained at 3.9 mm: warned, not refused.
+    assert any("spacing" in w for w in description["warnings"])
+
+
+def _flipped_lr(image: sitk.Image) -> sitk.Image:
+    """The same patient stored with the x axis reversed (direction -1 along x): same physical voxels."""
+    array = sitk.GetArrayFromImage(image)[:, :, ::-1]
+    flipped = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    flipped.SetSpacing(image.GetSpacing())
+    origin = list(image.GetOrigin())
+    origin[0] += (image.GetSize()[0] - 1) * image.GetSpacing()[0]
+    flipped.SetOrigin(origin)
+    flipped.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return flipped
+
+
+def test_laterality_follows_the_direction_matrix(model_bundle: Path, openkbp: Path, tmp_path: Path) -> None:
+    original = read_volume(openkbp / "pt_1_ct.nii.gz")
+    flipped = _flipped_lr(original)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(to_canonical(flipped)), sitk.GetArrayFromImage(original))
+    sitk.WriteImage(flipped, str(tmp_path / "flipped.nii.gz"))
+    seg_a, _ = _contour(openkbp / "pt_1_ct.nii.gz", model_bundle, tmp_path / "a")
+    seg_b, _ = _contour(tmp_path / "flipped.nii.gz", model_bundle, tmp_path / "b")
+    a, b = sitk.GetArrayFromImage(seg_a), sitk.GetArrayFromImage(seg_b)
+    assert a.any()
+    # Same physical voxel, same label: what is on the patient's left stays on the patient's left.
+    np.testing.assert_array_equal(b[:, :, ::-1], a)
+
+
+def test_oblique_direction_round_trips_exactly(openkbp: Path) -> None:
+    image = read_volume(openkbp / "pt_1_ct.nii.gz")
+    angle = np.radians(20)
+    image.SetDirection((np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1))
+    canonical = to_canonical(image)
+    back = from_canonical(canonical, image)
+    assert Geometry.of(back).matches(Geometry.of(image))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
+def test_oblique_nifti_contour_keeps_its_geometry(model_bundle: Path, openkbp: Path, tmp_path: Path) -> None:
+    image = read_volume(openkbp / "pt_203_ct.nii.gz")
+    angle = np.radians(-15)
+    image.SetDirection((1, 0, 0, 0, np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle)))
+    sitk.WriteImage(image, str(tmp_path / "oblique.nii.gz"))
+    segmentation, _ = _contour(tmp_path / "oblique.nii.gz", model_bundle, tmp_path / "out")
+    assert Geometry.of(segmentation).matches(Geometry.of(read_volume(tmp_path / "oblique.nii.gz")))
+
+
+def test_postprocess_keeps_the_largest_part_and_fills_holes() -> None:
+    labels = np.zeros((3, 20, 20), np.uint8)
+    labels[:, 2:12, 2:12] = 1
+    labels[1, 6:8, 6:8] = 0  # a hole
+    labels[:, 16:18, 16:18] = 1  # a stray island
+    labels[:, 14:16, 2:4] = 2
+    out = postprocess(labels, [1, 2], largest_component=True, fill_holes=True)
+    assert out[1, 6, 6] == 1 and not (out[:, 16:18, 16:18] == 1).any()
+    assert (out == 2).sum() == (labels == 2).sum()
+
+
+def test_unknown_model_names_list_the_folders(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SEPAREG_MODELS", str(tmp_path))
+    with pytest.raises(InputError, match="neither a file nor a known model name"):
+        resolve_model("hn-oar-7")
+    (tmp_path / "hn-oar-7.separeg").write_bytes(b"x")
+    assert resolve_model("hn-oar-7") == tmp_path / "hn-oar-7.separeg"

@@ -1,0 +1,89 @@
+"""Fine-tuning on real OpenKBP cases with a tiny budget, and the marginal loss for partial labels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from separeg.bundle import load_bundle
+from separeg.errors import CancelledError, InputError
+from separeg.events import Event, Events, EventType
+from separeg.finetune import FinetuneConfig, FinetuneJob, run_finetune
+from separeg.seg_losses import marginal_dice_ce, marginal_probabilities
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_marginal_loss_never_pushes_an_unannotated_organ_to_background() -> None:
+    logits = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    target = torch.zeros(1, 4, 4, dtype=torch.long)  # no voxel of organ 2 is labelled ...
+    annotated = torch.tensor([[True, True, False]])  # ... because organ 2 is not annotated in this case
+    loss = marginal_dice_ce(logits, target, annotated)
+    loss.backward()
+    probs = marginal_probabilities(logits.detach(), annotated)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 4, 4))
+    assert probs[0, 2].abs().max() == 0
+    # Raising organ 2 moves mass into merged background: its gradient must not push it down.
+    assert logits.grad[0, 2].max() <= 1e-7
+    fully = torch.tensor([[True, True, True]])
+    logits.grad = None
+    marginal_dice_ce(logits, target, fully).backward()
+    assert logits.grad[0, 2].min() > 0  # annotated and absent: pushed down
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cases")
+    for name in ("pt_22_ct.nii.gz", "pt_22_oar.nii.gz", "pt_1_ct.nii.gz", "pt_1_oar.nii.gz", "labels.json"):
+        shutil.copy(REPO / "Resources" / "SampleData" / name, folder / name)
+    return folder
+
+
+TINY = FinetuneConfig(encoder="resnet18", epochs=2, steps_per_epoch=3, batch_size=4, validation_cases=1)
+
+
+def test_tiny_finetune_writes_a_segmentation_bundle(cases: Path, tmp_path: Path) -> None:
+    path = run_finetune(FinetuneJob(data=cases, out_dir=tmp_path, config=TINY, device="cpu"))
+    bundle = load_bundle(path, expected_kind="segmentation")
+    assert bundle.architecture["out_channels"] == 8 and bundle.architecture["backbone"] == "resnet18"
+    assert [lb["tg263"] for lb in bundle.metadata["labels"]["labels"]][-1] == "Bone_Mandible"
+    assert bundle.metadata["training"]["training_cases"] == 1
+    assert bundle.metadata["inputs"]["spacing_xy"] == pytest.approx([3.906, 3.906], abs=1e-3)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert "pt_" not in json.dumps(bundle.metadata)  # case names stay out of the model file
+
+
+def test_stop_and_resume_keeps_the_validation_history(cases: Path, tmp_path: Path) -> None:
+    stop_file = tmp_path / "STOP"
+
+    def stop_at_step_4(event: Event) -> None:
+        if event.type == EventType.PROGRESS and event.stage == "finetune" and event.step == 4:
+            stop_file.touch()
+
+    job = FinetuneJob(data=cases, out_dir=tmp_path / "run", config=TINY, device="cpu", stop_file=stop_file)
+    with pytest.raises(CancelledError, match="finetune stopped at step 4/6"):
+        run_finetune(job, Events(stop_at_step_4, min_interval=0.0))
+    run_finetune(job)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+
+
+def test_bad_inputs(cases: Path, tmp_path: Path, openkbp: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(cases / "labels.json", empty)
+    with pytest.raises(InputError, match="holds no labelled case"):
+        run_finetune(FinetuneJob(data=empty, out_dir=tmp_path / "a", config=TINY, device="cpu"))
+    with pytest.raises(InputError, match="no label table"):
+        run_finetune(FinetuneJob(data=tmp_path, out_dir=tmp_path / "b", config=TINY, device="cpu"))
+    one = tmp_path / "one"
+    one.mkdir()
+    for name in ("pt_1_ct.nii.gz", "pt_1_oar.nii.gz", "labels.json"):
+        shutil.copy(cases / name, one)
+    with pytest.raises(InputError, match="cannot give 1 validation"):
+        run_finetune(FinetuneJob(data=one, out_dir=tmp_path / "c", config=TINY, device="cpu"))

@@ -1,0 +1,157 @@
+"""`separeg contour`: Auto-contour a CT with a segmentation bundle (DESIGN §2.10).
+
+CT (NIfTI/NRRD/MHA or a DICOM series folder) -> canonical orientation -> model grid -> batched slice
+inference (bf16 on CUDA) -> logits back on the input grid -> argmax -> per-organ largest connected
+component and hole filling -> label map in the input's exact geometry. Outputs, in OUT_DIR:
+``segmentation.nii.gz`` (uint8 label map) and ``segmentation.json`` (labels with names, TG-263 names,
+colours and volumes in cc, warnings, the model's identity, and the reminder that this is an automatic
+contour that needs review).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .atomic import write_json
+from .events import Events
+from .segmodel import GridSpec, build_unet, from_canonical, from_model_grid, to_canonical, to_model_grid
+from .training import setup_runtime
+from .volumes import read_volume, write_volume
+
+__all__ = ["ContourJob", "ContourResult", "run_contour", "postprocess", "SEGMENTATION_FILE", "LABELS_FILE",
+           "REVIEW_NOTICE"]
+
+SEGMENTATION_FILE = "segmentation.nii.gz"
+LABELS_FILE = "segmentation.json"
+REVIEW_NOTICE = "Automatic contour: review and correct every structure before clinical use."
+
+
+@dataclass(frozen=True)
+class ContourJob:
+    volume: Path
+    model: str
+    out_dir: Path
+    device: str = "auto"
+    largest_component: bool = True
+    fill_holes: bool = True
+    batch_size: int = 16
+    series_uid: str | None = None
+
+
+@dataclass
+class ContourResult:
+    segmentation: Path
+    labels_json: Path
+    volumes_cc: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+def postprocess(labels: np.ndarray, values: list[int], *, largest_component: bool, fill_holes: bool) -> np.ndarray:
+    """Per organ: keep the largest 3D connected component; fill holes slice by slice (into background only)."""
+    out = labels.copy()
+    for value in values:
+        mask = out == value
+        if not mask.any():
+            continue
+        if largest_component:
+            components, n = ndimage.label(mask)
+            if n > 1:
+                sizes = np.bincount(components.ravel())
+                sizes[0] = 0
+                out[mask & (components != int(np.argmax(sizes)))] = 0
+                mask = out == value
+        if fill_holes:
+            for k in np.flatnonzero(mask.any(axis=(1, 2))):
+                filled = ndimage.binary_fill_holes(mask[k])
+                out[k][filled & (out[k] == 0)] = value
+    return out
+
+
+def _warnings(image, data: dict) -> list[str]:
+    """Differences from the training data worth a look; contouring goes on."""
+    import SimpleITK as sitk
+
+    notes = []
+    spacing = np.array(image.GetSpacing())
+    lo, hi = np.array(data.get("spacing_min", spacing)), np.array(data.get("spacing_max", spacing))
+    if np.any(spacing < 0.5 * lo) or np.any(spacing > 2.0 * hi):
+        notes.append(f"voxel spacing {np.round(spacing, 3).tolist()} mm is far from the training data's "
+                     f"{np.round(lo, 3).tolist()} to {np.round(hi, 3).tolist()} mm")
+    extent = np.array(image.GetSize()) * spacing
+    if np.any(extent < 0.5 * np.array(data.get("extent_mm_min", extent))):
+        notes.append(f"the field of view {np.round(extent).tolist()} mm is much smaller than the training scans'")
+    hu = sitk.GetArrayViewFromImage(image)
+    p01, p99 = np.percentile(hu, [1, 99])
+    if "hu_p01" in data and (abs(p01 - data["hu_p01"]) > 500 or abs(p99 - data["hu_p99"]) > 1000):
+        notes.append(f"intensity range (1st-99th percentile {p01:.0f} to {p99:.0f}) differs from the training CTs' "
+                     f"({data['hu_p01']:.0f} to {data['hu_p99']:.0f}); is this a CT in HU?")
+    return notes
+
+
+def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
+    """Contour ``job.volume`` with ``job.model``; write the label map and its description to ``job.out_dir``.
+
+    Raises:
+        InputError, VolumeReadError: unreadable input; BundleError: a missing, damaged or non-segmentation model.
+    """
+    import SimpleITK as sitk
+
+    from .bundle import load_bundle
+    from .labels import LabelTable
+    from .models import resolve_model
+
+    events = events or Events()
+    runtime = setup_runtime(job.device)
+    bundle = load_bundle(resolve_model(job.model), expected_kind="segmentation")
+    table = LabelTable.from_dict(bundle.metadata["labels"])
+    spec = GridSpec.from_dict(bundle.metadata["inputs"])
+    image = read_volume(job.volume, series_uid=job.series_uid)
+    warnings = _warnings(image, bundle.metadata.get("data", {}))
+    for note in warnings:
+        events.warning(note, stage="contour")
+    canonical = to_canonical(image)
+    hu = sitk.GetArrayFromImage(canonical)
+    spacing = canonical.GetSpacing()[:2]
+    arch = bundle.architecture
+    model = build_unet(arch["backbone"], arch["out_channels"], arch.get("in_channels", 1))
+    model.load_state_dict(bundle.state_dict)
+    model = model.to(runtime.device).eval()
+    slices = to_model_grid(hu, spacing, spec, device=runtime.device)
+    labels = np.zeros(hu.shape, np.uint8)
+    with torch.inference_mode():
+        for start in range(0, len(slices), job.batch_size):
+            with runtime.autocast:
+                logits = model(slices[start:start + job.batch_size])
+            logits = from_model_grid(logits.float(), hu.shape[1:], spacing, spec)
+            labels[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            events.progress("contour", min(start + job.batch_size, len(slices)), len(slices))
+    labels = postprocess(labels, table.values, largest_component=job.largest_component, fill_holes=job.fill_holes)
+    result_image = sitk.GetImageFromArray(labels)
+    result_image.CopyInformation(canonical)
+    result_image = from_canonical(result_image, image)
+    out = Path(job.out_dir)
+    segmentation = write_volume(result_image, out / SEGMENTATION_FILE)
+    voxel_cc = float(np.prod(image.GetSpacing())) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=max(table.values) + 1)
+    volumes = {label.tg263 or label.name: round(float(counts[label.value]) * voxel_cc, 2) for label in table.labels}
+    description = {
+        "notice": REVIEW_NOTICE,
+        "source": str(job.volume),
+        "model": {"path": str(bundle.path), "sha256": bundle.weights_sha256},
+        "labels": [{"value": lb.value, "name": lb.name, "tg263": lb.tg263, "color": list(lb.color),
+                    "volume_cc": volumes[lb.tg263 or lb.name]} for lb in table.labels],
+        "warnings": warnings,
+        "postprocessing": {"largest_component": job.largest_component, "fill_holes": job.fill_holes},
+    }
+    labels_json = write_json(description, out / LABELS_FILE)
+    missing = [name for name, cc in volumes.items() if cc == 0]
+    summary = ", ".join(f"{name} {cc:.1f} cc" for name, cc in volumes.items() if cc > 0)
+    events.log(f"{summary or 'no organ found'}" + (f"; not found: {', '.join(missing)}" if missing else ""),
+               stage="contour")
+    events.done(f"{segmentation} written. {REVIEW_NOTICE}")
+    return ContourResult(segmentation, labels_json, volumes, warnings)

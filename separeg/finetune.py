@@ -1,0 +1,309 @@
+"""`separeg finetune`: a U-Net from a pretrained encoder, trained on a few annotated CTs (DESIGN §2.9).
+
+2D on axial slices as in the paper; Dice + CE with the marginal loss for organs a case does not annotate;
+foreground-biased slice sampling; light augmentation on the device (no left-right flips: they would
+swap Parotid_L and Parotid_R); validation by patient after every epoch, the best checkpoint by mean DSC
+kept, early stopping. Resumable like pretraining; writes ``OUT/model.separeg``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .atomic import write_json
+from .errors import InputError
+from .events import Events, FileSink
+from .seg_losses import marginal_dice_ce
+from .segmodel import GridSpec, build_unet, load_encoder_weights, to_canonical, to_model_grid
+from .training import Runtime, StopRequest, load_checkpoint, save_checkpoint, setup_runtime, step_seed, train_steps
+
+__all__ = ["FinetuneConfig", "FinetuneJob", "run_finetune", "SliceSet"]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Training settings. Paper budget: 200 epochs; an epoch is one pass over the foreground slices."""
+
+    encoder: str = "resnet50"
+    epochs: int = 200
+    steps_per_epoch: int | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 30
+    foreground_fraction: float = 0.67
+    validation_cases: int | None = None  # default: 20 % of the cases (at least 1 when there are 2 or more)
+    spacing_xy: tuple[float, float] | None = None  # default: median in-plane spacing of the training cases
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise InputError("foreground fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    data: Path  # a folder of <case>_ct / <case>_oar files, or a JSON/CSV case list
+    out_dir: Path
+    labels: Path | None = None  # label table; default: labels.json beside the data
+    init: Path | None = None  # encoder bundle from `separeg pretrain`; random init without it
+    config: FinetuneConfig = field(default_factory=FinetuneConfig)
+    device: str = "auto"
+    restart: bool = False
+    resume: bool = False
+    stop_file: Path | None = None
+    checkpoint_minutes: float = 10.0
+
+
+class SliceSet:
+    """Slices and label maps of a list of cases on the model grid, on one device.
+
+    Attributes:
+        images: ``(N, 1, H, W)`` float; labels: ``(N, H, W)`` int64; annotated: ``(N, C)`` bool per slice
+        (its case's annotated organs, background always); case_of: ``(N,)`` case index per slice.
+    """
+
+    def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device) -> None:
+        images, labels, annotated, case_of = [], [], [], []
+        shape = None
+        for i, case in enumerate(cases):
+            canonical = to_canonical(case.image)
+            import SimpleITK as sitk
+
+            hu = sitk.GetArrayFromImage(canonical)
+            lab = sitk.GetArrayFromImage(to_canonical(_label_image(case)))
+            spacing = canonical.GetSpacing()[:2]
+            x = to_model_grid(hu, spacing, spec, device=device)
+            y = to_model_grid(lab, spacing, spec, labels=True, device=device)[:, 0]
+            if shape is not None and x.shape[-2:] != shape:
+                x, y = _fit(x, shape), _fit(y[:, None].float(), shape)[:, 0].long()
+            shape = tuple(x.shape[-2:])
+            mask = torch.zeros(n_classes, dtype=torch.bool)
+            mask[0] = True
+            mask[sorted(case.annotated)] = True
+            images.append(x)
+            labels.append(y)
+            annotated.append(mask.expand(len(x), -1))
+            case_of.append(torch.full((len(x),), i))
+        self.images = torch.cat(images)
+        self.labels = torch.cat(labels)
+        self.annotated = torch.cat(annotated).to(device)
+        self.case_of = torch.cat(case_of).numpy()
+        self.foreground = np.flatnonzero((self.labels > 0).flatten(1).any(1).cpu().numpy())
+        self.names = [c.name for c in cases]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _label_image(case):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(case.labels.astype(np.uint8))
+    image.CopyInformation(case.image)
+    return image
+
+
+def _fit(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad or crop ``(N, C, H, W)`` at the bottom/right to ``shape`` (cases of different extents)."""
+    h, w = shape
+    x = x[..., :h, :w]
+    return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
+
+
+def augment_pairs(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Light joint augmentation: rotation ±10°, scale 0.9-1.1, brightness/contrast ±10 %. No flips."""
+    batch = len(x)
+    u = torch.rand(batch, 4, generator=generator, device=generator.device).to(x.device)
+    angle = (u[:, 0] - 0.5) * math.radians(20)
+    scale = 0.9 + 0.2 * u[:, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    x = (x - 0.5) * (0.9 + 0.2 * u[:, 2, None, None, None]) + 0.5 + 0.1 * (u[:, 3, None, None, None] - 0.5)
+    return x, y[:, 0].long()
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, slices: SliceSet, runtime: Runtime, batch: int = 32) -> dict[str, float]:
+    """Mean DSC per organ over the validation cases (3D per case, annotated organs only) on the model grid."""
+    model.eval()
+    predictions = []
+    for start in range(0, len(slices), batch):
+        with runtime.autocast:
+            predictions.append(model(slices.images[start:start + batch]).argmax(1))
+    model.train()
+    prediction = torch.cat(predictions)
+    scores: dict[int, list[float]] = {}
+    for case in np.unique(slices.case_of):
+        rows = torch.as_tensor(np.flatnonzero(slices.case_of == case), device=prediction.device)
+        pred, ref = prediction[rows], slices.labels[rows]
+        for organ in torch.nonzero(slices.annotated[rows[0]]).flatten().tolist()[1:]:
+            p, r = pred == organ, ref == organ
+            total = int(p.sum() + r.sum())
+            if total:
+                scores.setdefault(organ, []).append(2.0 * float((p & r).sum()) / total)
+    return {str(k): float(np.mean(v)) for k, v in sorted(scores.items())}
+
+
+def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
+    """Train a segmentation model; returns the path of ``model.separeg``.
+
+    Raises:
+        InputError: bad data (geometry mismatch, unknown labels), an encoder bundle of the wrong kind,
+            or a configuration clash with an existing run.
+        CancelledError: stopped; a checkpoint was saved.
+    """
+    from .bundle import load_bundle, save_bundle
+    from .cases import find_cases, load_case, read_case_list
+    from .labels import load_label_table
+
+    events = events or Events()
+    runtime = setup_runtime(job.device)
+    out = Path(job.out_dir)
+    cfg = job.config
+    encoder_name, init_state, init_hash = cfg.encoder, None, None
+    if job.init is not None:
+        bundle = load_bundle(job.init, expected_kind="encoder")
+        encoder_name, init_state, init_hash = bundle.architecture["encoder"], bundle.state_dict, bundle.weights_sha256
+        if encoder_name != cfg.encoder:
+            events.log(f"using the encoder bundle's architecture {encoder_name}", stage="finetune")
+    labels_path = job.labels or Path(job.data) / "labels.json"
+    if not Path(labels_path).exists():
+        raise InputError(f"no label table: give --labels (a labels.json or CSV); {labels_path} does not exist")
+    table = load_label_table(labels_path)
+    if Path(job.data).is_file():
+        case_list = read_case_list(job.data)
+    else:
+        case_list, unpaired = find_cases(job.data)
+        if unpaired:
+            events.warning(f"{len(unpaired)} volume(s) without a partner are not used: "
+                           + ", ".join(p.name for p in unpaired[:5]), stage="finetune")
+    cases = [load_case(c, table) for c in case_list]
+    n_val = cfg.validation_cases if cfg.validation_cases is not None else (max(1, round(0.2 * len(cases)))
+                                                                            if len(cases) >= 2 else 0)
+    if n_val >= len(cases):
+        raise InputError(f"{len(cases)} case(s) cannot give {n_val} validation case(s) and a training case")
+    order = np.random.default_rng(cfg.seed).permutation(len(cases))
+    val_cases = [cases[i] for i in order[:n_val]]
+    train_cases = [cases[i] for i in order[n_val:]]
+    spacing = cfg.spacing_xy or tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))
+    spec = GridSpec(cfg.hu_window, spacing)
+    identity = {"data": str(Path(job.data).resolve()), "init": init_hash, "config": json.loads(json.dumps(asdict(cfg))),
+                "cases": sorted(c.name for c in cases)}
+    _check_run(out, identity, job, runtime)
+    if runtime.is_main:
+        events.add_sink(FileSink(out / "events.jsonl"))
+    events.log(f"{len(train_cases)} training case(s), {len(val_cases)} validation case(s); encoder {encoder_name}"
+               f"{' from ' + str(job.init) if job.init else ' (random init)'}; grid {spacing[0]:.3g} x "
+               f"{spacing[1]:.3g} mm", stage="finetune")
+    n_classes = max(table.values) + 1
+    train = SliceSet(train_cases, n_classes, spec, runtime.device)
+    val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
+    torch.manual_seed(cfg.seed)
+    model = build_unet(encoder_name, n_classes).to(runtime.device)
+    if init_state is not None:
+        load_encoder_weights(model, init_state)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(max(len(train.foreground), 1) / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    history: dict = {"epochs": [], "best": None, "best_epoch": None, "stale": 0}
+    best_path = out / "checkpoints" / "best.pt"
+
+    def step_loss(step: int) -> torch.Tensor:
+        rng = np.random.default_rng(step_seed(cfg.seed, "finetune", step))
+        n_fg = int(round(cfg.batch_size * cfg.foreground_fraction)) if len(train.foreground) else 0
+        index = np.concatenate([rng.choice(train.foreground, n_fg) if n_fg else np.zeros(0, np.int64),
+                                rng.integers(0, len(train), cfg.batch_size - n_fg)])
+        index_t = torch.as_tensor(index, device=runtime.device)
+        generator = torch.Generator(device=runtime.device).manual_seed(step_seed(cfg.seed, "augment", step))
+        x, y = augment_pairs(train.images[index_t], train.labels[index_t], generator)
+        return marginal_dice_ce(model(x), y, train.annotated[index_t])
+
+    def on_step(step: int) -> bool:
+        if step % steps_per_epoch and step != total:
+            return False
+        epoch = math.ceil(step / steps_per_epoch)
+        scores = validate(model, val if val is not None else train, runtime)
+        mean = float(np.mean(list(scores.values()))) if scores else 0.0
+        history["epochs"].append({"epoch": epoch, "mean_dsc": mean, "dsc": scores})
+        if history["best"] is None or mean > history["best"]:
+            history.update(best=mean, best_epoch=epoch, stale=0)
+            if runtime.is_main:
+                save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "mean_dsc": mean})
+        else:
+            history["stale"] += 1
+        events.log(f"epoch {epoch}: {'validation' if val is not None else 'training'} mean DSC {100 * mean:.1f} % "
+                   f"(best {100 * history['best']:.1f} % at epoch {history['best_epoch']})", stage="finetune")
+        if history["stale"] >= cfg.patience:
+            events.log(f"early stop: no improvement for {cfg.patience} epochs", stage="finetune")
+            return True
+        return False
+
+    def restore(saved: dict) -> None:
+        history.update(json.loads(saved["history"]))
+
+    with StopRequest(job.stop_file) as stop:
+        train_steps(stage="finetune", model=model, optimizer=optimizer, total=total, base_lr=cfg.lr,
+                    step_loss=step_loss, after_step=None, checkpoint=out / "checkpoints" / "finetune.pt",
+                    extra_state=lambda: {"history": json.dumps(history)}, runtime=runtime, events=events, stop=stop,
+                    checkpoint_seconds=job.checkpoint_minutes * 60, on_step=on_step, restore=restore)
+    if not runtime.is_main:
+        return out / "model.separeg"
+    best = load_checkpoint(best_path)
+    stats = _data_statistics(train_cases)
+    from . import __version__
+
+    path = save_bundle(
+        out / "model.separeg", kind="segmentation",
+        architecture={"network": "monai.networks.nets.FlexibleUNet", "backbone": encoder_name, "spatial_dims": 2,
+                      "in_channels": 1, "out_channels": n_classes},
+        state_dict=best["model"],
+        metadata={"inputs": {"channels": ["CT"], **spec.to_dict(), "orientation": "LPS"},
+                  "labels": table.to_dict(),
+                  "training": {"init_encoder_sha256": init_hash, "training_cases": len(train_cases),
+                               "validation_cases": len(val_cases), "epochs_run": len(history["epochs"]),
+                               "best_epoch": history["best_epoch"], "config": identity["config"],
+                               "separeg": __version__},
+                  "validation": {"mean_dsc": history["best"], "per_organ_dsc": history["epochs"][
+                      history["best_epoch"] - 1]["dsc"] if history["epochs"] else {}},
+                  "data": stats})
+    write_json(history, out / "history.json")
+    events.done(f"model written to {path} (best {'validation' if val else 'training'} mean DSC "
+                f"{100 * (history['best'] or 0):.1f} % at epoch {history['best_epoch']})")
+    return path
+
+
+def _data_statistics(cases: list) -> dict:
+    """What the model was trained on, to warn about inputs far from it (no identifiers, no pixels)."""
+    import SimpleITK as sitk
+
+    spacing = np.array([c.image.GetSpacing() for c in cases])
+    extent = np.array([np.array(c.image.GetSize()) * np.array(c.image.GetSpacing()) for c in cases])
+    hu = [sitk.GetArrayViewFromImage(c.image) for c in cases]
+    return {"modality": "CT", "spacing_min": spacing.min(0).tolist(), "spacing_max": spacing.max(0).tolist(),
+            "extent_mm_min": extent.min(0).tolist(), "extent_mm_max": extent.max(0).tolist(),
+            "hu_p01": float(np.mean([np.percentile(h, 1) for h in hu])),
+            "hu_p99": float(np.mean([np.percentile(h, 99) for h in hu]))}
+
+
+def _check_run(out: Path, identity: dict, job: FinetuneJob, runtime: Runtime) -> None:
+    from .rundir import check_identity
+
+    check_identity(out, identity, restart=job.restart, resume=job.resume,
+                   has_progress=(out / "checkpoints" / "finetune.pt").exists(), runtime=runtime,
+                   state=[out / "checkpoints", out / "model.separeg", out / "history.json"])

@@ -1,0 +1,63 @@
+"""Where models are found: ``--model`` takes a bundle path or a name (DESIGN §8).
+
+Names are looked up in the user model folder (``$SEPAREG_MODELS``, else the platform data folder, e.g.
+``~/.local/share/separeg/models``), then in the models shipped inside the package, so a pip install and
+the Slicer extension see the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["model_dirs", "resolve_model", "list_models", "BUNDLE_SUFFIX"]
+
+BUNDLE_SUFFIX = ".separeg"
+
+
+def _user_dir() -> Path:
+    if os.environ.get("SEPAREG_MODELS"):
+        return Path(os.environ["SEPAREG_MODELS"]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "separeg" / "models"
+
+
+def model_dirs() -> list[Path]:
+    """The folders searched for model names, in order."""
+    return [_user_dir(), Path(__file__).resolve().parent / "models"]
+
+
+def list_models() -> list[Path]:
+    """Every bundle in the model folders (a user model hides a shipped one of the same name)."""
+    found: dict[str, Path] = {}
+    for folder in model_dirs():
+        for path in sorted(folder.glob(f"*{BUNDLE_SUFFIX}")) if folder.is_dir() else []:
+            found.setdefault(path.stem, path)
+    return list(found.values())
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A bundle path, or the bundle of that name in :func:`model_dirs`.
+
+    Raises:
+        InputError: neither a file nor a known name; lists the models that exist.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(BUNDLE_SUFFIX)
+    for folder in model_dirs():
+        candidate = folder / f"{name}{BUNDLE_SUFFIX}"
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(p.stem for p in list_models()) or "none installed"
+    raise InputError(f"model {name_or_path!r} is neither a file nor a known model name (known: {known}; "
+                     f"folders searched: {', '.join(str(d) for d in model_dirs())})")

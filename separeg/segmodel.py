@@ -1,0 +1,131 @@
+"""The segmentation network and the grid it sees, shared by fine-tuning and contouring.
+
+The network is MONAI's 2D ``FlexibleUNet`` whose encoder is the pretraining encoder (DESIGN §2.9).
+Volumes are turned to one canonical orientation (LPS: +x = patient left) before the network sees them,
+so laterality follows the direction matrix, not the array index (DESIGN §7); axial slices are resampled
+in plane to the model's spacing and zero-padded to a multiple of 32. Predictions go back the same way,
+onto the input's exact grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+from .nets import ENCODER_DIMS
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+__all__ = ["CANONICAL_ORIENTATION", "GridSpec", "build_unet", "load_encoder_weights", "to_canonical",
+           "from_canonical", "to_model_grid", "from_model_grid"]
+
+CANONICAL_ORIENTATION = "LPS"  # SimpleITK's DICOMOrient code for the identity direction
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """What the network expects: HU window scaled to [0, 1], in-plane spacing (mm), size multiple."""
+
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    spacing_xy: tuple[float, float] = (1.0, 1.0)
+    multiple: int = 32
+
+    def to_dict(self) -> dict:
+        return {"hu_window": list(self.hu_window), "spacing_xy": list(self.spacing_xy), "multiple": self.multiple}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GridSpec:
+        return cls(tuple(data["hu_window"]), tuple(data["spacing_xy"]), int(data.get("multiple", 32)))
+
+
+def build_unet(encoder: str, out_channels: int, in_channels: int = 1) -> nn.Module:
+    """``FlexibleUNet`` (2D) with a ResNet encoder; ``out_channels`` = organs + background."""
+    if encoder not in ENCODER_DIMS:
+        raise InputError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODER_DIMS)}")
+    from monai.networks.nets import FlexibleUNet
+
+    return FlexibleUNet(in_channels=in_channels, out_channels=out_channels, backbone=encoder, pretrained=False,
+                        spatial_dims=2)
+
+
+def load_encoder_weights(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Initialise the U-Net's encoder from a pretrained encoder; every key must match (STYLE §9).
+
+    Raises:
+        InputError: missing or unexpected keys, i.e. the encoder bundle is for another architecture.
+    """
+    result = unet.encoder.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(f"the encoder weights do not fit this U-Net ({len(result.missing_keys)} missing, e.g. "
+                         f"{result.missing_keys[:2]}; {len(result.unexpected_keys)} unexpected, e.g. "
+                         f"{result.unexpected_keys[:2]}); use an encoder bundle made with the same --encoder")
+
+
+def _orientation(image: sitk.Image) -> str:
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """The same voxels with axes permuted/flipped so that the direction is (closest to) the identity."""
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def from_canonical(canonical: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Undo :func:`to_canonical`: back to ``reference``'s axis order, with its exact geometry."""
+    import SimpleITK as sitk
+
+    image = sitk.DICOMOrient(canonical, _orientation(reference))
+    image.CopyInformation(reference)  # identical up to float rounding; make it exact
+    return image
+
+
+def _model_size(height: int, width: int, spacing_xy: tuple[float, float], spec: GridSpec) -> tuple[int, int]:
+    sx, sy = spacing_xy
+    return max(1, round(height * sy / spec.spacing_xy[1])), max(1, round(width * sx / spec.spacing_xy[0]))
+
+
+def to_model_grid(array: np.ndarray | torch.Tensor, spacing_xy: tuple[float, float], spec: GridSpec, *,
+                  labels: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(Z, H, W)`` canonical slices -> ``(Z, 1, H', W')`` on the model grid (zero-padded to ``spec.multiple``).
+
+    Intensities are windowed to [0, 1] and resampled bilinearly; label maps (``labels=True``) are resampled
+    by nearest neighbour and keep their values.
+    """
+    x = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array, device=device)
+    if labels:
+        x = x.to(torch.float32)
+    else:
+        lo, hi = spec.hu_window
+        x = ((x.to(torch.float32).clamp(lo, hi) - lo) / (hi - lo))
+    height, width = x.shape[-2:]
+    size = _model_size(height, width, spacing_xy, spec)
+    x = x[:, None]
+    if size != (height, width):
+        x = F.interpolate(x, size=size, mode="nearest-exact" if labels else "bilinear",
+                          align_corners=None if labels else False)
+    pad_h = math.ceil(size[0] / spec.multiple) * spec.multiple - size[0]
+    pad_w = math.ceil(size[1] / spec.multiple) * spec.multiple - size[1]
+    x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x.to(torch.int64) if labels else x
+
+
+def from_model_grid(logits: torch.Tensor, shape_hw: tuple[int, int], spacing_xy: tuple[float, float],
+                    spec: GridSpec) -> torch.Tensor:
+    """``(Z, C, H'', W'')`` model-grid logits -> ``(Z, C, H, W)`` on the canonical input grid (bilinear)."""
+    size = _model_size(*shape_hw, spacing_xy, spec)
+    logits = logits[..., : size[0], : size[1]]
+    if size != tuple(shape_hw):
+        logits = F.interpolate(logits, size=tuple(shape_hw), mode="bilinear", align_corners=False)
+    return logits
