@@ -71,18 +71,25 @@ def test_bad_arguments_exit_with_usage_error(tmp_path: Path, capsys) -> None:
 def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("pt_1_ct.nii.gz", "pt_1_oar.nii.gz", "pt_203_ct.nii.gz", "labels.json"):
+    for name in ("pt_1_ct.nii.gz", "pt_1_oar.nii.gz", "pt_203_ct.nii.gz", "pt_203_oar.nii.gz", "pt_209_ct.nii.gz",
+                 "pt_209_oar.nii.gz", "labels.json"):
         shutil.copy(REPO / "Resources" / "SampleData" / name, data / name)
     out = tmp_path / "out"
     # Through the module entry point, as the Slicer modules run it.
     result = subprocess.run([sys.executable, "-m", "separeg", "demo", "--data", str(data), "--out", str(out),
-                             "--json", "--iterations", "6", "--device", "cpu"], capture_output=True, text=True,
+                             "--json", "--iterations", "6", "--epochs", "1", "--device", "cpu"], capture_output=True,
+                            text=True,
                             cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
     assert _events(result.stdout)[-1].type == EventType.DONE
     report = (out / "report.md").read_text()
     assert "| pt_1 |" in report and "| pt_203 |" in report and "Bone_Mandible" in report
-    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["pt_1.png", "pt_203.png"]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["pt_1.png", "pt_203.png", "pt_209.png"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cases"]["pt_1"]["organ_coverage"]["Brainstem"] > 0.95
     assert (out / "pretrain" / "encoder.separeg").exists() and (out / "pretrain" / "stage_export.done").exists()
+    assert summary["split"] == {"train": "pt_1", "validation": "pt_203", "test": ["pt_209"]}
+    for init in ("pretrained", "random"):
+        assert (out / init / "contours" / "pt_209" / "segmentation.nii.gz").exists()
+        assert (out / init / "evaluation" / "metrics.csv").exists()
+    assert "| pretrained |" in report and "| random |" in report
