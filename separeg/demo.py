@@ -45,7 +45,7 @@ class DemoJob:
     data_dir: Path = SAMPLE_DATA
     sis: SISConfig = field(default_factory=SISConfig)
     iterations: int = 60
-    epochs: int = 10
+    epochs: int = 12
     device: str = "auto"
     workers: int | None = None
 
@@ -125,8 +125,8 @@ def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: P
             if not (data / path.name).exists():
                 shutil.copy(path, data / path.name)
     shutil.copy(Path(job.data_dir) / "labels.json", data / "labels.json")
-    config = FinetuneConfig(encoder="resnet18", epochs=job.epochs, steps_per_epoch=8, batch_size=8,
-                            validation_cases=1, lr=1e-3, patience=job.epochs)
+    config = FinetuneConfig(encoder="resnet18", epochs=job.epochs, steps_per_epoch=25, batch_size=16,
+                            validation_cases=1, patience=job.epochs)
     events.log(f"fine-tuning from {'the pretrained encoder' if encoder else 'random weights'}", stage="demo")
     model = run_finetune(FinetuneJob(data=data, out_dir=out / "finetune", init=encoder, config=config,
                                      device=job.device), events)
