@@ -39,7 +39,7 @@ class ContourJob:
     device: str = "auto"
     largest_component: bool = True
     fill_holes: bool = True
-    batch_size: int = 16
+    batch_size: int | None = None  # default: 16 slices on a GPU, 1 on a CPU (bench_contour: batching is slower there)
     series_uid: str | None = None
 
 
@@ -123,13 +123,14 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     model = model.to(runtime.device).eval()
     slices = to_model_grid(hu, spacing, spec, device=runtime.device)
     labels = np.zeros(hu.shape, np.uint8)
+    batch = job.batch_size or (16 if runtime.device.type == "cuda" else 1)
     with torch.inference_mode():
-        for start in range(0, len(slices), job.batch_size):
+        for start in range(0, len(slices), batch):
             with runtime.autocast:
-                logits = model(slices[start:start + job.batch_size])
+                logits = model(slices[start:start + batch])
             logits = from_model_grid(logits.float(), hu.shape[1:], spacing, spec)
             labels[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            events.progress("contour", min(start + job.batch_size, len(slices)), len(slices))
+            events.progress("contour", min(start + batch, len(slices)), len(slices))
     labels = postprocess(labels, table.values, largest_component=job.largest_component, fill_holes=job.fill_holes)
     result_image = sitk.GetImageFromArray(labels)
     result_image.CopyInformation(canonical)
