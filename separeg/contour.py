@@ -1,8 +1,9 @@
 """`separeg contour`: Auto-contour a CT with a segmentation bundle (DESIGN §2.10).
 
-CT (NIfTI/NRRD/MHA or a DICOM series folder) -> canonical orientation -> model grid -> batched slice
-inference (bf16 on CUDA) -> logits back on the input grid -> argmax -> per-organ largest connected
-component and hole filling -> label map in the input's exact geometry. Outputs, in OUT_DIR:
+CT (NIfTI/NRRD/MHA or a DICOM series folder) -> canonical orientation -> model grid -> slice inference
+(batches of 16 in bf16 on CUDA; one slice at a time on a CPU, in bf16 where the CPU has native bf16) ->
+logits back on the input grid -> argmax -> per-organ largest connected component and hole filling ->
+label map in the input's exact geometry. Outputs, in OUT_DIR:
 ``segmentation.nii.gz`` (uint8 label map) and ``segmentation.json`` (labels with names, TG-263 names,
 colours and volumes in cc, warnings, the model's identity, and the reminder that this is an automatic
 contour that needs review).
@@ -126,7 +127,7 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     batch = job.batch_size or (16 if runtime.device.type == "cuda" else 1)
     with torch.inference_mode():
         for start in range(0, len(slices), batch):
-            with runtime.autocast:
+            with runtime.inference_autocast:
                 logits = model(slices[start:start + batch])
             logits = from_model_grid(logits.float(), hu.shape[1:], spacing, spec)
             labels[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()

@@ -78,12 +78,12 @@ class SliceSet:
     """
 
     def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device) -> None:
+        import SimpleITK as sitk
+
         images, labels, annotated, case_of = [], [], [], []
         shape = None
         for i, case in enumerate(cases):
             canonical = to_canonical(case.image)
-            import SimpleITK as sitk
-
             hu = sitk.GetArrayFromImage(canonical)
             lab = sitk.GetArrayFromImage(to_canonical(_label_image(case)))
             spacing = canonical.GetSpacing()[:2]
