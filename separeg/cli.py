@@ -82,15 +82,21 @@ def _add_pretrain(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-iid", action="store_true", help="stop after the inter stage (the 'SIS only' ablation)")
     group.add_argument("--seed", type=int, default=d.seed, help="random seed (runs are deterministic per seed)")
     group.add_argument("--modality", choices=("CT", "MR", "PT", "any"), default=d.modality)
+    run = _add_running(parser)
+    run.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+
+
+def _add_running(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Device, resume/restart, stop file and checkpoint interval: shared by the training commands."""
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
-    run.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="insist on resuming an existing run")
     mode.add_argument("--restart", action="store_true", help="discard the run's progress and start over")
     run.add_argument("--stop-file", type=Path, default=None,
                      help="stop cleanly (checkpoint first) when this file appears; used by Slicer")
     run.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save at least this often (10)")
+    return run
 
 
 def _run_pretrain(args: argparse.Namespace, events: Events) -> int:
@@ -126,13 +132,7 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--patience", type=_positive_int, default=d.patience, help="early stopping, in epochs (30)")
     group.add_argument("--validation-cases", type=int, default=None, help="cases held out (default 20 %%)")
     group.add_argument("--seed", type=int, default=d.seed)
-    run = parser.add_argument_group("running")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    mode = run.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="insist on resuming an existing run")
-    mode.add_argument("--restart", action="store_true", help="discard the run's progress and start over")
-    run.add_argument("--stop-file", type=Path, default=None, help="stop cleanly when this file appears")
-    run.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save at least this often (10)")
+    _add_running(parser)
 
 
 def _run_finetune(args: argparse.Namespace, events: Events) -> int:
