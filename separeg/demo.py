@@ -7,7 +7,6 @@ weights -> Auto-contour of unseen cases -> evaluation against their reference co
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from .archive import format_table, scan_archive
 from .atomic import atomic_path, write_json
 from .cases import find_cases
 from .contour import SEGMENTATION_FILE, ContourJob, run_contour
-from .evaluate import EvaluateJob, run_evaluate
+from .evaluate import EvaluateJob, read_labels, run_evaluate
 from .events import Events
 from .figures import pick_slices, region_overlay, save_png
 from .finetune import FinetuneConfig, FinetuneJob, run_finetune
@@ -50,14 +49,6 @@ class DemoJob:
     workers: int | None = None
 
 
-def _organ_names(data_dir: Path) -> dict[int, str]:
-    path = data_dir / "labels.json"
-    if not path.exists():
-        return {}
-    names = json.loads(path.read_text(encoding="utf-8"))
-    return {int(k): v for k, v in names.get("index_to_tg263", names.get("index_to_name", {})).items()}
-
-
 def run_demo(job: DemoJob, events: Events | None = None) -> dict:
     """Scan the sample data, separate every CT into regions, write overlays and ``report.md``. Returns the summary."""
     events = events or Events()
@@ -67,7 +58,8 @@ def run_demo(job: DemoJob, events: Events | None = None) -> dict:
     manifest.save(out / "manifest.json")
     events.log("archive scan:\n" + format_table(manifest), stage="scan")
     cases = manifest.require_usable()
-    names = _organ_names(Path(job.data_dir))
+    labels_file = Path(job.data_dir) / "labels.json"
+    names = read_labels(labels_file) if labels_file.exists() else {}
     labelled = {c.image.resolve(): c for c in find_cases(job.data_dir)[0]}
     summary: dict = {"manifest_hash": manifest.hash, "config": job.sis.key(), "cases": {}}
     for i, entry in enumerate(cases, 1):
