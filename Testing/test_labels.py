@@ -10,10 +10,14 @@ from separeg.errors import InputError
 from separeg.labels import (
     ORGAN_COLORS,
     SYNONYMS,
+    CodedConcept,
     Label,
     LabelTable,
+    Terminology,
     default_color,
+    display_name,
     load_label_table,
+    terminology,
     to_tg263,
 )
 
@@ -222,3 +226,59 @@ def test_label_checks_its_fields() -> None:
     assert Label(1, "Brainstem", "", [1, 2, 3]).color == (1, 2, 3)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="same value"):
         LabelTable((Label(1, "A", "", (1, 2, 3)), Label(1, "B", "", (1, 2, 3))))
+
+
+# ----------------------------------------------------------------------------------------------- terminology
+
+
+def _dictionary_meanings(concept) -> set[str]:
+    """Meanings pydicom's bundled DICOM code dictionary gives this (scheme, value), lower case."""
+    from pydicom.sr._concepts_dict import concepts
+
+    return {meaning.lower() for entries in concepts.get(concept.scheme, {}).values()
+            for value, (meaning, _cids) in entries.items() if value == concept.value}
+
+
+def test_every_registry_organ_has_a_display_name_and_the_table_no_other_names() -> None:
+    from separeg.terminology import registry_terminologies
+
+    assert set(registry_terminologies()) == set(ORGAN_COLORS)
+    for tg263 in ORGAN_COLORS:
+        assert display_name(tg263), tg263
+    assert display_name("Parotid_L") == "Left parotid gland" and display_name("Femur_Head_R") == "Right femoral head"
+    assert display_name("Bone_Mandible") == "Mandible" and display_name("Pancreas") is None
+
+
+def test_every_code_is_in_pydicoms_code_dictionary_with_its_meaning() -> None:
+    from separeg.terminology import ANATOMICAL_STRUCTURE, GENERIC_CATEGORY, LEFT, RIGHT, registry_terminologies
+
+    coded = {name: t for name, t in registry_terminologies().items() if t is not None}
+    assert set(ORGAN_COLORS) - set(coded) == {"Cochlea_L", "Cochlea_R"}  # no confirmed code: dropped, not guessed
+    for name, term in coded.items():
+        for concept in (term.category, term.type, term.modifier):
+            if concept == ANATOMICAL_STRUCTURE:
+                # pydicom names 123037004 by its SNOMED name "Body structure"; DICOM CID 7150, Slicer and dcmqi call it
+                # "Anatomical Structure" (pydicom's CID 7150 still lists the inactivated 91723000).
+                assert "body structure (body structure)" in _dictionary_meanings(concept)
+            elif concept is not None:
+                assert concept.meaning.lower() in _dictionary_meanings(concept), (name, concept)
+    for concept in (GENERIC_CATEGORY, LEFT, RIGHT):
+        assert concept.meaning.lower() in _dictionary_meanings(concept)
+
+
+def test_terminology_codes_sides_and_targets() -> None:
+    from separeg.terminology import generic_terminology
+
+    parotid = terminology("Parotid_R")
+    assert parotid.category == CodedConcept("123037004", "SCT", "Anatomical Structure")
+    assert parotid.type == ("45289007", "SCT", "Parotid gland") and parotid.modifier.meaning == "Right"
+    assert terminology("Brainstem").modifier is None
+    gtv = terminology("GTV")
+    assert gtv.category == ("130041", "DCM", "RT Target") and gtv.type.value == "228791009"
+    assert terminology("Cochlea_L") is None and terminology("Pancreas") is None
+    entry = parotid.slicer_entry().split("~")
+    assert len(entry) == 7 and entry[1:4] == ["SCT^123037004^Anatomical Structure", "SCT^45289007^Parotid gland",
+                                              "SCT^24028007^Right"]
+    fallback = generic_terminology("Tumour bed")
+    assert not fallback.coded and fallback.name == "Tumour bed" and fallback.type.meaning == "Tissue"
+    assert isinstance(fallback, Terminology)

@@ -3,7 +3,8 @@
 One table (:data:`ORGAN_COLORS`, :data:`SYNONYMS`) feeds the CLI, the Slicer modules and every export, so an organ
 has the same TG-263 name and colour everywhere. A :class:`LabelTable` is what a model bundle stores
 (:meth:`LabelTable.to_dict`); :func:`load_label_table` reads one from the OpenKBP ``labels.json``, our own JSON, a
-plain ``{"1": "spleen", ...}`` JSON mapping or a CSV file.
+plain ``{"1": "spleen", ...}`` JSON mapping or a CSV file. Display names and SNOMED CT / DICOM codes of the same
+organs (for DICOM SEG and Slicer terminology) are in :mod:`separeg.terminology`: :func:`terminology` (re-exported here).
 
 Background (value 0) is implicit and never part of a table. In a label map of a training case, 0 means "not
 contoured", which for an organ the case does not contour is *unknown*, not background (see :mod:`separeg.cases`).
@@ -22,6 +23,7 @@ from types import MappingProxyType
 
 from .atomic import write_json
 from .errors import InputError
+from .terminology import CodedConcept, Terminology, display_name, terminology
 
 __all__ = [
     "RGB",
@@ -32,6 +34,10 @@ __all__ = [
     "to_tg263",
     "default_color",
     "load_label_table",
+    "CodedConcept",
+    "Terminology",
+    "terminology",
+    "display_name",
 ]
 
 RGB = tuple[int, int, int]
