@@ -58,6 +58,30 @@ def test_tiny_finetune_writes_a_segmentation_bundle(cases: Path, tmp_path: Path)
     assert "pt_" not in json.dumps(bundle.metadata)  # case names stay out of the model file
 
 
+def test_update_model_continues_from_a_segmentation_bundle(cases: Path, tmp_path: Path) -> None:
+    first = run_finetune(FinetuneJob(data=cases, out_dir=tmp_path / "first", config=TINY, device="cpu"))
+    before = load_bundle(first)
+    # "Correct and learn": the corrected cases come without labels.json; the model's own table is used.
+    corrected = tmp_path / "corrected"
+    corrected.mkdir()
+    for name in ("pt_1_ct.nii.gz", "pt_1_oar.nii.gz", "pt_22_ct.nii.gz", "pt_22_oar.nii.gz"):
+        shutil.copy(cases / name, corrected / name)
+    one_step = FinetuneConfig(encoder="resnet50", epochs=1, steps_per_epoch=1, batch_size=2, validation_cases=0, lr=0)
+    after = load_bundle(run_finetune(FinetuneJob(data=corrected, out_dir=tmp_path / "update", init=first,
+                                                 config=one_step, device="cpu")))
+    assert after.architecture == before.architecture  # the model's resnet18, not the config's resnet50
+    assert after.metadata["inputs"] == before.metadata["inputs"]
+    assert after.metadata["labels"] == before.metadata["labels"]
+    for key, value in before.state_dict.items():  # lr 0: the update starts exactly from the model's weights
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(after.state_dict[key], value, msg=key)
+    wrong = tmp_path / "wrong_labels.json"
+    wrong.write_text(json.dumps({"1": "Liver"}))
+    with pytest.raises(InputError, match="differs from the model's"):
+        run_finetune(FinetuneJob(data=corrected, out_dir=tmp_path / "bad", init=first, labels=wrong,
+                                 config=one_step, device="cpu"))
+
+
 def test_stop_and_resume_keeps_the_validation_history(cases: Path, tmp_path: Path) -> None:
     stop_file = tmp_path / "STOP"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -205,22 +205,41 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
     """
     from .bundle import load_bundle, save_bundle
     from .cases import find_cases, load_case, read_case_list
-    from .labels import load_label_table
+    from .labels import LabelTable, load_label_table
 
     events = events or Events()
     runtime = setup_runtime(job.device)
     out = Path(job.out_dir)
     cfg = job.config
-    encoder_name, init_state, init_hash = cfg.encoder, None, None
+    encoder_name, init_state, init_hash, init_model = cfg.encoder, None, None, None
     if job.init is not None:
-        bundle = load_bundle(job.init, expected_kind="encoder")
-        encoder_name, init_state, init_hash = bundle.architecture["encoder"], bundle.state_dict, bundle.weights_sha256
+        bundle = load_bundle(job.init)
+        if bundle.kind == "segmentation":  # "Update model": continue from a fine-tuned model (same organs, grid)
+            init_model = bundle
+            encoder_name = bundle.architecture["backbone"]
+        elif bundle.kind == "encoder":
+            encoder_name = bundle.architecture["encoder"]
+        else:
+            raise InputError(f"--init {job.init} is a {bundle.kind} bundle; give an encoder from `separeg pretrain` "
+                             "or a segmentation model to continue training")
+        init_state, init_hash = bundle.state_dict, bundle.weights_sha256
         if encoder_name != cfg.encoder:
-            events.log(f"using the encoder bundle's architecture {encoder_name}", stage="finetune")
+            events.log(f"using the bundle's architecture {encoder_name}", stage="finetune")
     labels_path = job.labels or Path(job.data) / "labels.json"
-    if not Path(labels_path).exists():
+    if init_model is not None and job.labels is None and not Path(labels_path).exists():
+        table = LabelTable.from_dict(init_model.metadata["labels"], source=str(job.init))
+    elif not Path(labels_path).exists():
         raise InputError(f"no label table: give --labels (a labels.json or CSV); {labels_path} does not exist")
-    table = load_label_table(labels_path)
+    else:
+        table = load_label_table(labels_path)
+    if init_model is not None:
+        model_table = LabelTable.from_dict(init_model.metadata["labels"], source=str(job.init))
+        if [(lb.value, lb.tg263 or lb.name) for lb in table] != [(lb.value, lb.tg263 or lb.name) for lb in model_table]:
+            raise InputError(f"the label table of {labels_path} differs from the model's "
+                             f"({', '.join(model_table.names)}); continue a model only with cases labelled like its "
+                             "training cases")
+        cfg = replace(cfg, spacing_xy=tuple(init_model.metadata["inputs"]["spacing_xy"]),
+                      hu_window=tuple(init_model.metadata["inputs"]["hu_window"]))
     if Path(job.data).is_file():
         case_list = read_case_list(job.data)
     else:
@@ -251,7 +270,9 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
     val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
     torch.manual_seed(cfg.seed)
     model = build_unet(encoder_name, n_classes).to(runtime.device)
-    if init_state is not None:
+    if init_model is not None:
+        model.load_state_dict({k: v.to(runtime.device) for k, v in init_state.items()})
+    elif init_state is not None:
         load_encoder_weights(model, init_state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(max(len(train.foreground), 1) / cfg.batch_size))
