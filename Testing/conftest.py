@@ -56,3 +56,10 @@ def write_image(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0)) -> Path:
     image.SetSpacing(spacing[: image.GetDimension()])
     sitk.WriteImage(image, str(path))
     return path
+
+
+# The Slicer modules' libraries (SepaRegPretrainLib, SepaRegSegmentLib) import like in Slicer, where each module
+# folder is on sys.path.
+for _module in ("SepaRegPretrain", "SepaRegSegment"):
+    if str(REPO / _module) not in __import__("sys").path:
+        __import__("sys").path.insert(0, str(REPO / _module))

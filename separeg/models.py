@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["model_dirs", "resolve_model", "list_models", "BUNDLE_SUFFIX"]
+__all__ = ["model_dirs", "user_model_dir", "resolve_model", "list_models", "install_model", "BUNDLE_SUFFIX"]
 
 BUNDLE_SUFFIX = ".separeg"
 
@@ -28,6 +28,11 @@ def _user_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
     return base / "separeg" / "models"
+
+
+def user_model_dir() -> Path:
+    """Where installed models go (``SEPAREG_MODELS``, else the platform's per-user data folder)."""
+    return _user_dir()
 
 
 def model_dirs() -> list[Path]:
@@ -61,3 +66,34 @@ def resolve_model(name_or_path: str | Path) -> Path:
     known = ", ".join(p.stem for p in list_models()) or "none installed"
     raise InputError(f"model {name_or_path!r} is neither a file nor a known model name (known: {known}; "
                      f"folders searched: {', '.join(str(d) for d in model_dirs())})")
+
+
+def install_model(bundle: str | Path, name: str | None = None, *, replace: bool = False) -> Path:
+    """Copy a segmentation bundle into :func:`user_model_dir` under ``name`` (default: its file name).
+
+    The bundle is verified first (a damaged or encoder-only file is refused); the copy is written to a temporary
+    file and renamed, so a full disk never leaves a half-written model that looks installed.
+
+    Raises:
+        InputError: not a segmentation bundle; a model of that name exists and ``replace`` is false.
+    """
+    import shutil
+
+    from .atomic import atomic_path
+    from .bundle import read_bundle_info
+
+    source = Path(bundle)
+    info = read_bundle_info(source)
+    if info["kind"] != "segmentation":
+        raise InputError(f"{source} is an {info['kind']} bundle; only segmentation models can be installed")
+    name = (name or source.name).removesuffix(BUNDLE_SUFFIX)
+    if not name or any(c in name for c in '/\\:*?"<>|'):
+        raise InputError(f"{name!r} cannot be a model name; use letters, digits, spaces, '-' and '_'")
+    target = user_model_dir() / f"{name}{BUNDLE_SUFFIX}"
+    if target.exists() and not replace:
+        raise InputError(f"a model named {name!r} is already installed ({target}); choose another name or replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    read_bundle_info(target)
+    return target

@@ -1,0 +1,390 @@
+"""SepaRegSegment logic: fine-tune, Auto-contour, evaluate, correct-and-learn and export.
+
+No widgets and no direct MRML calls: the scene is reached through an injected :class:`SceneIO`-like object and
+the core runs as ``separeg`` background processes (:class:`separeg.background.BackgroundRun`), so the tests drive
+this class with a fake scene and real processes. Every task is one background run at a time; results come back
+through signals, on the thread that calls :meth:`poll` (the widget's timer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from separeg.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
+from separeg.events import Event, EventType
+
+STOP_FILE = "STOP"
+TRAINING_SET_LABELS = "labels.json"
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+    labels: list[dict]
+    backbone: str
+    description: str
+
+    @property
+    def organNames(self) -> list[str]:
+        return [lb.get("tg263") or lb["name"] for lb in self.labels]
+
+
+@dataclass
+class TrainingCase:
+    """A loaded volume and its segmentation (scene nodes, passed through to the scene adapter)."""
+
+    name: str
+    volumeNode: object
+    segmentationNode: object
+
+
+@dataclass
+class FinetuneRequest:
+    outDir: Path
+    modelName: str
+    cases: Sequence[TrainingCase] = ()
+    dataFolder: Path | None = None  # instead of cases: a folder the core reads (NIfTI pairs or DICOM + RTSTRUCT)
+    organs: Sequence[str] = ()  # organ (TG-263) names to train; segment names are matched to them
+    init: Path | None = None  # encoder bundle from pretraining, or a segmentation model to continue
+    epochs: int = 50
+    device: str = "auto"
+    extraArgs: Sequence[str] = ()
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.cases and self.dataFolder is None:
+            found.append("add at least one training case (a volume with its segmentation) or choose a data folder")
+        if self.cases and len(self.cases) < 2:
+            found.append("fine-tuning needs 2 cases (1 for training, 1 for validation); add another case")
+        if self.cases and not self.organs:
+            found.append("choose the organs to train")
+        if not re.fullmatch(r"[\w .-]+", self.modelName or ""):
+            found.append("name the model with letters, digits, spaces, '-', '_' or '.'")
+        if self.init is not None and not Path(self.init).is_file():
+            found.append(f"initial model {self.init} does not exist")
+        return found
+
+
+@dataclass
+class TaskResult:
+    task: str
+    state: RunState
+    message: str
+    outputs: dict = field(default_factory=dict)
+
+
+def matchSegments(segmentNames: Sequence[str], organs: Sequence[str]) -> dict[str, str]:
+    """Segment name -> organ (TG-263) name, through the core's synonym table ("Parotid L" -> "Parotid_L")."""
+    from separeg.labels import to_tg263
+
+    wanted = {organ: organ for organ in organs}
+    wanted.update({to_tg263(organ) or organ: organ for organ in organs})
+    matched = {}
+    for name in segmentNames:
+        organ = wanted.get(name) or wanted.get(to_tg263(name) or "")
+        if organ is not None and organ not in matched.values():
+            matched[name] = organ
+    return matched
+
+
+def labelTable(organs: Sequence[str]) -> dict:
+    """A label table (values 1..N in the given order) in the core's JSON format."""
+    from separeg.labels import LabelTable
+
+    return LabelTable.from_names(organs).to_dict()
+
+
+def safeName(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "case"
+
+
+class SegmentLogic:
+    """Runs the segmentation tasks. ``scene`` is a :class:`SceneIO` (or a fake of it).
+
+    Args:
+        scene: moves nodes to files and back.
+        workDir: per-task temporary folders go here (default: a new temporary folder).
+        python: interpreter of the background runs (default: PythonSlicer in Slicer, else this Python).
+        runFactory: builds the :class:`BackgroundRun` (tests may inject a fake).
+
+    Signals: ``progress(str stage, int step, int total, float|None eta)``, ``logMessage(str, str level)``,
+    ``finished(TaskResult)``.
+    """
+
+    def __init__(self, scene, workDir: str | os.PathLike | None = None, python: str | None = None,
+                 runFactory: Callable[..., BackgroundRun] = BackgroundRun) -> None:
+        self.scene = scene
+        self.workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="SepaReg-"))
+        self.python = python or default_python()
+        self.runFactory = runFactory
+        self.run: BackgroundRun | None = None
+        self.task: str | None = None
+        self._onDone: Callable[[], dict] | None = None
+        self.progress = Signal(str, int, int, object)
+        self.logMessage = Signal(str, str)
+        self.finished = Signal(TaskResult)
+
+    # ------------------------------------------------------------------------------------------------- models
+    def models(self) -> list[ModelInfo]:
+        """Installed segmentation models (per-user folder, then shipped models)."""
+        from separeg.bundle import read_bundle_info
+        from separeg.models import list_models
+
+        found = []
+        for path in list_models():
+            try:
+                info = read_bundle_info(path)
+            except Exception as exc:  # noqa: BLE001 - one damaged file must not hide the other models
+                self.logMessage.emit(f"skipping {path}: {exc}", "warning")
+                continue
+            if info.get("kind") != "segmentation":
+                continue
+            labels = info.get("labels", {}).get("labels", [])
+            training = info.get("training", {})
+            description = (f"{info['architecture'].get('backbone')}, {len(labels)} organs, "
+                           f"{training.get('training_cases', '?')} training case(s)")
+            found.append(ModelInfo(path.stem, path, labels, str(info["architecture"].get("backbone")), description))
+        return found
+
+    def model(self, name: str) -> ModelInfo:
+        for info in self.models():
+            if info.name == name:
+                return info
+        raise ValueError(f"no installed model named {name!r}; import one or fine-tune one first")
+
+    def importModel(self, path: str | os.PathLike, name: str | None = None, replace: bool = False) -> Path:
+        from separeg.models import install_model
+
+        return install_model(path, name, replace=replace)
+
+    def exportModel(self, name: str, destination: str | os.PathLike) -> Path:
+        destination = Path(destination)
+        if destination.is_dir():
+            destination = destination / f"{name}.separeg"
+        tmp = destination.with_name(f".{destination.name}.tmp")
+        shutil.copyfile(self.model(name).path, tmp)
+        os.replace(tmp, destination)
+        return destination
+
+    # -------------------------------------------------------------------------------------------- background
+    @property
+    def isRunning(self) -> bool:
+        return self.run is not None and self.run.running
+
+    def poll(self) -> None:
+        if self.run is not None and self.run.running:
+            self.run.poll()
+
+    def stop(self) -> None:
+        if self.isRunning:
+            self.logMessage.emit(f"stopping {self.task}...", "info")
+            self.run.stop()
+
+    def _taskDir(self, task: str) -> Path:
+        folder = self.workDir / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        n = 1
+        while folder.exists():
+            folder = folder.with_name(f"{folder.name.rsplit('~', 1)[0]}~{n}")
+            n += 1
+        folder.mkdir(parents=True)
+        return folder
+
+    def _start(self, task: str, command: str, args: Sequence, onDone: Callable[[], dict], *,
+               stopFile: Path | None = None, logPath: Path | None = None) -> BackgroundRun:
+        if self.isRunning:
+            raise RuntimeError(f"{self.task} is still running; wait for it or stop it first")
+        self.task = task
+        self._onDone = onDone
+        self.run = self.runFactory(cli_command(self.python, command, *args), cwd=core_root(), stop_file=stopFile,
+                                   log_path=logPath)
+        self.run.event.connect(self._onEvent)
+        self.run.finished.connect(self._onFinished)
+        self.run.start()
+        self.logMessage.emit(f"{task}: separeg {command} {' '.join(str(a) for a in args)}", "info")
+        return self.run
+
+    def _onEvent(self, event: Event) -> None:
+        if event.type is EventType.PROGRESS:
+            self.progress.emit(event.stage or "", event.step or 0, event.total or 0, event.eta_s)
+        elif event.msg:
+            prefix = f"[{event.stage}] " if event.stage else ""
+            self.logMessage.emit(prefix + event.msg, event.level or event.type.value)
+
+    def _onFinished(self, state: RunState, message: str) -> None:
+        outputs: dict = {}
+        if state is RunState.DONE and self._onDone is not None:
+            try:
+                outputs = self._onDone() or {}
+            except Exception as exc:  # noqa: BLE001 - shown to the user, with the run's own outputs kept
+                state, message = RunState.FAILED, f"the run finished but its result could not be loaded: {exc}"
+        self.finished.emit(TaskResult(self.task or "", state, message, outputs))
+
+    # ------------------------------------------------------------------------------------------- Auto-contour
+    def autoContour(self, volumeNode, modelName: str, device: str = "auto", outputName: str | None = None
+                    ) -> BackgroundRun:
+        """Contour ``volumeNode`` with an installed model; ``finished`` carries ``outputs["segmentationNode"]``."""
+        model = self.model(modelName)
+        folder = self._taskDir("contour")
+        ct = self.scene.exportVolume(volumeNode, folder / "ct.nii.gz")
+        out = folder / "result"
+        name = outputName or f"{volumeNode.GetName()} {modelName}"
+
+        def load() -> dict:
+            node = self.scene.loadSegmentation(out / "segmentation.nii.gz", out / "segmentation.json", volumeNode,
+                                               name)
+            description = json.loads((out / "segmentation.json").read_text(encoding="utf-8"))
+            for warning in description.get("warnings", []):
+                self.logMessage.emit(warning, "warning")
+            return {"segmentationNode": node, "folder": out, "labels": description["labels"]}
+
+        return self._start("Auto-contour", "contour", [ct, "--model", model.path, "--out", out, "--device", device],
+                           load, logPath=folder / "log.txt")
+
+    # ---------------------------------------------------------------------------------------------- fine-tune
+    def writeCase(self, case: TrainingCase, organs: Sequence[str], folder: Path) -> list[str]:
+        """Write one case as ``<name>_ct.nii.gz`` + ``<name>_oar.nii.gz``; returns the organs it annotates."""
+        segments = self.scene.segments(case.segmentationNode)
+        matched = matchSegments([name for _, name in segments], organs)
+        if not matched:
+            raise ValueError(f"case {case.name}: no segment matches the organs {', '.join(organs)} (segments: "
+                             f"{', '.join(n for _, n in segments) or 'none'}); rename the segments or pick organs")
+        values = {organ: i + 1 for i, organ in enumerate(organs)}
+        stem = safeName(case.name)
+        self.scene.exportVolume(case.volumeNode, folder / f"{stem}_ct.nii.gz")
+        self.scene.exportSegmentsAsLabelmap(case.segmentationNode, case.volumeNode, folder / f"{stem}_oar.nii.gz",
+                                            {sid: values[matched[name]] for sid, name in segments if name in matched})
+        return sorted(set(matched.values()))
+
+    def finetune(self, request: FinetuneRequest) -> BackgroundRun:
+        """Fine-tune in the background; on success the model is installed as ``request.modelName``."""
+        problems = request.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        out = Path(request.outDir)
+        data = request.dataFolder
+        if request.cases:
+            data = out / "data"
+            data.mkdir(parents=True, exist_ok=True)
+            for case in request.cases:
+                annotated = self.writeCase(case, request.organs, data)
+                self.logMessage.emit(f"case {case.name}: {', '.join(annotated)}", "info")
+            (data / TRAINING_SET_LABELS).write_text(json.dumps(labelTable(request.organs), indent=1),
+                                                     encoding="utf-8")
+        run = out / "run"
+        args = [data, "--out", run, "--epochs", request.epochs, "--device", request.device,
+                "--stop-file", out / STOP_FILE, *request.extraArgs]
+        if request.init is not None:
+            args += ["--init", request.init]
+
+        def install() -> dict:
+            path = self.importModel(run / "model.separeg", request.modelName, replace=True)
+            return {"model": path}
+
+        return self._start("Fine-tune", "finetune", args, install, stopFile=out / STOP_FILE,
+                           logPath=out / "log.txt")
+
+    # ------------------------------------------------------------------------------------- correct and learn
+    def trainingSetDir(self, modelName: str) -> Path:
+        from separeg.models import user_model_dir
+
+        return user_model_dir() / "training" / safeName(modelName)
+
+    def addToTrainingSet(self, volumeNode, segmentationNode, modelName: str) -> Path:
+        """Store a corrected case for "Update model" (beside the per-user models; case names must be unique)."""
+        model = self.model(modelName)
+        folder = self.trainingSetDir(modelName)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = safeName(volumeNode.GetName())
+        n = 1
+        while (folder / f"{name}_ct.nii.gz").exists():
+            n += 1
+            name = f"{safeName(volumeNode.GetName())}_{n}"
+        annotated = self.writeCase(TrainingCase(name, volumeNode, segmentationNode), model.organNames, folder)
+        (folder / TRAINING_SET_LABELS).write_text(json.dumps({"schema": 1, "labels": model.labels}, indent=1),
+                                                   encoding="utf-8")
+        self.logMessage.emit(f"added {name} ({', '.join(annotated)}) to the training set of {modelName}: "
+                             f"{len(self.trainingSet(modelName))} case(s)", "info")
+        return folder / f"{name}_ct.nii.gz"
+
+    def trainingSet(self, modelName: str) -> list[Path]:
+        folder = self.trainingSetDir(modelName)
+        return sorted(folder.glob("*_ct.nii.gz")) if folder.is_dir() else []
+
+    def updateModel(self, modelName: str, epochs: int = 10, device: str = "auto") -> BackgroundRun:
+        """A short fine-tune of the model on its stored corrected cases; the model is replaced when it succeeds."""
+        model = self.model(modelName)
+        cases = self.trainingSet(modelName)
+        if len(cases) < 2:
+            raise ValueError(f"the training set of {modelName} has {len(cases)} case(s); add at least 2 corrected "
+                             "cases (one is held out to check the update)")
+        backup = model.path.with_name(f"{model.path.stem}.previous.separeg.bak")
+        shutil.copyfile(model.path, backup)
+        request = FinetuneRequest(outDir=self._taskDir("update"), modelName=modelName,
+                                  dataFolder=self.trainingSetDir(modelName), init=model.path, epochs=epochs,
+                                  device=device)
+        self.logMessage.emit(f"previous version kept as {backup}", "info")
+        return self.finetune(request)
+
+    # ------------------------------------------------------------------------------------------------ evaluate
+    def evaluate(self, predictionNode, referenceNode, volumeNode) -> list[dict]:
+        """DSC (%), HD95 (mm) and volumes per organ present in both segmentations (matched by name)."""
+        from separeg.labels import to_tg263
+        from separeg.metrics import organ_metrics
+
+        pred = self.scene.segmentArrays(predictionNode, volumeNode)
+        ref = self.scene.segmentArrays(referenceNode, volumeNode)
+        refByOrgan = {to_tg263(name) or name: name for name in ref}
+        rows = []
+        for predName, mask in pred.items():
+            refName = refByOrgan.get(to_tg263(predName) or predName)
+            if refName is None:
+                continue
+            # organ_metrics wants label maps; one organ at a time keeps overlapping segments apart
+            result = organ_metrics(mask.astype("uint8"), ref[refName].astype("uint8"),
+                                   self.scene.spacing(volumeNode), {1: predName})[0]
+            rows.append({"organ": predName, "reference": refName, "status": result.status,
+                         "dsc": None if result.dsc is None else 100 * result.dsc, "hd95_mm": result.hd95_mm,
+                         "volume_pred_ml": result.volume_pred_ml, "volume_ref_ml": result.volume_ref_ml})
+        if not rows:
+            raise ValueError("no segment name matches between the two segmentations; rename them (TG-263 names, "
+                             "e.g. Parotid_L) so they can be paired")
+        return rows
+
+    # -------------------------------------------------------------------------------------------------- export
+    def export(self, segmentationNode, volumeNode, outputFolder: str | os.PathLike, *, rtstruct: bool = True,
+               seg: bool = True, nifti: bool = True, useSlicerRT: bool = True) -> BackgroundRun | None:
+        """Export to RTSTRUCT / DICOM SEG / NIfTI.
+
+        RTSTRUCT goes through SlicerRT's exporter when it is installed and the volume came from DICOM (and
+        ``useSlicerRT``); everything else through ``separeg export``, which writes the CT as a new DICOM series
+        first when the volume has none. Returns the background run, or ``None`` when SlicerRT did all the work.
+        """
+        out = Path(outputFolder)
+        out.mkdir(parents=True, exist_ok=True)
+        fromDicom = self.scene.dicomSeriesFiles(volumeNode) is not None
+        if rtstruct and useSlicerRT and fromDicom and self.scene.hasSlicerRT():
+            self.scene.exportRtstructWithSlicerRT(segmentationNode, volumeNode, out)
+            self.logMessage.emit(f"RTSTRUCT written by SlicerRT to {out}", "info")
+            rtstruct = False
+            if not (seg or nifti):
+                return None
+        folder = self._taskDir("export")
+        segments = self.scene.segments(segmentationNode)
+        organs = [name for _, name in segments]
+        self.scene.exportSegmentsAsLabelmap(segmentationNode, volumeNode, folder / "labels.nii.gz",
+                                            {sid: i + 1 for i, (sid, _) in enumerate(segments)})
+        (folder / "labels.json").write_text(json.dumps(labelTable(organs), indent=1), encoding="utf-8")
+        ct = self.scene.copyDicomSeries(volumeNode, folder / "ct") or self.scene.exportVolume(volumeNode,
+                                                                                            folder / "ct.nii.gz")
+        args = [folder / "labels.nii.gz", "--ct", ct, "--out", out, "--labels", folder / "labels.json"]
+        args += [flag for flag, on in (("--rtstruct", rtstruct), ("--seg", seg), ("--nifti", nifti)) if on]
+        return self._start("Export", "export", args, lambda: {"folder": out}, logPath=folder / "log.txt")

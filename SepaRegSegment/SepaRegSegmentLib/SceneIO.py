@@ -1,0 +1,175 @@
+"""The only place SepaRegSegment touches the MRML scene: volumes and segmentations to files and back.
+
+Everything else in the module works on files and is tested without Slicer; this adapter is tested against small
+fakes of the ``slicer`` API (Testing/slicer_fakes.py) and, for real, by the module's self-test in Slicer.
+API references (Slicer 5.10+): ``slicer/util.py`` (exportNode, arrayFromSegmentBinaryLabelmap,
+updateSegmentBinaryLabelmapFromArray, loadLabelVolume), ``vtkSegmentation::AddEmptySegment``,
+``vtkSegment::SetTerminology`` (SLICER_NOTES §5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Slicer terminology entry: category; type; type modifier; anatomic context; region; region modifier (SLICER_NOTES §5).
+_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+
+
+def terminologyEntry(label: dict) -> str | None:
+    """Slicer's ``~``-separated terminology string for a label of ``segmentation.json`` that carries codes."""
+    codes = label.get("terminology")
+    if not codes:
+        return None
+
+    def code(item) -> str:
+        return "^".join(str(part) for part in (item["scheme"], item["value"], item["meaning"])) if item else "^^"
+
+    # context~category~type~typeModifier~anatomicContext~anatomicRegion~anatomicRegionModifier
+    return "~".join([_TERMINOLOGY_CONTEXT, code(codes.get("category")), code(codes.get("type")),
+                     code(codes.get("modifier")), "Anatomic codes - DICOM master list", "^^", "^^"])
+
+
+class SceneIO:
+    """Moves data between the scene and files for the background runs."""
+
+    # ------------------------------------------------------------------------------------------------ volumes
+    def exportVolume(self, volumeNode, path: Path) -> Path:
+        """Write a scalar volume as NIfTI/NRRD (LPS on disk, as every file reader expects)."""
+        import slicer
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not slicer.util.exportNode(volumeNode, str(path)):
+            raise RuntimeError(f"could not write {volumeNode.GetName()} to {path}")
+        return path
+
+    def exportSegmentsAsLabelmap(self, segmentationNode, referenceVolumeNode, path: Path,
+                                 valueBySegmentId: dict[str, int]) -> Path:
+        """Write the given segments as one label map on the reference volume's grid (later segments win overlaps)."""
+        import slicer
+
+        shape = slicer.util.arrayFromVolume(referenceVolumeNode).shape
+        labels = np.zeros(shape, dtype=np.uint8)
+        for segmentId, value in valueBySegmentId.items():
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode)
+            labels[mask > 0] = value
+        labelNode = slicer.modules.volumes.logic().CreateAndAddLabelVolume(referenceVolumeNode, "SepaRegExport")
+        try:
+            slicer.util.updateVolumeFromArray(labelNode, labels)
+            self.exportVolume(labelNode, path)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelNode)
+        return Path(path)
+
+    def segments(self, segmentationNode) -> list[tuple[str, str]]:
+        """``[(segment id, name)]`` in the segmentation's order."""
+        segmentation = segmentationNode.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        return [(sid, segmentation.GetSegment(sid).GetName()) for sid in ids]
+
+    def segmentArrays(self, segmentationNode, referenceVolumeNode) -> dict[str, np.ndarray]:
+        """Segment name -> boolean mask (K, J, I) on the reference volume's grid."""
+        import slicer
+
+        return {name: slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, sid, referenceVolumeNode) > 0
+                for sid, name in self.segments(segmentationNode)}
+
+    def spacing(self, volumeNode) -> tuple[float, float, float]:
+        return tuple(float(s) for s in volumeNode.GetSpacing())
+
+    # ------------------------------------------------------------------------------------------ segmentations
+    def loadSegmentation(self, labelmapPath: Path, labelsJsonPath: Path, referenceVolumeNode, name: str):
+        """A segmentation node with one named, coloured segment per organ of ``segmentation.json``.
+
+        Segments get the TG-263 name, the colour and, where known, the terminology code; organs the model did not
+        find get an empty segment, so the planner sees that they were looked for. Shown in 2D and 3D.
+        """
+        import slicer
+
+        description = json.loads(Path(labelsJsonPath).read_text(encoding="utf-8"))
+        labelNode = slicer.util.loadLabelVolume(str(labelmapPath), {"show": False})
+        try:
+            labels = slicer.util.arrayFromVolume(labelNode)
+            reference = slicer.util.arrayFromVolume(referenceVolumeNode)
+            if labels.shape != reference.shape:
+                raise RuntimeError(f"the contour has shape {labels.shape}, the volume {reference.shape}")
+            segNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            segNode.CreateDefaultDisplayNodes()
+            segNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+            segmentation = segNode.GetSegmentation()
+            for label in description["labels"]:
+                segmentName = label.get("tg263") or label["name"]
+                color = [c / 255.0 for c in label["color"]]
+                segmentId = segmentation.AddEmptySegment(segmentName, segmentName, color)
+                mask = (labels == label["value"]).astype(np.uint8)
+                if mask.any():
+                    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segNode, segmentId, referenceVolumeNode)
+                entry = terminologyEntry(label)
+                if entry:
+                    segment = segmentation.GetSegment(segmentId)
+                    if hasattr(segment, "SetTerminology"):  # Slicer 5.10+
+                        segment.SetTerminology(entry)
+                    else:
+                        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelNode)
+        segNode.CreateClosedSurfaceRepresentation()
+        return segNode
+
+    # ------------------------------------------------------------------------------------------------- DICOM
+    def dicomSeriesFiles(self, volumeNode) -> list[Path] | None:
+        """The DICOM files the volume was loaded from (through the DICOM database), or ``None``."""
+        import slicer
+
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        database = getattr(slicer, "dicomDatabase", None)
+        if not uids or database is None:
+            return None
+        files = [database.fileForInstance(uid) for uid in uids]
+        if not all(files):
+            return None
+        return [Path(f) for f in files]
+
+    def copyDicomSeries(self, volumeNode, folder: Path) -> Path | None:
+        """Copy the volume's DICOM series into ``folder`` (the core reads a series from a folder), or ``None``."""
+        files = self.dicomSeriesFiles(volumeNode)
+        if not files:
+            return None
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(files):
+            shutil.copyfile(path, folder / f"{i:05d}.dcm")
+        return folder
+
+    def hasSlicerRT(self) -> bool:
+        import slicer
+
+        return hasattr(slicer.modules, "dicomrtimportexport")
+
+    def exportRtstructWithSlicerRT(self, segmentationNode, volumeNode, outputFolder: Path) -> None:
+        """RTSTRUCT (and the CT) through SlicerRT's DICOM RT exporter (SLICER_NOTES §6); raises on failure."""
+        import slicer
+        from DicomRtImportExportPlugin import DicomRtImportExportPluginClass
+
+        shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+        studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
+        if not studyItem or studyItem == shNode.GetSceneItemID():
+            patientItem = shNode.CreateSubjectItem(shNode.GetSceneItemID(), "SepaReg patient")
+            studyItem = shNode.CreateStudyItem(patientItem, "SepaReg study")
+            shNode.SetItemParent(shNode.GetItemByDataNode(volumeNode), studyItem)
+        shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
+        exporter = DicomRtImportExportPluginClass()
+        exportables = (exporter.examineForExport(shNode.GetItemByDataNode(volumeNode))
+                       + exporter.examineForExport(shNode.GetItemByDataNode(segmentationNode)))
+        for exportable in exportables:
+            exportable.directory = str(outputFolder)
+        error = exporter.export(exportables)
+        if error:
+            raise RuntimeError(f"SlicerRT export failed: {error}")
