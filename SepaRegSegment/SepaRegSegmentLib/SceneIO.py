@@ -18,22 +18,13 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# Slicer terminology entry: category; type; type modifier; anatomic context; region; region modifier (SLICER_NOTES §5).
-_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-
 
 def terminologyEntry(label: dict) -> str | None:
-    """Slicer's ``~``-separated terminology string for a label of ``segmentation.json`` that carries codes."""
-    codes = label.get("terminology")
-    if not codes:
-        return None
+    """Slicer's ``~``-separated terminology entry for a label of ``segmentation.json`` (core registry codes)."""
+    from separeg.terminology import terminology
 
-    def code(item) -> str:
-        return "^".join(str(part) for part in (item["scheme"], item["value"], item["meaning"])) if item else "^^"
-
-    # context~category~type~typeModifier~anatomicContext~anatomicRegion~anatomicRegionModifier
-    return "~".join([_TERMINOLOGY_CONTEXT, code(codes.get("category")), code(codes.get("type")),
-                     code(codes.get("modifier")), "Anatomic codes - DICOM master list", "^^", "^^"])
+    codes = terminology(label.get("tg263") or "")
+    return codes.slicer_entry() if codes is not None else None
 
 
 class SceneIO:
