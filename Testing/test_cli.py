@@ -68,6 +68,58 @@ def test_bad_arguments_exit_with_usage_error(tmp_path: Path, capsys) -> None:
         main(["regions", str(tmp_path), "--out", str(tmp_path), "--n-segments", "0"])
 
 
+def _contour_output(openkbp: Path, folder: Path) -> Path:
+    """pt_1's OAR label map as `separeg contour` leaves it: segmentation.nii.gz + segmentation.json."""
+    from separeg.labels import load_label_table
+
+    folder.mkdir()
+    shutil.copy(openkbp / "pt_1_oar.nii.gz", folder / "segmentation.nii.gz")
+    labels = [label.to_dict() for label in load_label_table(openkbp / "labels.json")]
+    (folder / "segmentation.json").write_text(json.dumps({"model": {"name": "hn", "sha256": "ef" * 32},
+                                                          "labels": labels}))
+    return folder / "segmentation.nii.gz"
+
+
+def test_export_writes_seg_and_manifest_with_json_events(openkbp: Path, tmp_path: Path, capsys) -> None:
+    labelmap = _contour_output(openkbp, tmp_path / "contour")
+    out = tmp_path / "out"
+    assert main(["export", str(labelmap), "--ct", str(openkbp / "pt_1_ct.nii.gz"), "--out", str(out), "--seg",
+                 "--nifti", "--patient-id", "CASE-1", "--json"]) == 0
+    events = _events(capsys.readouterr().out)
+    assert events[-1].type == EventType.DONE and "seg.dcm" in events[-1].msg
+    assert any(e.type == EventType.LOG and "new DICOM CT series" in (e.msg or "") for e in events)
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["outputs"] == {"ct_dicom": "ct_dicom", "seg": "seg.dcm", "nifti": "segmentation.nii.gz"}
+    assert manifest["algorithm"]["name"] == "hn" and manifest["algorithm"]["bundle_sha256"] == "ef" * 32
+    assert sorted(p.name for p in out.iterdir()) == ["ct_dicom", "export.json", "seg.dcm", "segmentation.nii.gz"]
+
+
+def test_export_errors_exit_1_with_a_message(openkbp: Path, tmp_path: Path, capsys) -> None:
+    labelmap = _contour_output(openkbp, tmp_path / "contour")
+    out = str(tmp_path / "out")
+    assert main(["export", str(labelmap), "--ct", str(openkbp / "pt_6_ct.nii.gz"), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert "not on the grid" in err and "spacing 2.734" in err and "spacing 3.906" in err
+    assert main(["export", str(labelmap), "--ct", str(tmp_path / "nowhere"), "--out", out]) == 1
+    assert "nowhere does not exist" in capsys.readouterr().err
+    (tmp_path / "few.json").write_text(json.dumps({"1": "Brainstem"}))
+    assert main(["export", str(labelmap), "--ct", str(openkbp / "pt_1_ct.nii.gz"), "--out", out,
+                 "--labels", str(tmp_path / "few.json")]) == 1
+    assert "label values 2, 3, 4, 7 that the label table does not list" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(labelmap), "--out", out])  # --ct is required
+    assert info.value.code == 2
+    assert not Path(out).exists()
+
+
+def test_contour_export_flags_parse(openkbp: Path) -> None:
+    from separeg.cli import build_parser
+
+    args = build_parser().parse_args(["contour", str(openkbp / "pt_1_ct.nii.gz"), "--model", "hn", "--out", "o",
+                                      "--rtstruct", "--seg", "--patient-name", "Doe^J", "--patient-id", "7"])
+    assert args.rtstruct and args.seg and args.patient_name == "Doe^J" and args.patient_id == "7"
+
+
 def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()

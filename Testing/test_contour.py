@@ -112,3 +112,34 @@ def test_unknown_model_names_list_the_folders(tmp_path: Path, monkeypatch) -> No
         resolve_model("hn-oar-7")
     (tmp_path / "hn-oar-7.separeg").write_bytes(b"x")
     assert resolve_model("hn-oar-7") == tmp_path / "hn-oar-7.separeg"
+
+
+def test_contour_writes_rtstruct_and_seg_referencing_the_input_series(model_bundle: Path, openkbp: Path,
+                                                                      lung1_subset: Path, tmp_path: Path) -> None:
+    from separeg.dicom_ct import read_ct_series
+    from separeg.dicom_rt import read_rtstruct
+    from separeg.dicom_seg import read_seg
+
+    # A DICOM series: the exports reference it; no CT is written.
+    out = tmp_path / "dicom"
+    result = run_contour(ContourJob(volume=lung1_subset, model=str(model_bundle), out_dir=out, device="cpu",
+                                    rtstruct=True, seg=True))
+    ct = read_ct_series(lung1_subset)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.segmentation)))
+    table = load_label_table(openkbp / "labels.json")
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["referenced_series_instance_uid"] == ct.series_instance_uid and not (out / "ct_dicom").exists()
+    assert manifest["algorithm"]["bundle_sha256"] == json.loads((out / LABELS_FILE).read_text())["model"]["sha256"]
+    assert (out / "rtstruct.dcm").exists() and read_rtstruct(out / "rtstruct.dcm", ct) is not None
+    if labels.any():
+        assert np.array_equal(read_seg(result.exports["seg"], ct).to_labelmap(table)[0], labels)
+    else:
+        assert "seg" not in result.exports and manifest["skipped"] == {"seg": "the label map is empty"}
+    # A NIfTI CT: written as a new DICOM series first, which the exports reference.
+    out = tmp_path / "nifti"
+    result = run_contour(ContourJob(volume=openkbp / "pt_1_ct.nii.gz", model=str(model_bundle), out_dir=out,
+                                    device="cpu", seg=True, patient_name="Test^Contour"))
+    assert set(result.exports) == {"ct_dicom", "seg"}
+    ct = read_ct_series(out / "ct_dicom")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.segmentation)))
+    assert np.array_equal(read_seg(out / "seg.dcm", ct).to_labelmap(table)[0], labels)

@@ -152,7 +152,25 @@ def _run_contour(args: argparse.Namespace, events: Events) -> int:
 
     run_contour(ContourJob(volume=args.volume, model=args.model, out_dir=args.out, device=args.device,
                            largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
-                           series_uid=args.series_uid), events)
+                           series_uid=args.series_uid, rtstruct=args.rtstruct, seg=args.seg,
+                           patient_name=args.patient_name, patient_id=args.patient_id), events)
+    return 0
+
+
+def _add_patient(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("DICOM copy of a NIfTI/NRRD/MHA CT")
+    group.add_argument("--patient-name", default=None, help="patient name of the new DICOM CT (default Anonymous)")
+    group.add_argument("--patient-id", default=None,
+                       help="patient ID of the new DICOM CT (default SEPAREG- and a hash of the CT's content)")
+
+
+def _run_export(args: argparse.Namespace, events: Events) -> int:
+    from .export import FORMATS, ExportJob, run_export
+
+    formats = tuple(f for f in FORMATS if getattr(args, f)) or FORMATS
+    run_export(ExportJob(labelmap=args.labelmap, ct=args.ct, out_dir=args.out, labels=args.labels, formats=formats,
+                         patient_name=args.patient_name, patient_id=args.patient_id, series_uid=args.series_uid),
+               events)
     return 0
 
 
@@ -240,8 +258,31 @@ def build_parser() -> argparse.ArgumentParser:
     contour.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")
     contour.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     contour.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the contours")
+    contour.add_argument("--rtstruct", action="store_true",
+                         help="also write rtstruct.dcm referencing the CT (a NIfTI/NRRD CT is first written as a new "
+                         "DICOM series in OUT/ct_dicom)")
+    contour.add_argument("--seg", action="store_true", help="also write seg.dcm (DICOM SEG), as --rtstruct")
+    _add_patient(contour)
     _add_common(contour)
     contour.set_defaults(handler=_run_contour)
+
+    export = sub.add_parser("export", help="label map -> RTSTRUCT, DICOM SEG, NIfTI referencing the CT (+ export.json)")
+    export.add_argument("labelmap", type=Path, help="label map (NIfTI/NRRD/MHA) on the CT's grid")
+    export.add_argument("--ct", type=Path, required=True,
+                        help="the CT: a DICOM series folder, or a NIfTI/NRRD/MHA file (then written as DICOM in "
+                        "OUT/ct_dicom)")
+    export.add_argument("--out", type=Path, required=True, help="output folder")
+    export.add_argument("--labels", type=Path, default=None,
+                        help="label table: segmentation.json of `separeg contour` (default: the one beside the label "
+                        "map), labels.json or a CSV")
+    export.add_argument("--rtstruct", action="store_true", help="write rtstruct.dcm")
+    export.add_argument("--seg", action="store_true", help="write seg.dcm (DICOM SEG)")
+    export.add_argument("--nifti", action="store_true",
+                        help="write segmentation.nii.gz (no format chosen: all three)")
+    export.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")
+    _add_patient(export)
+    _add_common(export)
+    export.set_defaults(handler=_run_export)
 
     evaluate = sub.add_parser("evaluate", help="DSC, HD95 (mm), volume difference of predictions vs references")
     evaluate.add_argument("pred", type=_existing_path, help="predicted label map, or a folder of them")

@@ -6,7 +6,9 @@ logits back on the input grid -> argmax -> per-organ largest connected component
 label map in the input's exact geometry. Outputs, in OUT_DIR:
 ``segmentation.nii.gz`` (uint8 label map) and ``segmentation.json`` (labels with names, TG-263 names,
 colours and volumes in cc, warnings, the model's identity, and the reminder that this is an automatic
-contour that needs review).
+contour that needs review). With ``rtstruct``/``seg``, also ``rtstruct.dcm``/``seg.dcm`` referencing the input CT
+series (a NIfTI/NRRD/MHA input is first written as a new DICOM series ``ct_dicom/``, which they reference; see
+:mod:`separeg.export`) and ``export.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class ContourJob:
     fill_holes: bool = True
     batch_size: int | None = None  # default: 16 slices on a GPU, 1 on a CPU (bench_contour: batching is slower there)
     series_uid: str | None = None
+    rtstruct: bool = False  # also write rtstruct.dcm referencing the CT (see separeg.export)
+    seg: bool = False  # also write seg.dcm (DICOM SEG)
+    patient_name: str | None = None  # for a NIfTI/NRRD/MHA input written as DICOM (default "Anonymous")
+    patient_id: str | None = None
 
 
 @dataclass
@@ -50,6 +56,7 @@ class ContourResult:
     labels_json: Path
     volumes_cc: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    exports: dict[str, Path] = field(default_factory=dict)  # rtstruct, seg, ct_dicom: as written by export_labelmap
 
 
 def postprocess(labels: np.ndarray, values: list[int], *, largest_component: bool, fill_holes: bool) -> np.ndarray:
@@ -102,6 +109,7 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     """
     import SimpleITK as sitk
 
+    from . import __version__
     from .bundle import load_bundle
     from .labels import LabelTable
     from .models import resolve_model
@@ -144,7 +152,8 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     description = {
         "notice": REVIEW_NOTICE,
         "source": str(job.volume),
-        "model": {"path": str(bundle.path), "sha256": bundle.weights_sha256},
+        "separeg_version": __version__,
+        "model": {"path": str(bundle.path), "name": Path(bundle.path).stem, "sha256": bundle.weights_sha256},
         "labels": [{"value": lb.value, "name": lb.name, "tg263": lb.tg263, "color": list(lb.color),
                     "volume_cc": volumes[lb.tg263 or lb.name]} for lb in table.labels],
         "warnings": warnings,
@@ -155,5 +164,16 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     summary = ", ".join(f"{name} {cc:.1f} cc" for name, cc in volumes.items() if cc > 0)
     events.log(f"{summary or 'no organ found'}" + (f"; not found: {', '.join(missing)}" if missing else ""),
                stage="contour")
-    events.done(f"{segmentation} written. {REVIEW_NOTICE}")
-    return ContourResult(segmentation, labels_json, volumes, warnings)
+    exports: dict[str, Path] = {}
+    formats = tuple(name for name, wanted in (("rtstruct", job.rtstruct), ("seg", job.seg)) if wanted)
+    if formats:
+        from .dicom_ct import Algorithm
+        from .export import export_labelmap
+
+        algorithm = Algorithm(name=Path(bundle.path).stem, version=__version__, bundle_hash=bundle.weights_sha256)
+        exports = export_labelmap(result_image, table, Path(job.volume), out, formats=formats, algorithm=algorithm,
+                                  series_uid=job.series_uid, patient_name=job.patient_name,
+                                  patient_id=job.patient_id, events=events).outputs
+    written = ", ".join(str(p) for p in (segmentation, *exports.values()))
+    events.done(f"{written} written. {REVIEW_NOTICE}")
+    return ContourResult(segmentation, labels_json, volumes, warnings, exports)
