@@ -1,0 +1,1 @@
+# Nothing to generate without Slicer.

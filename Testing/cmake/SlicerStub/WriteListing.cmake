@@ -1,0 +1,11 @@
+# Writes what the configure saw: every listed file and the extension's metadata.
+get_property(listed GLOBAL PROPERTY SEPAREG_STUB_LISTED)
+get_property(modules GLOBAL PROPERTY SEPAREG_STUB_MODULES)
+string(REPLACE ";" "\n" listed "${listed}")
+file(WRITE ${CMAKE_BINARY_DIR}/listed_files.txt "${listed}\n")
+set(metadata "")
+foreach(key HOMEPAGE CATEGORY CONTRIBUTORS DESCRIPTION ICONURL SCREENSHOTURLS DEPENDS)
+  string(APPEND metadata "EXTENSION_${key}=${EXTENSION_${key}}\n")
+endforeach()
+string(APPEND metadata "MODULES=${modules}\n")
+file(WRITE ${CMAKE_BINARY_DIR}/extension_metadata.txt "${metadata}")

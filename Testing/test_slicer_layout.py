@@ -1,0 +1,148 @@
+"""The Slicer layer without Slicer: CMake files configure against a stub Slicer and list every file, .ui files
+hold every widget the modules use (with the expected class), and the module files have Slicer's anatomy."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODULES = ("SepaRegPretrain", "SepaRegSegment")
+# Widget name suffix -> Qt class (our naming convention, as in Slicer's own modules).
+CLASS_BY_SUFFIX = {"Button": "QPushButton", "ComboBox": "QComboBox", "Selector": "qMRMLNodeComboBox",
+                   "PathLineEdit": "ctkPathLineEdit", "SpinBox": "QSpinBox", "CheckBox": "QCheckBox",
+                   "Table": "QTableWidget", "TextEdit": "QPlainTextEdit", "Label": "QLabel",
+                   "ProgressBar": "QProgressBar", "ListWidget": "QListWidget", "LineEdit": "QLineEdit",
+                   "CollapsibleButton": "ctkCollapsibleButton", "Widget": "QWidget"}
+
+
+def ui_widgets(module: str) -> tuple[dict[str, str], ET.Element]:
+    root = ET.parse(REPO / module / "Resources" / "UI" / f"{module}.ui").getroot()
+    return {w.get("name"): w.get("class") for w in root.iter("widget")}, root
+
+
+def used_ui_names(module: str) -> set[str]:
+    tree = ast.parse((REPO / module / f"{module}.py").read_text(encoding="utf-8"))
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_has_every_widget_the_module_uses(module: str) -> None:
+    widgets, root = ui_widgets(module)
+    used = used_ui_names(module)
+    assert used, "no self.ui.<name> found: the AST scan is broken"
+    assert not used - set(widgets), f"used in {module}.py but missing from the .ui: {sorted(used - set(widgets))}"
+    for name, cls in widgets.items():
+        suffix = next((s for s in sorted(CLASS_BY_SUFFIX, key=len, reverse=True) if name.endswith(s)), None)
+        if suffix and not name.startswith("label_") and name != module:
+            assert cls == CLASS_BY_SUFFIX[suffix], f"{name} is a {cls}, expected {CLASS_BY_SUFFIX[suffix]}"
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names"
+    # every node selector gets the scene from the module widget, as in Slicer's own .ui files
+    combos = {n for n, c in widgets.items() if c == "qMRMLNodeComboBox"}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert combos == connected
+    for combo in root.iter("widget"):
+        if combo.get("class") == "qMRMLNodeComboBox":
+            types = [s.text for s in combo.find("property[@name='nodeTypes']").iter("string")]
+            assert types and all(t.startswith("vtkMRML") for t in types)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_file_has_slicer_anatomy(module: str) -> None:
+    source = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    classes = {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert classes[module] == ["ScriptedLoadableModule"]
+    assert classes[f"{module}Widget"] == ["ScriptedLoadableModuleWidget"]
+    assert "ScriptedLoadableModuleLogic" in classes[f"{module}Logic"]
+    assert classes[f"{module}Test"] == ["ScriptedLoadableModuleTest"]
+    for attribute in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
+        assert f"self.parent.{attribute} = " in source  # the generic module test checks they are set
+    assert f'self.resourcePath("UI/{module}.ui")' in source
+    assert (REPO / module / "Resources" / "Icons" / f"{module}.png").is_file()
+    # the core is never re-implemented in the module: no torch, no numpy maths in the Slicer layer
+    assert not re.search(r"^\s*import torch|^\s*from torch", source, re.M)
+
+
+def module_and_core_files() -> set[str]:
+    files = set()
+    for module in MODULES:
+        folder = REPO / module
+        files |= {str(p.relative_to(REPO)) for p in folder.rglob("*.py") if "__pycache__" not in p.parts}
+        files |= {str(p.relative_to(REPO)) for p in (folder / "Resources").rglob("*") if p.is_file()}
+    files |= {str(p.relative_to(REPO)) for p in (REPO / "separeg").rglob("*.py") if "__pycache__" not in p.parts}
+    return files
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_configures_against_a_stub_slicer_and_lists_every_file(tmp_path: Path) -> None:
+    result = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path), f"-DSlicer_DIR={REPO}/Testing/cmake/"
+                             "SlicerStub"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    listed = {line.split(" ", 1)[1] for line in (tmp_path / "listed_files.txt").read_text().splitlines() if line}
+    assert module_and_core_files() <= listed, f"not in any CMakeLists.txt: {sorted(module_and_core_files() - listed)}"
+    metadata = dict(line.split("=", 1) for line in (tmp_path / "extension_metadata.txt").read_text().splitlines())
+    assert metadata["MODULES"] == "SepaRegSegment;SepaRegPretrain"
+    assert all(metadata[f"EXTENSION_{k}"] for k in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL",
+                                                     "SCREENSHOTURLS"))
+    catalog = json.loads((REPO / "Resources" / "ExtensionsIndex" / "SepaReg.json").read_text())
+    assert catalog["category"] == metadata["EXTENSION_CATEGORY"] == "Segmentation"
+    assert catalog["build_dependencies"] == metadata["EXTENSION_DEPENDS"].split() == ["PyTorch"]
+    for url in (metadata["EXTENSION_ICONURL"], *metadata["EXTENSION_SCREENSHOTURLS"].split()):
+        assert (REPO / url.split("/main/", 1)[1]).is_file(), url
+
+
+def test_a_missing_listed_file_fails_the_configure(tmp_path: Path) -> None:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    source = tmp_path / "src"
+    shutil.copytree(REPO / "SepaRegPretrain", source / "SepaRegPretrain")
+    (source / "SepaRegPretrain" / "SepaRegPretrainLib" / "Logic.py").unlink()
+    (source / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.16)\nproject(T NONE)\n"
+                                           "find_package(Slicer REQUIRED)\ninclude(${Slicer_USE_FILE})\n"
+                                           "add_subdirectory(SepaRegPretrain)\n")
+    result = subprocess.run(["cmake", "-S", str(source), "-B", str(tmp_path / "b"),
+                             f"-DSlicer_DIR={REPO}/Testing/cmake/SlicerStub"], capture_output=True, text=True,
+                            timeout=300)
+    stderr = " ".join(result.stderr.split())  # cmake wraps long messages
+    assert result.returncode != 0 and "SepaRegPretrainLib/Logic.py does not exist" in stderr
+
+
+def test_install_requirements_never_touch_slicers_packages() -> None:
+    from importlib import metadata
+
+    from SepaRegSegmentLib.Install import PROTECTED, REQUIREMENTS, constraints, missingRequirements, satisfies
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for requirement in REQUIREMENTS:
+        assert f'"{requirement}"' in pyproject, f"{requirement} differs from pyproject.toml"
+    installed = {"monai": "1.6.1", "safetensors": "0.4.5", "scikit-image": "0.26.0", "scikit-learn": "1.5.0",
+                 "scipy": "1.14.0", "matplotlib": "3.9.0", "pydicom": "3.0.2", "highdicom": "0.27.0",
+                 "numpy": "2.4.6", "SimpleITK": "2.5.0", "vtk": "9.4.0", "torch": "2.5.1"}
+
+    def lookup(name: str) -> str:
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    assert missingRequirements(lookup) == []
+    installed["monai"] = "1.3.0"  # too old -> reinstalled within the range
+    del installed["highdicom"]
+    assert missingRequirements(lookup) == ["monai>=1.4,<1.7", "highdicom>=0.23,<0.28"]
+    installed["pydicom"] = "2.0.0"  # Slicer's own, outside our range: kept, never replaced
+    assert "pydicom>=2.4,<4" not in missingRequirements(lookup)
+    pins = constraints(lookup)
+    for name in PROTECTED:
+        assert f"{name}=={installed[name]}" in pins
+    assert satisfies("1.6.1", ">=1.4,<1.7") and not satisfies("1.7.0", ">=1.4,<1.7")
