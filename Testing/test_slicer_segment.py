@@ -162,3 +162,23 @@ def test_labels_json_written_for_the_training_set(logic: SegmentLogic) -> None:
     assert sorted(p.name for p in folder.glob("*_ct.nii.gz")) == ["pt_1_2_ct.nii.gz", "pt_1_ct.nii.gz"]
     table = json.loads((folder / "labels.json").read_text())
     assert [lb["tg263"] for lb in table["labels"]] == logic.model("tiny").organNames
+
+
+def test_export_writes_rtstruct_seg_and_nifti_referencing_a_new_ct_series(logic: SegmentLogic, tmp_path: Path) -> None:
+    import pydicom
+
+    c = case("pt_1")
+    out = tmp_path / "export é"
+    [result] = run(logic, lambda: logic.export(c.segmentationNode, c.volumeNode, out))
+    assert result.state is RunState.DONE, result.message
+    rtstruct = pydicom.dcmread(out / "rtstruct.dcm")
+    names = [roi.ROIName for roi in rtstruct.StructureSetROISequence]
+    assert {"Parotid_L", "Parotid_R", "Bone_Mandible", "SpinalCord"} <= set(names)  # TG-263 from planners' names
+    ct_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (out / "ct_dicom").rglob("*.dcm")}
+    referenced = {item.ReferencedSOPInstanceUID for roi in rtstruct.ROIContourSequence for contour in
+                  roi.ContourSequence for item in contour.ContourImageSequence}
+    assert referenced and referenced <= ct_uids
+    assert pydicom.dcmread(out / "seg.dcm").Modality == "SEG"
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
+    mandible = next(i + 1 for i, name in enumerate(c.segmentationNode.segmentation.segments) if name == "Mandible")
+    np.testing.assert_array_equal(written == mandible, c.segmentationNode.segmentation.masks["Mandible"] > 0)
