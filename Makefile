@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean slicer-test
 
 $(BIN)/separeg: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(BIN)/separeg
 
 test: $(BIN)/separeg
 	$(BIN)/python -m pytest -q
+
+# The modules' self-tests inside a real Slicer (SLICER_EXECUTABLE=/path/to/Slicer).
+slicer-test: $(BIN)/separeg
+	@test -n "$(SLICER_EXECUTABLE)" || { echo "set SLICER_EXECUTABLE to the Slicer launcher"; exit 2; }
+	SLICER_EXECUTABLE="$(SLICER_EXECUTABLE)" $(BIN)/python -m pytest -q Testing/test_slicer_selftest.py
 
 bench: $(BIN)/separeg
 	$(BIN)/python Testing/benchmarks/bench_sis.py
