@@ -145,3 +145,9 @@ def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
         assert (out / init / "contours" / "pt_209" / "segmentation.nii.gz").exists()
         assert (out / init / "evaluation" / "metrics.csv").exists()
     assert "| pretrained |" in report and "| random |" in report
+    # The pretrained model's contours are also exported as RTSTRUCT (+ SEG when an organ was found) on a DICOM copy.
+    exported = out / "pretrained" / "contours" / "pt_209"
+    manifest = json.loads((exported / "export.json").read_text())
+    assert (exported / "rtstruct.dcm").exists() and (exported / "ct_dicom").is_dir()
+    assert manifest["ct_dicom_written"] and "DICOM export of pt_209" in report
+    assert not (out / "random" / "contours" / "pt_209" / "export.json").exists()

@@ -53,7 +53,8 @@ def test_seg_round_trip_on_lung1(lung1_ct: CtSeries, table: LabelTable, tmp_path
     assert written < 20 and read < 20, (written, read)
 
     # Masks exactly as written, one segment per organ present, in value order.
-    assert back.names == ["Lung-Left", "Lung-Right", "Spinal-Cord", "GTV-1", "Cochlea_L"]
+    assert back.names == ["Lung_L", "Lung_R", "SpinalCord", "GTV-1", "Cochlea_L"]  # as RTSTRUCT ROIs are named
+    assert back.descriptions == ["Lung-Left", "Lung-Right", "Spinal-Cord", "", ""]
     for i, value in enumerate((1, 2, 3, 4, 6)):
         assert np.array_equal(back.masks[i], labelmap == value), back.names[i]
     restored, unmatched = back.to_labelmap(table)
@@ -128,5 +129,5 @@ def test_non_ascii_names_switch_the_character_set(lung1_ct: CtSeries, tmp_path: 
     labelmap[40:42, 100:110, 100:110] = 1
     path = write_seg(tmp_path / "seg.dcm", labelmap, table, lung1_ct, algorithm=ALGORITHM)
     ds = pydicom.dcmread(path)
-    assert ds.SpecificCharacterSet == "ISO_IR 192" and ds.SegmentSequence[0].SegmentLabel == "Parotid L (腮腺)"
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and ds.SegmentSequence[0].SegmentDescription == "Parotid L (腮腺)"
     assert segment_terminology(table.by_value(1)).type.meaning == "Parotid gland"

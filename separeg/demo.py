@@ -2,7 +2,8 @@
 
 Archive scan -> SIS (overlays, organ coverage) -> SepaReg pretraining (all stages) -> fine-tuning on ONE
 labelled case (validated on a second), from the pretrained encoder and, for comparison, from random
-weights -> Auto-contour of unseen cases -> evaluation against their reference contours -> ``report.md``.
+weights -> Auto-contour of unseen cases (with the pretrained model also exported as RTSTRUCT and DICOM SEG, which
+reference a DICOM copy of the NIfTI CT) -> evaluation against their reference contours -> ``report.md``.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def run_demo(job: DemoJob, events: Events | None = None) -> dict:
     else:
         summary["split"] = {"train": split[0].name, "validation": split[1].name, "test": [c.name for c in split[2]]}
         summary["segmentation"] = {
-            init: _finetune_contour_evaluate(job, split, out / init, encoder if init == "pretrained" else None, events)
+            init: _finetune_contour_evaluate(job, split, out / init, encoder if init == "pretrained" else None, events,
+                                             export=init == "pretrained")
             for init in ("pretrained", "random")}
     write_json(summary, out / "summary.json")
     with atomic_path(out / "report.md") as tmp:
@@ -105,8 +107,10 @@ def _split(cases: dict) -> tuple | None:
     return (ordered[0], ordered[1], ordered[2:]) if len(ordered) >= 3 else None
 
 
-def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: Path | None, events: Events) -> dict:
-    """Fine-tune on one case (validated on another), contour the test cases, evaluate them."""
+def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: Path | None, events: Events, *,
+                               export: bool = False) -> dict:
+    """Fine-tune on one case (validated on another), contour the test cases (``export``: also as RTSTRUCT and
+    DICOM SEG, via a DICOM copy of each CT), evaluate them."""
     import shutil
 
     train, validation, tests = split
@@ -122,9 +126,13 @@ def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: P
     events.log(f"fine-tuning from {'the pretrained encoder' if encoder else 'random weights'}", stage="demo")
     model = run_finetune(FinetuneJob(data=data, out_dir=out / "finetune", init=encoder, config=config,
                                      device=job.device), events)
+    exports: dict[str, dict[str, str]] = {}
     for case in tests:
-        run_contour(ContourJob(volume=case.image, model=str(model), out_dir=out / "contours" / case.name,
-                               device=job.device), events)
+        contour = run_contour(ContourJob(volume=case.image, model=str(model), out_dir=out / "contours" / case.name,
+                                         device=job.device, rtstruct=export, seg=export,
+                                         patient_id=f"SEPAREG-DEMO-{case.name}"), events)
+        if contour.exports:
+            exports[case.name] = {name: str(path) for name, path in contour.exports.items()}
         for folder, source in (("predictions", out / "contours" / case.name / SEGMENTATION_FILE),
                                ("references", case.labels)):
             (out / folder).mkdir(exist_ok=True)
@@ -132,7 +140,7 @@ def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: P
     result = run_evaluate(EvaluateJob(pred=out / "predictions", ref=out / "references", out_dir=out / "evaluation",
                                       labels=Path(job.data_dir) / "labels.json"), events)
     rows = [*result.organs, result.overall]
-    return {"model": str(model), "summary": str(result.summary_md),
+    return {"model": str(model), "summary": str(result.summary_md), "exports": exports,
             "organs": {row.name: {"dsc_percent": row.dsc_mean_percent, "dsc_se_percent": row.dsc_se_percent,
                                   "hd95_mm": row.hd95_mean_mm, "n": row.n} for row in rows}}
 
@@ -169,6 +177,14 @@ def _report(summary: dict) -> str:
             lines.append(f"| {init} | " + " | ".join(cells) + " |")
         lines += ["", "A demonstration budget on 2 CPU cores: the numbers show the pipeline works end to end, not "
                   "what the method reaches with the paper's budget. Full tables: `*/evaluation/summary.md`."]
+        exported = {init: result.get("exports", {}) for init, result in summary["segmentation"].items()}
+        for init, cases in exported.items():
+            for case, paths in cases.items():
+                files = ", ".join(f"`{Path(p).name}`" for name, p in paths.items() if name != "ct_dicom")
+                lines += ["", f"DICOM export of {case} ({init} model, in `{init}/contours/{case}/`): {files} "
+                          "referencing `ct_dicom/`, a DICOM copy of the NIfTI CT written for them (patient ID "
+                          f"SEPAREG-DEMO-{case}); `export.json` lists them. Load the folder in 3D Slicer's DICOM "
+                          "browser or a planning system."]
     if "pretrain" in summary:
         lines += ["", "## Pretraining", "",
                   "All SepaReg stages with a demonstration budget (ResNet-18, 64 x 64 regions):",

@@ -1,7 +1,8 @@
 """DICOM SEG export and import of label maps on a CT series (highdicom).
 
 :func:`write_seg` writes one BINARY Segmentation with a segment per organ present in the label map, each with
-its coded category/type/laterality from :mod:`separeg.terminology`, the organ's colour (as CIELab), the segment
+its coded category/type/laterality from :mod:`separeg.terminology`, named like the RTSTRUCT's ROIs (TG-263 name,
+else the label's own name; the own name also as SegmentDescription), the organ's colour (as CIELab), the segment
 algorithm (AUTOMATIC, family Artificial Intelligence, name, version and model bundle hash) and frames only for
 the slices that hold the organ. Patient and study attributes are copied from the CT by highdicom; series and
 instance UIDs are new. :func:`read_seg` reads one back onto the CT it references.
@@ -100,14 +101,15 @@ def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtS
         if not term.coded:
             log.warning("no code for %r: its SEG segment is coded as generic tissue and named by its label", label.name)
         description = hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label.name, segmented_property_category=_coded(term.category),
+            segment_number=number, segment_label=label.tg263 or label.name,
+            segmented_property_category=_coded(term.category),
             segmented_property_type=_coded(term.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification, display_color=hd.color.CIELabColor.from_rgb(*label.color))
         if term.modifier is not None:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
                 _coded(term.modifier)]
-        if label.tg263:
-            description.SegmentDescription = label.tg263
+        if label.tg263 and label.tg263 != label.name:
+            description.SegmentDescription = label.name  # the name in the source data ("RightParotid")
         descriptions.append(description)
     # Segment numbers 1..N in place of label values; only slices with an organ become frames (fast on large CTs).
     lut = np.zeros(max(int(labelmap.max()), max(table.values)) + 1, np.uint8)
@@ -139,21 +141,22 @@ class SegImport:
     """The segments of a DICOM SEG on its CT's grid.
 
     Attributes:
-        names: SegmentLabel of each segment, in segment-number order.
+        names: SegmentLabel of each segment, in segment-number order (TG-263 names in SEGs of :func:`write_seg`).
         masks: (segments, z, y, x) bool, axis 1 following the CT's files.
-        tg263: each segment's SegmentDescription when it is a TG-263 name written by :func:`write_seg`, else "".
+        descriptions: each segment's SegmentDescription ("" when absent): the label's own name in our SEGs.
         types: each segment's property type code ``(value, scheme, meaning)``.
         colors: each segment's recommended RGB colour, None where the SEG has none.
     """
 
     names: list[str]
     masks: np.ndarray
-    tg263: list[str] = field(default_factory=list)
+    descriptions: list[str] = field(default_factory=list)
     types: list[CodedConcept] = field(default_factory=list)
     colors: list[tuple[int, int, int] | None] = field(default_factory=list)
 
     def to_labelmap(self, table: LabelTable) -> tuple[np.ndarray, list[str]]:
-        """A (z, y, x) uint8 label map with ``table``'s values, matching segments by name or TG-263 name.
+        """A (z, y, x) uint8 label map with ``table``'s values, matching segments by label or description (names,
+        TG-263 names and their synonyms, see :meth:`LabelTable.by_name`).
 
         Returns:
             ``(labelmap, names of segments no label matched)``; where segments overlap, the later one wins.
@@ -161,8 +164,8 @@ class SegImport:
         labelmap = np.zeros(self.masks.shape[1:], np.uint8)
         unmatched = []
         for i, name in enumerate(self.names):
-            label = (table.by_name(self.tg263[i]) if i < len(self.tg263) and self.tg263[i] else None) \
-                or table.by_name(name)
+            description = self.descriptions[i] if i < len(self.descriptions) else ""
+            label = table.by_name(name) or (table.by_name(description) if description else None)
             if label is None:
                 unmatched.append(name)
             else:
@@ -209,13 +212,13 @@ def read_seg(path: str | Path, ct: CtSeries) -> SegImport:
         pixels = seg.get_pixels_by_source_instance([ct.sop_instance_uids[k] for k in rows], segment_numbers=numbers,
                                                    assert_missing_frames_are_empty=True)
         masks[:, rows] = np.moveaxis(pixels > 0, -1, 0)
-    names, tg263, types, colors = [], [], [], []
+    names, descriptions, types, colors = [], [], [], []
     for number in numbers:
         item = seg.get_segment_description(number)
         names.append(str(item.segment_label))
-        tg263.append(str(item.get("SegmentDescription", "")))
+        descriptions.append(str(item.get("SegmentDescription", "")))
         code = item.segmented_property_type
         types.append(CodedConcept(str(code.value), str(code.scheme_designator), str(code.meaning)))
         color = item.get("RecommendedDisplayCIELabValue")
         colors.append(tuple(int(c) for c in hd.color.CIELabColor.from_dicom_value(color).to_rgb()) if color else None)
-    return SegImport(names, masks, tg263, types, colors)
+    return SegImport(names, masks, descriptions, types, colors)
