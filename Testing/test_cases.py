@@ -2,14 +2,18 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_dicom_ct import write_series
 
 from separeg.cases import Case, find_cases, load_case, read_case_list
+from separeg.dicom_ct import read_ct_series
+from separeg.dicom_rt import read_rtstruct
 from separeg.errors import InputError, VolumeReadError
 from separeg.labels import LabelTable, load_label_table
 
@@ -223,3 +227,73 @@ def test_empty_label_map_annotates_nothing(openkbp: Path, table: LabelTable, tmp
 def test_missing_files_are_read_errors(openkbp: Path, table: LabelTable, tmp_path: Path) -> None:
     with pytest.raises(VolumeReadError, match="does not exist"):
         load_case(Case("pt_1", openkbp / "pt_1_ct.nii.gz", tmp_path / "none.nii.gz"), table)
+
+
+# ----------------------------------------------------------------------------------------------- DICOM cases
+
+
+LUNG1_TABLE = LabelTable.from_names(["GTV-1", "SpinalCord", "Lung_L", "Lung_R", "Heart"])
+
+
+def copy_lung1(lung1: Path, folder: Path, *, slices: slice = slice(None), rtstruct: bool = True) -> Path:
+    """LUNG1's CT (a run of slices) under folder/ct and its RTSTRUCT under folder/rt."""
+    (folder / "ct").mkdir(parents=True)
+    for path in sorted((lung1 / "ct").glob("*.dcm"))[slices]:
+        shutil.copy(path, folder / "ct" / path.name)
+    if rtstruct:
+        (folder / "rt").mkdir()
+        shutil.copy(lung1 / "rtstruct" / "1-1.dcm", folder / "rt" / "1-1.dcm")
+    return folder
+
+
+def test_dicom_ct_with_rtstruct_is_a_case(lung1: Path, openkbp: Path, tmp_path: Path) -> None:
+    cases, unpaired = find_cases(lung1)
+    info = json.loads((lung1 / "info.json").read_text())
+    assert cases == [Case("LUNG1-001", lung1 / "ct", lung1 / "rtstruct" / "1-1.dcm", info["series_instance_uid"])]
+    assert unpaired == [] and cases[0].is_dicom
+    loaded = load_case(cases[0], LUNG1_TABLE)
+    assert loaded.name == "LUNG1-001" and loaded.labels.dtype == np.uint8 and loaded.labels.shape == (134, 512, 512)
+    assert loaded.image.GetSize() == (512, 512, 134) and loaded.image.GetSpacing()[2] == 3.0
+    assert loaded.annotated == {1, 2, 3, 4} and loaded.not_annotated(LUNG1_TABLE) == {5}  # no Heart ROI
+    assert np.count_nonzero(loaded.labels == 1) == 54639  # the GTV keeps the voxels it shares with the lung
+
+
+def test_dicom_and_nifti_cases_together(lung1: Path, openkbp: Path, tmp_path: Path, caplog) -> None:
+    # Slices 41-48 of 134 hold no GTV contour: the GTV is not annotated in that case.
+    copy_lung1(lung1, tmp_path / "lung", slices=slice(40, 48))
+    copy_case(openkbp, "pt_1", tmp_path / "kbp")
+    write_series(tmp_path / "ct_only" / "ct", np.zeros((3, 8, 8)))  # a CT without RTSTRUCT
+    (tmp_path / "ct_only" / "notes.txt").write_text("no contours")
+    cases, unpaired = find_cases(tmp_path)
+    assert [(c.name, c.is_dicom) for c in cases] == [("LUNG1-001", True), ("pt_1", False)]
+    assert unpaired == [tmp_path / "ct_only" / "ct"]
+    with caplog.at_level(logging.WARNING):
+        loaded = load_case(cases[0], LUNG1_TABLE, synonyms={"Lung-Right": "Heart"})
+    assert loaded.labels.shape == (8, 512, 512) and loaded.annotated == {2, 3, 5}
+    assert loaded.not_annotated(LUNG1_TABLE) == {1, 4}
+    assert "match no organ" not in caplog.text and "beyond the CT's first or last slice" in caplog.text
+    direct = read_rtstruct(cases[0].labels, read_ct_series(cases[0].image))
+    assert np.count_nonzero(loaded.labels == 5) == direct.roi("Lung-Right").voxels
+    with caplog.at_level(logging.WARNING):
+        loaded = load_case(cases[0], LabelTable.from_names(["SpinalCord"]))
+    assert loaded.annotated == {1}
+    assert f"case LUNG1-001: ROIs Lung-Left, Lung-Right of {cases[0].labels} match no organ" in caplog.text
+
+
+def test_dicom_case_pairing_errors(lung1: Path, tmp_path: Path) -> None:
+    copy_lung1(lung1, tmp_path / "a", slices=slice(40, 44))
+    shutil.copy(lung1 / "rtstruct" / "1-1.dcm", tmp_path / "a" / "rt" / "copy.dcm")
+    with pytest.raises(InputError, match=r"has 2 RTSTRUCTs: .*1-1\.dcm, .*copy\.dcm; keep one"):
+        find_cases(tmp_path)
+    (tmp_path / "a" / "rt" / "copy.dcm").unlink()
+    shutil.rmtree(tmp_path / "a" / "ct")
+    with pytest.raises(InputError, match=r"no labelled case \(no volume files, 1 DICOM series or RTSTRUCT"):
+        find_cases(tmp_path)
+
+
+def test_dicom_case_in_a_case_list(lung1: Path, tmp_path: Path) -> None:
+    copy_lung1(lung1, tmp_path, slices=slice(40, 48))
+    (tmp_path / "cases.json").write_text(json.dumps([{"name": "l1", "image": "ct", "labels": "rt/1-1.dcm"}]))
+    cases = read_case_list(tmp_path / "cases.json")
+    assert cases == [Case("l1", tmp_path / "ct", tmp_path / "rt" / "1-1.dcm")] and cases[0].is_dicom
+    assert load_case(cases[0], LUNG1_TABLE).annotated == {2, 3, 4}

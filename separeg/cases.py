@@ -1,7 +1,9 @@
 """Labelled training cases: a CT and its organ label map on the same grid.
 
-Cases are found by naming convention (:func:`find_cases`) or listed in a JSON/CSV file (:func:`read_case_list`),
-and read with :func:`load_case`, which checks the grid and the label values against a :class:`LabelTable`.
+Cases are found by naming convention or as DICOM CT series with the RTSTRUCT drawn on them (:func:`find_cases`), or
+listed in a JSON/CSV file (:func:`read_case_list`), and read with :func:`load_case`, which checks the grid and the
+label values against a :class:`LabelTable` (an RTSTRUCT's ROIs are matched to the table by name, see
+:mod:`separeg.dicom_rt`).
 
 Partial labels: a case's label map is trusted only for the organs it contains. An organ of the table that has no
 voxel in a case was *not annotated* there; its voxels are 0 like the background, but they are unknown, not
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ import numpy as np
 
 from .errors import InputError
 from .labels import LabelTable
-from .volumes import VOLUME_SUFFIXES, Geometry, read_volume
+from .volumes import VOLUME_SUFFIXES, Geometry, _looks_like_dicom, read_volume
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -45,14 +48,26 @@ LABEL_SUFFIXES = ("_oar", "_seg", "_label", "_labels")
 FOLDER_PAIRS = (("images", "labels"), ("imagestr", "labelstr"))
 NNUNET_CHANNEL = "_0000"
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Case:
-    """A labelled case: its name (unique in a data set), the image volume and the label map."""
+    """A labelled case: its name (unique in a data set), the image volume and the label map.
+
+    A DICOM case has the folder of its CT series as ``image``, the RTSTRUCT file as ``labels`` and the series'
+    SeriesInstanceUID as ``series_uid`` (None: the folder's only image series).
+    """
 
     name: str
     image: Path
     labels: Path
+    series_uid: str | None = None
+
+    @property
+    def is_dicom(self) -> bool:
+        """True when the labels are an RTSTRUCT (a DICOM file) rather than a label map volume."""
+        return self.series_uid is not None or (_split_name(self.labels.name) is None and _looks_like_dicom(self.labels))
 
 
 @dataclass
@@ -87,9 +102,9 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _volume_files(folder: Path) -> list[Path]:
-    """Volume files under ``folder``, recursively, sorted; hidden files and folders skipped."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _split_name(p.name)
+def _files(folder: Path) -> list[Path]:
+    """Files under ``folder``, recursively, sorted; hidden files and folders skipped."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -101,11 +116,13 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
 
     - ``<case>_ct.<ext>`` beside ``<case>_oar.<ext>``, ``<case>_seg``, ``<case>_label`` or ``<case>_labels``;
     - ``images/<case>.<ext>`` with ``labels/<case>.<ext>`` (the two folders side by side), and nnU-Net's
-      ``imagesTr/<case>_0000.<ext>`` with ``labelsTr/<case>.<ext>``.
+      ``imagesTr/<case>_0000.<ext>`` with ``labelsTr/<case>.<ext>``;
+    - DICOM: an image series (CT, MR, PET) with the one RTSTRUCT that references it (by SeriesInstanceUID), anywhere
+      in the tree; the case is named by PatientID (plus the series folder's name when a patient has several).
 
-    Files that are not volumes (text, DICOM, ...) are ignored. Volumes that pair with nothing (a CT without labels,
-    labels without a CT) are returned, so that the caller can report them; they are not an error as long as at
-    least one case is found.
+    Other files are ignored. Volumes and DICOM series that pair with nothing (a CT without labels, labels without a
+    CT) are returned, so that the caller can report them; they are not an error as long as at least one case is
+    found.
 
     Args:
         folder: the data folder.
@@ -115,12 +132,15 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
 
     Raises:
         InputError: ``folder`` is not a folder; no case found (the message says what was found and the
-            conventions); a CT with two label maps; two cases with the same name.
+            conventions); a CT with two label maps or two RTSTRUCTs; two cases with the same name.
     """
+    from .dicom_rt import find_dicom_cases
+
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder; give the folder that holds the labelled cases")
-    files = _volume_files(folder)
+    every = _files(folder)
+    files = [p for p in every if _split_name(p.name)]
     stems_by_dir: dict[tuple[Path, str], list[Path]] = {}
     for p in files:
         stem, _ = _split_name(p.name)  # type: ignore[misc]
@@ -152,14 +172,19 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
         cases.append(Case(name, p, labels[0]))
         used.update((p, labels[0]))
 
+    dicom_cases, dicom_unpaired = find_dicom_cases(p for p in every if not _split_name(p.name))
+    cases += [Case(c.name, c.ct_folder, c.rtstruct, c.series_uid) for c in dicom_cases]
     _refuse_duplicate_names(cases, str(folder))
-    unpaired = [p for p in files if p not in used]
+    unpaired = sorted([p for p in files if p not in used] + dicom_unpaired)
     if not cases:
         found = f"{len(files)} volume file(s), none paired (e.g. {files[0].name})" if files else "no volume files"
+        if dicom_unpaired:
+            found += f", {len(dicom_unpaired)} DICOM series or RTSTRUCT(s) without a partner"
         raise InputError(
             f"{folder} holds no labelled case ({found}). Name each CT <case>_ct.nii.gz and its label map "
             f"<case>_oar.nii.gz (or {', '.join(LABEL_SUFFIXES[1:])}), put them in images/ and labels/ folders under "
-            "the same names, or list the cases in a JSON or CSV file"
+            "the same names, put each DICOM CT series with the RTSTRUCT drawn on it, or list the cases in a JSON or "
+            "CSV file"
         )
     return sorted(cases, key=lambda c: c.name), unpaired
 
@@ -255,24 +280,39 @@ def _case_name(image: Path) -> str:
     return stem[: -len(IMAGE_SUFFIX)] if stem.lower().endswith(IMAGE_SUFFIX) and len(stem) > 3 else stem
 
 
-def load_case(case: Case, table: LabelTable) -> LoadedCase:
+def load_case(case: Case, table: LabelTable, *, synonyms: Mapping[str, str] | None = None) -> LoadedCase:
     """Read a case's image and label map and check them against each other and against ``table``.
 
     Args:
         case: the case.
         table: the organs the label maps may hold.
+        synonyms: for DICOM cases, the user's ROI names -> label or TG-263 names
+            (:func:`~separeg.dicom_rt.load_synonyms`); ROIs that match no label are left out with a logged warning.
 
     Returns:
         The loaded case; ``annotated`` holds the label values with at least one voxel (organs of ``table`` outside
-        it were not contoured in this case: unknown, not background).
+        it were not contoured in this case: unknown, not background). For a DICOM case the label map is the
+        RTSTRUCT's ROIs rasterised on the CT's grid (see :mod:`separeg.dicom_rt`); the organs it has no ROI for are
+        not annotated.
 
     Raises:
         VolumeReadError: an unreadable file (from :func:`~separeg.volumes.read_volume`).
+        SeriesError: an unusable DICOM series (see :func:`~separeg.dicom_ct.read_ct_series`).
         InputError: the label map's grid differs from the image's (both geometries are named), it holds
-            negative or fractional values, or values that are not in ``table``.
+            negative or fractional values, or values that are not in ``table``; an RTSTRUCT that is not one or was
+            drawn on another series.
     """
     import SimpleITK as sitk
 
+    if case.is_dicom:
+        from .dicom_rt import load_dicom_case
+
+        image, labels, annotated, unmatched = load_dicom_case(case.image, case.labels, table,
+                                                              series_uid=case.series_uid, synonyms=synonyms)
+        if unmatched:
+            log.warning("case %s: ROIs %s of %s match no organ of the label table; left out", case.name,
+                        ", ".join(unmatched), case.labels)
+        return LoadedCase(case.name, image, labels, annotated)
     image = read_volume(case.image)
     label_image = read_volume(case.labels)
     image_geometry, label_geometry = Geometry.of(image), Geometry.of(label_image)
