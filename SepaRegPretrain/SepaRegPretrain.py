@@ -6,7 +6,6 @@ The module declares and mounts; the work is in SepaRegPretrainLib.Logic (tested 
 
 from __future__ import annotations
 
-import logging
 import os
 import unittest
 from pathlib import Path
@@ -95,12 +94,7 @@ class SepaRegPretrainWidget(ScriptedLoadableModuleWidget):
         from separeg.devices import list_devices
 
         self.ui.deviceComboBox.clear()
-        try:
-            devices = list_devices()
-        except Exception as exc:  # noqa: BLE001 - a broken CUDA install must not hide the module
-            logging.warning(f"could not list GPUs: {exc}")
-            devices = [("auto", "Automatic"), ("cpu", "CPU")]
-        for device, label in devices:
+        for device, label in list_devices():
             self.ui.deviceComboBox.addItem(label, device)
 
     def request(self) -> PretrainRequest:

@@ -6,7 +6,6 @@ processes; SceneIO: the only code that touches MRML) and in the ``separeg`` core
 
 from __future__ import annotations
 
-import logging
 import unittest
 from pathlib import Path
 
@@ -87,12 +86,7 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
     def fillDevices(self):
         from separeg.devices import list_devices
 
-        try:
-            devices = list_devices()
-        except Exception as exc:  # noqa: BLE001 - a broken CUDA install must not hide the module
-            logging.warning(f"could not list GPUs: {exc}")
-            devices = [("auto", "Automatic"), ("cpu", "CPU")]
-        for device, label in devices:
+        for device, label in list_devices():
             self.ui.deviceComboBox.addItem(label, device)
 
     def fillModels(self, select: str | None = None):

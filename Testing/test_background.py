@@ -127,3 +127,11 @@ def test_parse_line_and_cli_command() -> None:
         run.start()
         run.wait(timeout=30)
         run.start()
+
+
+def test_device_list_always_offers_auto_and_cpu() -> None:
+    from separeg.devices import list_devices
+
+    devices = list_devices()
+    assert devices[0][0] == "auto" and devices[-1] == ("cpu", "CPU")
+    assert all(d.startswith(("cuda:", "mps")) for d, _ in devices[1:-1])

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+
 __all__ = ["list_devices"]
+
+logger = logging.getLogger(__name__)
 
 
 def list_devices() -> list[tuple[str, str]]:
     """``[(device argument, label)]``: auto, each CUDA GPU with its name and memory, Apple MPS, CPU.
 
-    Imports torch lazily; without torch only ``auto`` and ``cpu`` are listed.
+    Imports torch lazily; without torch, or when the GPU driver fails, only ``auto`` and ``cpu`` are listed (a
+    broken CUDA install must not hide the Slicer modules).
     """
     devices = [("auto", "Automatic (GPU when available)")]
     try:
         import torch
-    except ImportError:
-        return devices + [("cpu", "CPU")]
+
+        devices += _gpus(torch)
+    except (ImportError, RuntimeError, OSError) as exc:
+        logger.warning("could not list GPUs: %s", exc)
+    return devices + [("cpu", "CPU")]
+
+
+def _gpus(torch) -> list[tuple[str, str]]:
+    devices = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
@@ -22,4 +34,4 @@ def list_devices() -> list[tuple[str, str]]:
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         devices.append(("mps", "Apple GPU (MPS)"))
-    return devices + [("cpu", "CPU")]
+    return devices
