@@ -47,6 +47,9 @@ def test_output_has_the_input_geometry_for_nifti_and_dicom(model_bundle: Path, o
         assert segmentation.GetPixelID() == sitk.sitkUInt8
         assert description["notice"] == REVIEW_NOTICE
         assert [lb["tg263"] for lb in description["labels"]][:3] == ["Brainstem", "SpinalCord", "Parotid_R"]
+        assert description["labels"][2]["display_name"] == "Right parotid gland"
+        assert description["labels"][2]["terminology"].split("~")[2:4] == ["SCT^45289007^Parotid gland",
+                                                                           "SCT^24028007^Right"]
     # LUNG1 has 0.98 mm pixels, the model was trained at 3.9 mm: warned, not refused.
     assert any("spacing" in w for w in description["warnings"])
 

@@ -5,10 +5,10 @@ CT (NIfTI/NRRD/MHA or a DICOM series folder) -> canonical orientation -> model g
 logits back on the input grid -> argmax -> per-organ largest connected component and hole filling ->
 label map in the input's exact geometry. Outputs, in OUT_DIR:
 ``segmentation.nii.gz`` (uint8 label map) and ``segmentation.json`` (labels with names, TG-263 names,
-colours and volumes in cc, warnings, the model's identity, and the reminder that this is an automatic
-contour that needs review). With ``rtstruct``/``seg``, also ``rtstruct.dcm``/``seg.dcm`` referencing the input CT
-series (a NIfTI/NRRD/MHA input is first written as a new DICOM series ``ct_dicom/``, which they reference; see
-:mod:`separeg.export`) and ``export.json``.
+colours, volumes in cc, display names and Slicer terminology entries, warnings, the model's identity, and the
+reminder that this is an automatic contour that needs review). With ``rtstruct``/``seg``, also ``rtstruct.dcm``/
+``seg.dcm`` referencing the input CT series (a NIfTI/NRRD/MHA input is first written as a new DICOM series
+``ct_dicom/``, which they reference; see :mod:`separeg.export`) and ``export.json``.
 """
 
 from __future__ import annotations
@@ -101,6 +101,14 @@ def _warnings(image, data: dict) -> list[str]:
     return notes
 
 
+def _terminology(label) -> dict:
+    """Display name and Slicer terminology entry of a label (coded organs; others get the generic "Tissue")."""
+    from .dicom_seg import segment_terminology
+
+    term = segment_terminology(label)
+    return {"display_name": term.name, "terminology": term.slicer_entry(), "coded": term.coded}
+
+
 def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     """Contour ``job.volume`` with ``job.model``; write the label map and its description to ``job.out_dir``.
 
@@ -155,7 +163,7 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
         "separeg_version": __version__,
         "model": {"path": str(bundle.path), "name": Path(bundle.path).stem, "sha256": bundle.weights_sha256},
         "labels": [{"value": lb.value, "name": lb.name, "tg263": lb.tg263, "color": list(lb.color),
-                    "volume_cc": volumes[lb.tg263 or lb.name]} for lb in table.labels],
+                    "volume_cc": volumes[lb.tg263 or lb.name], **_terminology(lb)} for lb in table.labels],
         "warnings": warnings,
         "postprocessing": {"largest_component": job.largest_component, "fill_holes": job.fill_holes},
     }

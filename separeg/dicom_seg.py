@@ -85,6 +85,7 @@ def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtS
         InputError: the label map is not on the CT's grid, has values the table lacks, or is empty.
     """
     import highdicom as hd
+    import pydicom
     from pydicom.sr.codedict import codes
 
     labelmap = np.asarray(labelmap)
@@ -116,12 +117,12 @@ def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtS
     for number, label in enumerate(labels, start=1):
         lut[label.value] = number
     slices = np.flatnonzero(labelmap.reshape(labelmap.shape[0], -1).any(axis=1))
-    datasets = ct.datasets()
+    datasets = [pydicom.dcmread(ct.files[k]) for k in slices]  # the slices with an organ (ct.datasets(): all)
     with warnings.catch_warnings():
         # highdicom warns about single-component patient names of the source CT ("Anonymous", "LUNG1-001").
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
         seg = hd.seg.Segmentation(
-            source_images=[datasets[k] for k in slices], pixel_array=lut[labelmap[slices]],
+            source_images=datasets, pixel_array=lut[labelmap[slices]],
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
             series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="separeg",
