@@ -545,9 +545,19 @@ def _slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _format_numbers(values: np.ndarray) -> list[str]:
-    """DS strings with 0.1 um precision, trailing zeros dropped (16 characters at most for |v| < 1e10 mm)."""
-    return [f"{v:.4f}".rstrip("0").rstrip(".") for v in values.tolist()]
+def _contour_data(values: np.ndarray):
+    """ContourData as an encoded DS element: 0.1 um precision, trailing zeros dropped.
+
+    Built as raw bytes because pydicom's per-value DS conversion and checks take most of the export's time
+    (LUNG1: 1.9 of 2.7 s).
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    text = "\\".join(f"{v:.4f}".rstrip("0").rstrip(".") for v in values.tolist()).encode("ascii")
+    if len(text) % 2:
+        text += b" "
+    return RawDataElement(Tag(0x30060050), "DS", len(text), text, 0, False, True)
 
 
 def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, description: str) -> Path:
@@ -607,7 +617,6 @@ def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, 
         contour = pydicom.Dataset()
         contour.ROIDisplayColor = [int(c) for c in roi.color]
         contour.ReferencedROINumber = number
-        contour.ContourSequence = _contour_items(roi, matrix, origin, ct)
         roi_contours.append(contour)
         observation = pydicom.Dataset()
         observation.ObservationNumber, observation.ReferencedROINumber = number, number
@@ -625,7 +634,11 @@ def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, 
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ensure_character_set(ds)
+    ensure_character_set(ds)  # before the contours: it reads every element, which would decode their raw data
+    for roi, contour in zip(rois, roi_contours, strict=True):
+        contour.ContourSequence = _contour_items(roi, matrix, origin, ct)
+    if not rois:
+        log.warning("%s lists no structure: the label map or masks are empty", path)
     with atomic_path(path, suffix=".dcm") as tmp:
         ds.save_as(tmp, enforce_file_format=True)
     log.info("wrote %d ROIs to %s", len(rois), path)
@@ -653,7 +666,7 @@ def _contour_items(roi: _RoiOut, matrix: np.ndarray, origin: np.ndarray, ct: CtS
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(lps)
             item.ContourNumber = len(items) + 1
-            item.ContourData = _format_numbers(lps.ravel())
+            item[0x30060050] = _contour_data(lps.ravel())  # ContourData
             items.append(item)
     return items
 
