@@ -51,13 +51,7 @@ def _check_labelmap(labelmap: np.ndarray, table: LabelTable, ct: CtSeries) -> li
     if labelmap.shape != expected:
         raise InputError(f"the label map is {'x'.join(map(str, labelmap.shape))} (z, y, x) voxels, the CT series "
                          f"{ct.series_instance_uid} {'x'.join(map(str, expected))}; give a label map on the CT's grid")
-    present = [int(v) for v in np.unique(labelmap) if v != 0]
-    unknown = [v for v in present if v not in table.values]
-    if unknown:
-        raise InputError(f"the label map has values {', '.join(map(str, unknown))} that the label table does not "
-                         f"list ({', '.join(f'{lb.value} {lb.name}' for lb in table)}); give the label table the "
-                         "label map was made with")
-    return [table.by_value(v) for v in present]
+    return table.present_in(labelmap)
 
 
 def _coded(concept: CodedConcept):

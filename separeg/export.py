@@ -118,15 +118,6 @@ def _labelmap_array(image: sitk.Image, source: Path | str) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def _check_values(array: np.ndarray, table: LabelTable, source: Path | str) -> None:
-    present = [int(v) for v in np.unique(array) if v != 0]
-    unknown = [v for v in present if v not in table.values]
-    if unknown:
-        raise InputError(f"{source} has label values {', '.join(map(str, unknown))} that the label table does not "
-                         f"list ({', '.join(f'{lb.value} {lb.name}' for lb in table)}); give the label table the label "
-                         "map was made with (--labels)")
-
-
 def _mismatch(what: str, labelmap: Geometry, ct: Geometry) -> InputError:
     return InputError(f"the label map is not on the grid of {what}: label map {labelmap.describe()}; CT "
                       f"{ct.describe()}. Contour this CT, or resample the label map onto it first")
@@ -167,7 +158,7 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
         raise InputError(f"the CT {ct_source} does not exist; give the CT the label map was made on (a DICOM series "
                          "folder or a NIfTI/NRRD/MHA file)")
     array = _labelmap_array(labelmap, source)
-    _check_values(array, table, source)
+    present = table.present_in(array, str(source), " (--labels)")
     outputs: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     seconds: dict[str, float] = {}
@@ -202,7 +193,6 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
     import SimpleITK as sitk
 
     dicom_array = sitk.GetArrayFromImage(dicom_grid(labelmap)).astype(np.uint8) if ct_written else array
-    present = [table.by_value(v) for v in np.unique(array) if v != 0]
     for label in present:
         if not segment_terminology(label).coded:
             events.warning(f"{label.name!r} has no standard code; its SEG segment is coded as generic tissue",

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+import numpy as np
+
 from .atomic import write_json
 from .errors import InputError
 from .terminology import CodedConcept, Terminology, display_name, terminology
@@ -235,6 +237,21 @@ class LabelTable:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(label.name for label in self.labels)
+
+    def present_in(self, labels: np.ndarray, source: str = "the label map", hint: str = "") -> list[Label]:
+        """The table's labels that occur in a label map, in value order; refuses values the table does not list.
+
+        Raises:
+            InputError: a non-zero value of ``labels`` has no label (the message names ``source`` and the table).
+        """
+        values = np.flatnonzero(np.bincount(labels.ravel())) if labels.dtype == np.uint8 else np.unique(labels)
+        present = [int(v) for v in values if v != 0]
+        unknown = [v for v in present if v not in self._by_value]
+        if unknown:
+            raise InputError(f"{source} has label values {', '.join(map(str, unknown))} that the label table does "
+                             f"not list ({', '.join(f'{lb.value} {lb.name}' for lb in self)}); give the label table "
+                             f"the label map was made with{hint}")
+        return [self._by_value[v] for v in present]
 
     def by_value(self, value: int) -> Label:
         """The label with this voxel value.
