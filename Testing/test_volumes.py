@@ -80,6 +80,9 @@ def test_missing_path_and_single_dicom_file(lung1: Path, tmp_path: Path) -> None
 
 
 def test_empty_folder_has_no_series(tmp_path: Path) -> None:
+    with pytest.raises(SeriesError, match="is empty; give the folder that holds the DICOM series"):
+        read_volume(tmp_path)
+    (tmp_path / "notes.txt").write_text("no DICOM here")
     with pytest.raises(SeriesError, match="no CT, MR or PET image series"):
         read_volume(tmp_path)
 

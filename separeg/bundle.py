@@ -243,6 +243,13 @@ def _read_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: 
     return data
 
 
+def _writer(info: dict[str, Any]) -> str:
+    """``separeg X.Y`` as recorded in bundle.json, for messages."""
+    versions = info.get("versions")
+    version = versions.get("separeg") if isinstance(versions, dict) else None
+    return f"separeg {version}" if isinstance(version, str) and version else "an unknown separeg version"
+
+
 def _check_info(path: Path, info: object) -> dict[str, Any]:
     """Check the fixed part of bundle.json."""
     if not isinstance(info, dict):
@@ -251,12 +258,13 @@ def _check_info(path: Path, info: object) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _not_a_bundle(path, f"{JSON_MEMBER} has no valid schema_version")
     if version > SCHEMA_VERSION:
-        raise BundleError(f"{path} has bundle schema version {version}, newer than the {SCHEMA_VERSION} this "
-                          f"separeg {__version__} reads; upgrade separeg")
+        raise BundleError(f"{path} was made by {_writer(info)} with bundle schema version {version}, newer than the "
+                          f"{SCHEMA_VERSION} this separeg {__version__} reads; upgrade separeg "
+                          "(pip install --upgrade separeg, or update the SepaReg extension in 3D Slicer)")
     kind = info.get("kind")
     if kind not in BUNDLE_KINDS:
-        raise BundleError(f"{path} is a bundle of unknown kind {kind!r} (known: {', '.join(BUNDLE_KINDS)}); "
-                          "upgrade separeg or check the file")
+        raise BundleError(f"{path} is a bundle of unknown kind {kind!r} made by {_writer(info)} (known kinds: "
+                          f"{', '.join(BUNDLE_KINDS)}); upgrade separeg or check the file")
     if not isinstance(info.get("architecture"), dict):
         raise _not_a_bundle(path, f"{JSON_MEMBER} has no architecture object")
     weights = info.get("weights")

@@ -25,6 +25,7 @@ from .volumes import (
     _list_series,
     _sorted_slices,
     index_dicom_files,
+    unreadable_series,
 )
 
 if TYPE_CHECKING:
@@ -131,8 +132,7 @@ class CtSeries:
         try:
             return reader.Execute()
         except RuntimeError as exc:
-            raise VolumeReadError(f"series {self.series_instance_uid} in {self.folder} could not be read (missing "
-                                  f"pixel data or a corrupt file?): {_first_line(exc)}") from exc
+            raise VolumeReadError(unreadable_series(self.series_instance_uid, self.folder, self.files, exc)) from exc
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -202,7 +202,10 @@ def _choose_series(folder: Path, series_uid: str | None) -> DicomSeries:
         raise InputError(f"{folder} does not exist; give the folder that holds the CT DICOM series")
     if not folder.is_dir():
         raise InputError(f"{folder} is a file; give the folder that holds the whole CT DICOM series")
-    found, problems = index_dicom_files(p for p in sorted(folder.rglob("*")) if p.is_file())
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    if not files:
+        raise SeriesError(f"{folder} is empty; give the folder that holds the CT DICOM series")
+    found, problems = index_dicom_files(files)
     if series_uid is not None:
         if series_uid not in found:
             listed = _list_series(found.values()) or "no DICOM series"

@@ -14,8 +14,8 @@ from .figures import pick_slices, region_overlay, save_png
 from .regions import RegionMaps, SISConfig, load_or_compute
 from .volumes import Geometry, content_hash, read_volume
 
-__all__ = ["RegionsJob", "RegionsResult", "separate_volume", "organ_coverage", "region_statistics", "read_reference",
-           "run_regions"]
+__all__ = ["RegionsJob", "RegionsResult", "separate_volume", "separate_image", "organ_coverage", "region_statistics",
+           "read_reference", "run_regions"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,19 @@ class RegionsResult:
 def separate_volume(path: str | Path, config: SISConfig, cache_dir: str | Path, *, events: Events | None = None,
                     workers: int | None = None):
     """Read a volume and get its region maps (cached). Returns ``(image, hu, maps, from_cache)``."""
+    image = read_volume(path)
+    hu, maps, cached = separate_image(image, config, cache_dir, events=events, workers=workers)
+    return image, hu, maps, cached
+
+
+def separate_image(image, config: SISConfig, cache_dir: str | Path, *, events: Events | None = None,
+                   workers: int | None = None):
+    """Region maps of a volume already read (cached). Returns ``(hu, maps, from_cache)``."""
     import SimpleITK as sitk
 
-    image = read_volume(path)
     hu = sitk.GetArrayFromImage(image)
     maps, cached = load_or_compute(hu, content_hash(image), config, cache_dir, events=events, workers=workers)
-    return image, hu, maps, cached
+    return hu, maps, cached
 
 
 def organ_coverage(maps: RegionMaps, reference: np.ndarray) -> dict[int, float]:
@@ -88,9 +95,11 @@ def run_regions(job: RegionsJob, events: Events | None = None) -> RegionsResult:
     """Separate ``job.volume`` into regions; write ``cache/``, ``overlay.png`` and ``regions.json`` to its out_dir."""
     events = events or Events()
     out = Path(job.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    image, hu, maps, cached = separate_volume(job.volume, job.sis, out / "cache", events=events, workers=job.workers)
+    # Both inputs are read and checked before anything is written: a bad input leaves no output folder behind.
+    image = read_volume(job.volume)
     reference = read_reference(Path(job.reference), image) if job.reference else None
+    out.mkdir(parents=True, exist_ok=True)
+    hu, maps, cached = separate_image(image, job.sis, out / "cache", events=events, workers=job.workers)
     stats = {"volume": str(job.volume), "volume_hash": maps.volume_hash, "config": asdict(job.sis),
              "from_cache": cached, **region_statistics(maps)}
     if reference is not None:

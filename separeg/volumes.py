@@ -44,6 +44,15 @@ MIN_SLICES = 3
 # Relative tolerance on the gap between consecutive DICOM slices before the series is refused.
 SLICE_GAP_TOLERANCE = 0.01
 IMAGE_MODALITIES = ("CT", "MR", "PT")
+# Voxel sizes below this are micro-CT at most: a clinical volume this fine has its spacing in metres, not mm.
+MIN_SPACING_MM = 0.01
+# No patient is longer than this along any axis (whole-body CT is about 2 m): a larger field of view is a bad header.
+MAX_EXTENT_MM = 3000.0
+# Slices stacked this far off their normal are a gantry tilt (sheared grid); DICOM rounding stays far below it.
+MAX_TILT_DEGREES = 0.5
+_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+# Unsigned 16-bit voxels at or above this read as -4096..-1 when taken as signed: CT air stored without an offset.
+_WRAPPED_FROM = 0xF000
 
 
 def _sitk():
@@ -117,6 +126,58 @@ def check_volume(image: sitk.Image, source: str | Path, *, min_slices: int = MIN
             f"{source} has {slices} slice(s) ({'x'.join(map(str, image.GetSize()))} voxels); at least {min_slices} "
             "axial slices are needed. Is this a scout, a single slice or a 2D export of the scan?"
         )
+    _check_spacing(image, source)
+    _check_values(image, source)
+
+
+def _check_spacing(image: sitk.Image, source: str | Path) -> None:
+    """Refuse voxel sizes no patient scan has: a header in the wrong unit, or a broken one."""
+    spacing = np.asarray(image.GetSpacing(), float)
+    extent = spacing * np.asarray(image.GetSize())
+    shown = "x".join(f"{s:.4g}" for s in spacing)
+    if not np.all(np.isfinite(spacing)) or spacing.min() < MIN_SPACING_MM:
+        raise VolumeReadError(
+            f"{source} has voxel spacing {shown} mm, below {MIN_SPACING_MM} mm: the header's spacing is wrong "
+            "(in metres rather than millimetres?). Set the true spacing in mm, e.g. in 3D Slicer's Volumes module "
+            "or with SimpleITK's SetSpacing, and save the volume again"
+        )
+    if extent.max() > MAX_EXTENT_MM:
+        raise VolumeReadError(
+            f"{source} has voxel spacing {shown} mm, so its field of view is "
+            f"{'x'.join(f'{e / 1000:.3g}' for e in extent)} m, more than the {MAX_EXTENT_MM / 1000:g} m of any "
+            "patient: the header's spacing is wrong (in micrometres rather than millimetres?). Set the true spacing "
+            "in mm and save the volume again"
+        )
+
+
+def _check_values(image: sitk.Image, source: str | Path) -> None:
+    """Refuse NaN/infinite voxels and CT values stored as unsigned integers without an offset (wrapped around)."""
+    sitk = _sitk()
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array.min() + array.max()):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise VolumeReadError(
+            f"{source} has {bad} NaN or infinite voxel(s) of {array.size}: the image was not reconstructed or "
+            "resampled completely. Fill them (e.g. with -1000 HU, air, for a CT) and save the volume again"
+        )
+    if array.dtype == np.uint16 and _wrapped_around(array):
+        raise VolumeReadError(
+            f"{source} stores signed values as unsigned 16-bit integers without an offset: negative HU wrapped "
+            f"around (air, -1000 HU, reads as {0x10000 - 1000}). Convert the voxels to signed 16-bit (int16; "
+            "with SimpleITK: view the array as int16) and save the volume again"
+        )
+
+
+def _wrapped_around(array: np.ndarray) -> bool:
+    """True when uint16 voxels fall in two clusters, 0..0x7FFF and 0xF000..0xFFFF, with nothing between.
+
+    That is int16 data (a CT with air near -1000 HU) written as uint16; an unsigned image (MR, a CT with an
+    offset) fills the range continuously or stays below 0x8000.
+    """
+    high = int(np.count_nonzero(array >= _WRAPPED_FROM))
+    if high < 0.01 * array.size:
+        return False
+    return not np.any((array > 0x7FFF) & (array < _WRAPPED_FROM))
 
 
 def read_volume(path: str | Path, *, series_uid: str | None = None, min_slices: int = MIN_SLICES) -> sitk.Image:
@@ -144,7 +205,7 @@ def read_volume(path: str | Path, *, series_uid: str | None = None, min_slices: 
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise VolumeReadError(f"{path} could not be read (truncated or corrupt file?): {_first_line(exc)}") from exc
+            raise VolumeReadError(_unreadable_file(path, exc)) from exc
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
     elif _looks_like_dicom(path):
@@ -158,38 +219,89 @@ def read_volume(path: str | Path, *, series_uid: str | None = None, min_slices: 
     return image
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a NIfTI file shorter than its header promises.
+def _unreadable_file(path: Path, exc: BaseException) -> str:
+    """Why ITK could not read ``path``: a text file under an image name, or a damaged image."""
+    try:
+        with path.open("rb") as f:
+            start = f.read(512)
+    except OSError:
+        start = b""
+    if start and all(32 <= b < 127 or b in b"\t\r\n" for b in start):
+        text = start.decode("ascii").strip().splitlines()[0][:60] if start.strip() else ""
+        return (f"{path} could not be read: it holds text, not an image (it starts with {text!r}); an error page "
+                "or message saved under an image name? Download or export the volume again")
+    if not start:
+        return f"{path} could not be read: it is empty (0 bytes); copy or export the volume again"
+    return f"{path} could not be read (truncated or corrupt file?): {_first_line(exc)}; copy or export it again"
 
-    ITK fills the missing voxels of a truncated NIfTI with zeros and reports no error; NRRD and MHA
-    readers do raise.
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file shorter than its header promises, or whose float voxels hold NaN or infinity.
+
+    ITK fills the missing voxels of a truncated NIfTI with zeros and reports no error (NRRD and MHA readers do
+    raise), and it reads NaN voxels of a NIfTI as 0: both are only seen in the file's own bytes.
     """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             header = f.read(540)
+            expected, offset, dtype = _nifti_layout(path, header)
+            scan = _NonFiniteCounter(offset, dtype)
+            scan.feed(header)
             length = len(header)
             while chunk := f.read(1 << 22):
                 length += len(chunk)
+                scan.feed(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         raise VolumeReadError(f"{path} is truncated or corrupt ({exc}); copy or export the file again") from exc
+    if length < expected:
+        raise VolumeReadError(f"{path} is truncated: {length} of {expected} bytes; copy or export the file again")
+    if scan.count:
+        raise VolumeReadError(
+            f"{path} has {scan.count} NaN or infinite voxel(s) (ITK would read them as 0): the image was not "
+            "reconstructed or resampled completely. Fill them (e.g. with -1000 HU, air, for a CT) and save the volume "
+            "again"
+        )
+
+
+def _nifti_layout(path: Path, header: bytes) -> tuple[int, int, np.dtype | None]:
+    """``(bytes the file must hold, offset of the voxels, voxel dtype when it is floating point)``."""
     for order in "<>":
-        sizeof_hdr = struct.unpack(order + "i", header[:4])[0]
-        if sizeof_hdr == 348:  # NIfTI-1
+        sizeof_hdr = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
+        if sizeof_hdr == 348 and len(header) >= 348:  # NIfTI-1
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
-        if sizeof_hdr == 540:  # NIfTI-2
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+        if sizeof_hdr == 540 and len(header) >= 540:  # NIfTI-2
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
             offset = struct.unpack(order + "q", header[168:176])[0]
             break
     else:
-        raise VolumeReadError(f"{path} has no valid NIfTI header")
+        raise VolumeReadError(f"{path} has no valid NIfTI header; copy or export the file again")
     expected = offset + int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix // 8
-    if length < expected:
-        raise VolumeReadError(f"{path} is truncated: {length} of {expected} bytes; copy or export the file again")
+    floats = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
+    return expected, offset, np.dtype(order + floats[datatype]) if datatype in floats else None
+
+
+class _NonFiniteCounter:
+    """Counts NaN/infinite values of ``dtype`` in a byte stream whose voxels start at ``offset``."""
+
+    def __init__(self, offset: int, dtype: np.dtype | None) -> None:
+        self.offset, self.dtype, self.count = offset, dtype, 0
+        self._seen, self._carry = 0, b""
+
+    def feed(self, chunk: bytes) -> None:
+        start = max(0, self.offset - self._seen)
+        self._seen += len(chunk)
+        if self.dtype is None or start >= len(chunk):
+            return
+        data = self._carry + chunk[start:]
+        usable = len(data) // self.dtype.itemsize * self.dtype.itemsize
+        values = np.frombuffer(data[:usable], self.dtype)
+        self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self._carry = data[usable:]
 
 
 def write_volume(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
@@ -299,6 +411,7 @@ def _sorted_slices(series: DicomSeries) -> list[Path]:
     """Files ordered along the slice normal; refuses missing geometry, duplicate or unevenly spaced slices."""
     pydicom = _pydicom()
     positions: list[tuple[float, Path]] = []
+    corners: dict[Path, np.ndarray] = {}
     normal = None
     for path in series.files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -313,7 +426,8 @@ def _sorted_slices(series: DicomSeries) -> list[Path]:
         elif not np.allclose(normal, this_normal, atol=1e-3):
             raise SeriesError(f"series {series.series_uid} mixes slice orientations (e.g. {path.name}); "
                               "split it into separate series")
-        positions.append((float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))), path))
+        corners[path] = np.asarray(ds.ImagePositionPatient, float)
+        positions.append((float(np.dot(normal, corners[path])), path))
     positions.sort(key=lambda p: p[0])
     z = np.array([p[0] for p in positions])
     if len(z) > 1:
@@ -327,7 +441,22 @@ def _sorted_slices(series: DicomSeries) -> list[Path]:
                 f"series {series.series_uid} has uneven slice gaps ({gaps.min():.3g} to {gaps.max():.3g} mm): "
                 "slices are missing or the series mixes scans. Export the complete series again."
             )
+        _check_tilt(series, corners[positions[-1][1]] - corners[positions[0][1]], normal)
     return [p[1] for p in positions]
+
+
+def _check_tilt(series: DicomSeries, step: np.ndarray, normal: np.ndarray) -> None:
+    """Refuse slices stacked off their normal (gantry tilt): ITK would place them on a grid that is not the scan's."""
+    along = float(np.dot(step, normal))
+    across = float(np.linalg.norm(step - along * normal))
+    tilt = float(np.degrees(np.arctan2(across, abs(along))))
+    if tilt > MAX_TILT_DEGREES:
+        raise SeriesError(
+            f"series {series.series_uid} was acquired with a gantry tilt: its slices are stacked {tilt:.1f} degrees "
+            "off their normal (a sheared grid), which SepaReg does not resample. Resample it onto a regular grid "
+            "first (3D Slicer's DICOM module does this with 'Acquisition geometry regularization') or export an "
+            "untilted reconstruction from the scanner"
+        )
 
 
 def read_dicom_series(source: str | Path | DicomSeries, *, series_uid: str | None = None) -> sitk.Image:
@@ -345,16 +474,20 @@ def read_dicom_series(source: str | Path | DicomSeries, *, series_uid: str | Non
             series = found[series_uid]
         elif len(images) == 1:
             series = next(iter(images.values()))
+        elif not files:
+            raise SeriesError(f"{folder} is empty; give the folder that holds the DICOM series, or a volume file")
         elif not images:
             detail = ""
             if problems:
-                detail = f" ({len(problems)} damaged DICOM files, e.g. {problems[0][0].name}: {problems[0][1]})"
+                detail = (f" ({len(problems)} damaged DICOM files, e.g. {problems[0][0].name}: {problems[0][1]}; copy "
+                          "or export the series again)")
             other = f"; it holds only {_list_series(found.values())}" if found else ""
             raise SeriesError(f"{folder} holds no CT, MR or PET image series{other}{detail}")
         else:
             raise SeriesError(
                 f"{folder} mixes {len(images)} image series: {_list_series(images.values())}. "
-                "Move each series to its own folder or choose one by its SeriesInstanceUID."
+                "Move each series to its own folder or choose one by its SeriesInstanceUID "
+                "(separeg contour and export: --series-uid)."
             )
     if series.modality not in IMAGE_MODALITIES:
         modality = series.modality or "of unknown modality"
@@ -366,10 +499,34 @@ def read_dicom_series(source: str | Path | DicomSeries, *, series_uid: str | Non
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise VolumeReadError(
-            f"series {series.series_uid} in {series.folder} could not be read (missing pixel data or a corrupt "
-            f"file?): {_first_line(exc)}"
-        ) from exc
+        raise VolumeReadError(unreadable_series(series.series_uid, series.folder, files, exc)) from exc
+
+
+def unreadable_series(series_uid: str, folder: Path, files: Iterable[Path], exc: BaseException) -> str:
+    """The message for a series whose pixels ITK could not read, naming the first damaged slice found."""
+    damaged = next((why for why in map(_slice_damage, files) if why), None)
+    if damaged:
+        return (f"series {series_uid} in {folder} could not be read: {damaged}. Replace that file with a good copy "
+                "or export the series again")
+    return (f"series {series_uid} in {folder} could not be read (missing pixel data or a corrupt file?): "
+            f"{_first_line(exc)}; export the series again")
+
+
+def _slice_damage(path: Path) -> str | None:
+    """What is wrong with one DICOM slice's pixel data, or None when it looks whole."""
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many types for damaged files
+        return f"{path.name} is truncated or corrupt ({_first_line(exc)})"
+    if "PixelData" not in ds:
+        return f"{path.name} has no pixel data (Pixel Data element missing)"
+    if ds.file_meta.get("TransferSyntaxUID") in _UNCOMPRESSED:
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * \
+            int(ds.BitsAllocated) // 8 * int(ds.get("NumberOfFrames", 1) or 1)
+        if len(ds.PixelData) < expected:
+            return f"{path.name} is truncated: {len(ds.PixelData)} of {expected} bytes of pixel data"
+    return None
 
 
 def _list_series(series: Iterable[DicomSeries]) -> str:
