@@ -180,6 +180,7 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
         found = f"{len(files)} volume file(s), none paired (e.g. {files[0].name})" if files else "no volume files"
         if dicom_unpaired:
             found += f", {len(dicom_unpaired)} DICOM series or RTSTRUCT(s) without a partner"
+            found += _unpaired_rtstruct_detail(dicom_unpaired)
         raise InputError(
             f"{folder} holds no labelled case ({found}). Name each CT <case>_ct.nii.gz and its label map "
             f"<case>_oar.nii.gz (or {', '.join(LABEL_SUFFIXES[1:])}), put them in images/ and labels/ folders under "
@@ -187,6 +188,21 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
             "CSV file"
         )
     return sorted(cases, key=lambda c: c.name), unpaired
+
+
+def _unpaired_rtstruct_detail(unpaired: list[Path]) -> str:
+    """Which series the first unpaired RTSTRUCT was drawn on: the usual reason a DICOM case is not found."""
+    import pydicom
+
+    from .volumes import _referenced_series
+
+    rtstruct = next((p for p in unpaired if p.is_file()), None)
+    if rtstruct is None:
+        return ""
+    ds = pydicom.dcmread(rtstruct, stop_before_pixels=True, specific_tags=["ReferencedFrameOfReferenceSequence"])
+    series = ", ".join(sorted(_referenced_series(ds))) or "no series"
+    return (f"; e.g. the RTSTRUCT {rtstruct.name} references the series {series}, not in this folder: put each "
+            "RTSTRUCT beside the CT series it was drawn on")
 
 
 def _folder_pair(images_dir: Path) -> Path | None:
