@@ -132,6 +132,24 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--patience", type=_positive_int, default=d.patience, help="early stopping, in epochs (30)")
     group.add_argument("--validation-cases", type=int, default=None, help="cases held out (default 20 %%)")
     group.add_argument("--seed", type=int, default=d.seed)
+    partial = parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher")
+    partial.add_argument("--partial-labels", choices=["auto", "plseg", "marginal", "background"],
+                         default=d.partial_labels,
+                         help="how to treat organs a case does not annotate: plseg (PL-Seg losses), marginal "
+                              "(marginal Dice + CE), background (naive: unlabelled voxels are background); auto: "
+                              "plseg when the training cases annotate different organs, else background")
+    partial.add_argument("--no-hardness", action="store_true", help="PL-Seg without HADFL's hardness weights")
+    partial.add_argument("--psd-weight", type=float, default=d.psd_weight,
+                         help=f"PL-Seg self-distillation weight, ramped up to it (0 = off; {d.psd_weight})")
+    partial.add_argument("--cocl-weight", type=float, default=d.cocl_weight,
+                         help=f"PL-Seg orthogonal contrastive loss weight (0 = off; {d.cocl_weight})")
+    partial.add_argument("--mean-teacher", action="store_true",
+                         help="add Mean Teacher consistency on unlabelled scans (needs --unlabelled)")
+    partial.add_argument("--unlabelled", type=_existing_path, default=None, metavar="ARCHIVE",
+                         help="folder of unlabelled CTs (volumes or DICOM series) for --mean-teacher")
+    partial.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"teacher EMA decay ({d.ema_decay})")
+    partial.add_argument("--consistency", type=float, default=d.consistency,
+                         help=f"consistency loss weight after ramp-up ({d.consistency})")
     _add_running(parser)
 
 
@@ -140,8 +158,14 @@ def _run_finetune(args: argparse.Namespace, events: Events) -> int:
 
     config = FinetuneConfig(encoder=args.encoder, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                             batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                            validation_cases=args.validation_cases, seed=args.seed)
-    run_finetune(FinetuneJob(data=args.data, out_dir=args.out, labels=args.labels, init=args.init, config=config,
+                            validation_cases=args.validation_cases, seed=args.seed,
+                            partial_labels=args.partial_labels, hardness=not args.no_hardness,
+                            psd_weight=args.psd_weight, cocl_weight=args.cocl_weight,
+                            mean_teacher=args.mean_teacher, ema_decay=args.ema_decay, consistency=args.consistency)
+    if args.unlabelled is not None and not args.mean_teacher:
+        events.warning("--unlabelled is only used with --mean-teacher; ignored", stage="finetune")
+    run_finetune(FinetuneJob(data=args.data, out_dir=args.out, labels=args.labels, init=args.init,
+                             unlabelled=args.unlabelled, config=config,
                              device=args.device, restart=args.restart, resume=args.resume, stop_file=args.stop_file,
                              checkpoint_minutes=args.checkpoint_minutes), events)
     return 0

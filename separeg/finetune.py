@@ -1,9 +1,10 @@
 """`separeg finetune`: a U-Net from a pretrained encoder, trained on a few annotated CTs (DESIGN §2.9).
 
-2D on axial slices as in the paper; Dice + CE with the marginal loss for organs a case does not annotate;
-class-balanced foreground sampling of square patches (an organ is drawn uniformly, then one of its
-pixels is the patch's centre: organs of a few hundred voxels are learnt as early as the mandible);
-light augmentation on the device (no left-right flips: they would
+2D on axial slices as in the paper; Dice + CE, or PL-Seg's losses when cases annotate different organs (an organ
+a case does not annotate is unknown there; :mod:`separeg.finetune_objective`); optionally Mean Teacher on
+unlabelled scans (``--mean-teacher --unlabelled ARCHIVE``); class-balanced foreground sampling of square
+patches (an organ is drawn uniformly, then one of its pixels is the patch's centre: organs of a few hundred
+voxels are learnt as early as the mandible); light augmentation on the device (no left-right flips: they would
 swap Parotid_L and Parotid_R); validation by patient after every epoch, the best checkpoint by mean DSC
 kept, early stopping. Resumable like pretraining; writes ``OUT/model.separeg``.
 """
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 from .atomic import write_json
 from .errors import InputError
 from .events import Events, FileSink
-from .seg_losses import marginal_dice_ce
 from .segmodel import GridSpec, build_unet, load_encoder_weights, to_canonical, to_model_grid
 from .training import Runtime, StopRequest, load_checkpoint, save_checkpoint, setup_runtime, step_seed, train_steps
 
@@ -46,13 +46,31 @@ class FinetuneConfig:
     spacing_xy: tuple[float, float] | None = None  # default: median in-plane spacing of the training cases
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     seed: int = 0
+    partial_labels: str = "auto"  # auto | plseg | marginal | background (separeg.finetune_objective)
+    hardness: bool = True  # PL-Seg: HADFL's hardness weights
+    psd_weight: float = 0.1  # PL-Seg: progressive self-distillation weight at the end (0: off)
+    cocl_weight: float = 0.1  # PL-Seg: classwise orthogonal contrastive loss weight (0: off)
+    mean_teacher: bool = False  # needs FinetuneJob.unlabelled
+    ema_decay: float = 0.99
+    consistency: float = 0.1  # Mean Teacher consistency weight after the ramp-up
+    consistency_rampup: float = 0.4  # fraction of training
+    unlabelled_slices: int = 2048  # at most this many unlabelled slices held in memory
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
+        from .finetune_objective import PARTIAL_LABEL_MODES
+
+        for name in ("epochs", "batch_size", "patience", "unlabelled_slices"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise InputError("foreground fraction must be in [0, 1]")
+        if self.partial_labels not in PARTIAL_LABEL_MODES:
+            raise InputError(f"partial-labels must be one of {', '.join(PARTIAL_LABEL_MODES)}")
+        for name in ("psd_weight", "cocl_weight", "consistency"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name.replace('_', '-')} must not be negative")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise InputError("ema-decay must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,7 @@ class FinetuneJob:
     out_dir: Path
     labels: Path | None = None  # label table; default: labels.json beside the data
     init: Path | None = None  # encoder bundle from `separeg pretrain`; random init without it
+    unlabelled: Path | None = None  # unlabelled scans for Mean Teacher (an archive folder)
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
     device: str = "auto"
     restart: bool = False
@@ -208,6 +227,8 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
     from .labels import LabelTable, load_label_table
 
     events = events or Events()
+    if job.config.mean_teacher and job.unlabelled is None:
+        raise InputError("--mean-teacher needs unlabelled scans: give --unlabelled ARCHIVE (a folder of CTs)")
     runtime = setup_runtime(job.device)
     out = Path(job.out_dir)
     cfg = job.config
@@ -258,7 +279,8 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
     spacing = cfg.spacing_xy or tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))
     spec = GridSpec(cfg.hu_window, spacing)
     identity = {"data": str(Path(job.data).resolve()), "init": init_hash, "config": json.loads(json.dumps(asdict(cfg))),
-                "cases": sorted(c.name for c in cases)}
+                "cases": sorted(c.name for c in cases),
+                "unlabelled": str(Path(job.unlabelled).resolve()) if cfg.mean_teacher else None}
     _check_run(out, identity, job, runtime)
     if runtime.is_main:
         events.add_sink(FileSink(out / "events.jsonl"))
@@ -269,12 +291,14 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
     train = SliceSet(train_cases, n_classes, spec, runtime.device)
     val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
     torch.manual_seed(cfg.seed)
-    model = build_unet(encoder_name, n_classes).to(runtime.device)
+    unet = build_unet(encoder_name, n_classes).to(runtime.device)
     if init_model is not None:
-        model.load_state_dict({k: v.to(runtime.device) for k, v in init_state.items()})
+        unet.load_state_dict({k: v.to(runtime.device) for k, v in init_state.items()})
     elif init_state is not None:
-        load_encoder_weights(model, init_state)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        load_encoder_weights(unet, init_state)
+    objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
+    model = objective.deployable
+    optimizer = torch.optim.AdamW(objective.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(max(len(train.foreground), 1) / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     history: dict = {"epochs": [], "best": None, "best_epoch": None, "stale": 0}
@@ -287,7 +311,7 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
         x, y, annotated = sample_patches(train, cfg.batch_size, patch, cfg.foreground_fraction, rng)
         generator = torch.Generator(device=runtime.device).manual_seed(step_seed(cfg.seed, "augment", step))
         x, y = augment_pairs(x, y, generator)
-        return marginal_dice_ce(model(x), y, annotated)
+        return objective(x, y, annotated, progress=step / total, rng=rng, generator=generator)
 
     def on_step(step: int) -> bool:
         if step % steps_per_epoch and step != total:
@@ -313,8 +337,9 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
         history.update(json.loads(saved["history"]))
 
     with StopRequest(job.stop_file) as stop:
-        train_steps(stage="finetune", model=model, optimizer=optimizer, total=total, base_lr=cfg.lr,
-                    step_loss=step_loss, after_step=None, checkpoint=out / "checkpoints" / "finetune.pt",
+        train_steps(stage="finetune", model=objective, optimizer=optimizer, total=total, base_lr=cfg.lr,
+                    step_loss=step_loss, after_step=objective.after_step,
+                    checkpoint=out / "checkpoints" / "finetune.pt",
                     extra_state=lambda: {"history": json.dumps(history)}, runtime=runtime, events=events, stop=stop,
                     checkpoint_seconds=job.checkpoint_minutes * 60, on_step=on_step, restore=restore)
     if not runtime.is_main:
@@ -333,6 +358,7 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
                   "training": {"init_encoder_sha256": init_hash, "training_cases": len(train_cases),
                                "validation_cases": len(val_cases), "epochs_run": len(history["epochs"]),
                                "best_epoch": history["best_epoch"], "config": identity["config"],
+                               "partial_labels": objective.mode, "mean_teacher": cfg.mean_teacher,
                                "separeg": __version__},
                   "validation": {"mean_dsc": history["best"], "per_organ_dsc": history["epochs"][
                       history["best_epoch"] - 1]["dsc"] if history["epochs"] else {}},
@@ -341,6 +367,26 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
     events.done(f"model written to {path} (best {'validation' if val else 'training'} mean DSC "
                 f"{100 * (history['best'] or 0):.1f} % at epoch {history['best_epoch']})")
     return path
+
+
+def _objective(unet: torch.nn.Module, cfg: FinetuneConfig, job: FinetuneJob, table, train_cases: list,
+               spec: GridSpec, runtime: Runtime, events: Events):
+    """The loss for these cases' annotations, with Mean Teacher on the unlabelled scans when asked for."""
+    from .finetune_objective import Objective, choose_partial_label_mode
+    from .mean_teacher import MeanTeacher, UnlabelledSlices
+
+    mode = choose_partial_label_mode(cfg.partial_labels, [c.annotated for c in train_cases],
+                                     [c.name for c in train_cases], {lb.value: lb.name for lb in table}, events)
+    teacher = None
+    if cfg.mean_teacher:
+        unlabelled = UnlabelledSlices.from_archive(job.unlabelled, spec, max_slices=cfg.unlabelled_slices,
+                                                   device=runtime.device, events=events)
+        events.log(f"Mean Teacher: {len(unlabelled)} unlabelled slice(s) from {len(unlabelled.names)} volume(s), "
+                   f"EMA decay {cfg.ema_decay}, consistency {cfg.consistency}", stage="finetune")
+        teacher = MeanTeacher(unet, unlabelled, decay=cfg.ema_decay, consistency=cfg.consistency,
+                              rampup=cfg.consistency_rampup)
+    return Objective(unet, mode, max(table.values) + 1, hardness=cfg.hardness, psd_weight=cfg.psd_weight,
+                     cocl_weight=cfg.cocl_weight, mean_teacher=teacher).to(runtime.device)
 
 
 def _data_statistics(cases: list) -> dict:
