@@ -13,6 +13,7 @@ reminder that this is an automatic contour that needs review). With ``rtstruct``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +22,14 @@ import torch
 from scipy import ndimage
 
 from .atomic import write_json
+from .errors import SepaRegError
 from .events import Events
 from .segmodel import GridSpec, build_unet, from_canonical, from_model_grid, to_canonical, to_model_grid
-from .training import setup_runtime
+from .training import Runtime, setup_runtime
 from .volumes import read_volume, write_volume
 
-__all__ = ["ContourJob", "ContourResult", "run_contour", "postprocess", "SEGMENTATION_FILE", "LABELS_FILE",
-           "REVIEW_NOTICE"]
+__all__ = ["ContourJob", "ContourResult", "run_contour", "postprocess", "predict_labels", "ContourMemoryError",
+           "SEGMENTATION_FILE", "LABELS_FILE", "REVIEW_NOTICE"]
 
 SEGMENTATION_FILE = "segmentation.nii.gz"
 LABELS_FILE = "segmentation.json"
@@ -78,6 +80,63 @@ def postprocess(labels: np.ndarray, values: list[int], *, largest_component: boo
                 filled = ndimage.binary_fill_holes(mask[k])
                 out[k][filled & (out[k] == 0)] = value
     return out
+
+
+class ContourMemoryError(SepaRegError):
+    """The device ran out of memory even one slice at a time."""
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """torch's out-of-memory exception (``torch.OutOfMemoryError`` from torch 2.5, ``torch.cuda.`` before)."""
+    return (getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,)
+
+
+def predict_labels(model: torch.nn.Module, slices: torch.Tensor, out_shape: tuple[int, int],
+                   to_input_grid: Callable[[torch.Tensor], torch.Tensor], runtime: Runtime, batch: int,
+                   events: Events) -> np.ndarray:
+    """Argmax labels of ``slices`` in batches; out of memory, the batch is halved (saying so) and the batch retried.
+
+    Args:
+        slices: ``(Z, 1, h, w)`` on the model grid, on the model's device.
+        out_shape: ``(H, W)`` of the input grid; ``to_input_grid`` maps ``(B, C, h, w)`` logits onto it.
+
+    Returns:
+        ``(Z, H, W)`` uint8 labels.
+
+    Raises:
+        ContourMemoryError: out of memory with a batch of one slice.
+    """
+    labels = np.zeros((len(slices), *out_shape), np.uint8)
+    start = 0
+    with torch.inference_mode():
+        while start < len(slices):
+            logits = None
+            try:
+                with runtime.inference_autocast:
+                    logits = model(slices[start:start + batch])
+                logits = to_input_grid(logits.float())
+            except _out_of_memory_errors() as exc:
+                if batch == 1:
+                    raise ContourMemoryError(
+                        f"out of memory on {runtime.device} even one slice at a time ({exc}); close other programs "
+                        "that use it, or contour on the CPU (--device cpu)") from exc
+                logits = None
+            if logits is None:  # outside the except block, whose traceback still holds the failed batch's tensors
+                batch = _smaller_batch(batch, runtime, events)
+                continue
+            labels[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            start += len(logits)
+            events.progress("contour", start, len(slices))
+    return labels
+
+
+def _smaller_batch(batch: int, runtime: Runtime, events: Events) -> int:
+    smaller = max(1, batch // 2)
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()  # give the failed batch's blocks back before trying the smaller one
+    events.warning(f"out of memory on {runtime.device} with {batch} slices per batch; continuing with {smaller}",
+                   stage="contour")
+    return smaller
 
 
 def _warnings(image, data: dict) -> list[str]:
@@ -139,15 +198,9 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     model.load_state_dict(bundle.state_dict)
     model = model.to(runtime.device).eval()
     slices = to_model_grid(hu, spacing, spec, device=runtime.device)
-    labels = np.zeros(hu.shape, np.uint8)
     batch = job.batch_size or (16 if runtime.device.type == "cuda" else 1)
-    with torch.inference_mode():
-        for start in range(0, len(slices), batch):
-            with runtime.inference_autocast:
-                logits = model(slices[start:start + batch])
-            logits = from_model_grid(logits.float(), hu.shape[1:], spacing, spec)
-            labels[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            events.progress("contour", min(start + batch, len(slices)), len(slices))
+    labels = predict_labels(model, slices, hu.shape[1:], lambda logits: from_model_grid(logits, hu.shape[1:], spacing,
+                                                                                       spec), runtime, batch, events)
     labels = postprocess(labels, table.values, largest_component=job.largest_component, fill_holes=job.fill_holes)
     result_image = sitk.GetImageFromArray(labels)
     result_image.CopyInformation(canonical)

@@ -26,9 +26,19 @@ from .pretrain_config import PretrainJob, as_json_dict
 from .regions import load_or_compute
 from .regionset import RegionSet, VolumeRegions
 from .rundir import RunDir, prepare_run_dir
+from .runlock import release_run_lock
 from .ssl import SSLModel, channel_kl, negative_cosine
 from .ssl.dense import DenseSSLModel
-from .training import Runtime, StopRequest, load_checkpoint, setup_runtime, step_seed, train_steps
+from .training import (
+    CorruptCheckpointError,
+    Runtime,
+    StopRequest,
+    load_checkpoint,
+    setup_runtime,
+    step_seed,
+    train_steps,
+    verify_checkpoint,
+)
 from .volumes import content_hash, read_volume
 
 __all__ = ["run_pretrain", "load_region_set"]
@@ -46,7 +56,15 @@ def run_pretrain(job: PretrainJob, events: Events | None = None) -> Path:
     events = events or Events()
     runtime = setup_runtime(job.device)
     run = RunDir(Path(job.run_dir))
-    prepare_run_dir(job, run, runtime)
+    prepare_run_dir(job, run, runtime)  # locks the run directory (rank 0) until the run ends
+    try:
+        return _run_stages(job, run, runtime, events)
+    finally:
+        if runtime.is_main:
+            release_run_lock(run.root)
+
+
+def _run_stages(job: PretrainJob, run: RunDir, runtime: Runtime, events: Events) -> Path:
     if runtime.is_main:
         events.add_sink(FileSink(run.root / "events.jsonl"))
     else:
@@ -69,7 +87,7 @@ def run_pretrain(job: PretrainJob, events: Events | None = None) -> Path:
         for name, stage in stages.items():
             if name not in job.stages:
                 continue
-            if run.done(name).exists():
+            if run.done(name).exists() and _outputs_intact(context, name):
                 events.log("already done", stage=name)
                 continue
             started = time.monotonic()
@@ -84,6 +102,22 @@ def run_pretrain(job: PretrainJob, events: Events | None = None) -> Path:
         write_report(run, events, regions=context.regions if run.clusters.exists() else None)
     events.done(f"pretraining finished: {run.encoder}" if run.encoder.exists() else "stages finished")
     return run.encoder
+
+
+def _outputs_intact(ctx: _Context, stage: str) -> bool:
+    """Whether a finished stage's checkpoints pass their checksums; if not, the stage runs again (saying so)."""
+    names = {"inter": ["inter"], "intra": sorted(p.stem for p in ctx.run.checkpoints.glob("intra*.pt")),
+             "distill": ["distill"]}.get(stage, [])
+    for name in names:
+        try:
+            verify_checkpoint(ctx.run.checkpoint(name))
+        except CorruptCheckpointError as exc:
+            ctx.events.warning(f"{exc.problem}; running the {stage} stage again", stage=stage)
+            ctx.runtime.barrier()  # every rank has checked before rank 0 removes the marker
+            if ctx.runtime.is_main:
+                ctx.run.done(stage).unlink(missing_ok=True)
+            return False
+    return True
 
 
 def _describe_device(runtime: Runtime) -> str:

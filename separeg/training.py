@@ -25,7 +25,7 @@ from .errors import CancelledError, InputError
 from .events import Events
 
 __all__ = ["Runtime", "pick_device", "setup_runtime", "cosine_lr", "step_seed", "save_checkpoint", "load_checkpoint",
-           "StopRequest", "train_steps", "TrainState"]
+           "verify_checkpoint", "checksum_path", "CorruptCheckpointError", "StopRequest", "train_steps", "TrainState"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,19 +145,133 @@ def step_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Atomic ``torch.save`` (temporary file, then rename): a crash never leaves a broken checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class CorruptCheckpointError(InputError):
+    """A checkpoint whose bytes differ from those written (SHA-256 mismatch), or that torch cannot read."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}. It was not loaded; re-run with --restart to start this run over")
+        self.problem = problem
+
+
+def checksum_path(path: str | Path) -> Path:
+    """The sidecar ``<checkpoint>.sha256`` (``sha256sum -c`` format) that records a checkpoint's digest."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> str:
+    """Atomic ``torch.save`` with its SHA-256 in ``<path>.sha256``; returns the digest.
+
+    The bytes are hashed as they are written and flushed to disk before the rename. The sidecar accepts the new
+    and the current digest while the rename is pending, then the new one only: a kill at any point leaves a
+    checkpoint that its sidecar accepts.
+
+    Raises:
+        DiskFullError: the disk filled up; the previous checkpoint and its sidecar are intact.
+    """
+    path = Path(path)
+    with atomic_path(path, suffix=".tmp") as tmp:
+        digest = _save_hashed(state, tmp)
+        _write_checksums(path, [digest, *(recorded_digests(path) if path.exists() else [])])
+    _write_checksums(path, [digest])
+    return digest
 
 
 def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
-    """Load with ``weights_only=True``: tensors and plain containers only, never arbitrary pickled code."""
+    """Verify the checksum, then load with ``weights_only=True`` (tensors and plain containers, never pickled code).
+
+    Raises:
+        InputError: the checkpoint is missing.
+        CorruptCheckpointError: its checksum does not match, or torch cannot read it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"checkpoint {path} is missing; run the stage that writes it first, or use --restart")
+    verify_checkpoint(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        raise InputError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
-                         "re-run with --restart to start this run over") from exc
+        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check ``path`` against its ``.sha256`` sidecar; a checkpoint from before checksums (no sidecar) passes.
+
+    Raises:
+        CorruptCheckpointError: the digest is not one the sidecar records.
+    """
+    path = Path(path)
+    sidecar = checksum_path(path)
+    if not sidecar.exists():
+        logger.warning("%s has no %s file (written before checksums); loading it unchecked", path, sidecar.name)
+        return
+    recorded = recorded_digests(path)
+    actual = file_sha256(path)
+    if actual not in recorded:
+        expected = recorded[0][:16] + "..." if recorded else "nothing readable"
+        raise CorruptCheckpointError(f"checkpoint {path} is damaged: its SHA-256 is {actual[:16]}..., {sidecar.name} "
+                                     f"records {expected} (a disk error, an incomplete copy or an edit)")
+
+
+def recorded_digests(path: str | Path) -> list[str]:
+    """The digests a checkpoint's sidecar accepts (one; two while a save is between its two steps)."""
+    try:
+        lines = checksum_path(path).read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0].lower() for line in lines if line.strip()]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+class _HashingWriter:
+    """The file object ``torch.save`` writes to: hashes the bytes on the way and keeps the ``OSError`` (e.g. disk
+    full) that torch would replace by a bare RuntimeError."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.sha256.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_hashed(state: dict, tmp: Path) -> str:
+    with open(tmp, "wb") as file:
+        writer = _HashingWriter(file)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+        file.flush()
+        os.fsync(file.fileno())  # the data is on disk before the rename makes it the checkpoint
+    return writer.sha256.hexdigest()
+
+
+def _write_checksums(path: Path, digests: list[str]) -> None:
+    with atomic_path(checksum_path(path), suffix=".tmp") as tmp:
+        tmp.write_text("".join(f"{d}  {path.name}\n" for d in dict.fromkeys(digests)), encoding="ascii")
 
 
 class StopRequest:
@@ -229,8 +343,8 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
         CancelledError: a stop was requested; the checkpoint was saved first.
     """
     state = TrainState()
-    if checkpoint.exists():
-        saved = load_checkpoint(checkpoint, map_location=runtime.device)
+    saved = _resume_state(checkpoint, stage, runtime, events)
+    if saved is not None:
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainState(int(saved["step"]), [float(x) for x in saved["losses"]])
@@ -277,20 +391,30 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
                 raise InputError(f"{stage}: the loss became {values[-1]} at step {state.step}; lower the learning "
                                  "rate (--lr) and re-run with --restart")
             state.losses += values
-        if state.step == total or time.monotonic() - last_save > checkpoint_seconds:
+        # on_step (validation, best model) runs before the save, so a checkpoint always holds its results.
+        stop_early = on_step is not None and on_step(state.step) and state.step < total
+        if stop_early or state.step == total or time.monotonic() - last_save > checkpoint_seconds:
             state.losses += [float(x) for x in torch.stack(pending).tolist()] if pending else []
             pending.clear()
-            save()
+            save(finished_early=stop_early)
             last_save = time.monotonic()
         events.progress(stage, state.step, total, loss=state.losses[-1] if state.losses else None)
-        if on_step is not None and on_step(state.step) and state.step < total:
-            state.losses += [float(x) for x in torch.stack(pending).tolist()] if pending else []
-            pending.clear()
-            save(finished_early=True)
+        if stop_early:
             break
     if runtime.distributed and isinstance(model, nn.parallel.DistributedDataParallel):
         _check_replicas(model, runtime, stage, events)
     return state
+
+
+def _resume_state(checkpoint: Path, stage: str, runtime: Runtime, events: Events) -> dict | None:
+    """The stage's checkpoint, or None to start at step 0: none yet, or a damaged one (never loaded)."""
+    if not checkpoint.exists():
+        return None
+    try:
+        return load_checkpoint(checkpoint, map_location=runtime.device)
+    except CorruptCheckpointError as exc:
+        events.warning(f"{exc.problem}; starting {stage} over from step 0", stage=stage)
+        return None
 
 
 def _check_replicas(model: nn.Module, runtime: Runtime, stage: str, events: Events) -> None:
