@@ -131,6 +131,8 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate ({d.lr})")
     group.add_argument("--patience", type=_positive_int, default=d.patience, help="early stopping, in epochs (30)")
     group.add_argument("--validation-cases", type=int, default=None, help="cases held out (default 20 %%)")
+    group.add_argument("--validation", type=_existing_path, default=None, metavar="DATA",
+                       help="fixed validation cases (a folder or case list); then every case of DATA trains")
     group.add_argument("--seed", type=int, default=d.seed)
     partial = parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher")
     partial.add_argument("--partial-labels", choices=["auto", "plseg", "marginal", "background"],
@@ -165,9 +167,22 @@ def _run_finetune(args: argparse.Namespace, events: Events) -> int:
     if args.unlabelled is not None and not args.mean_teacher:
         events.warning("--unlabelled is only used with --mean-teacher; ignored", stage="finetune")
     run_finetune(FinetuneJob(data=args.data, out_dir=args.out, labels=args.labels, init=args.init,
-                             unlabelled=args.unlabelled, config=config,
+                             unlabelled=args.unlabelled, validation_data=args.validation, config=config,
                              device=args.device, restart=args.restart, resume=args.resume, stop_file=args.stop_file,
                              checkpoint_minutes=args.checkpoint_minutes), events)
+    return 0
+
+
+def _run_experiment(args: argparse.Namespace, events: Events) -> int:
+    from .experiment import load_experiment, run_experiment
+    from .experiment_report import write_report
+
+    if args.report_only:
+        path = write_report(load_experiment(args.config), args.out)
+    else:
+        only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        path = run_experiment(args.config, args.out, events, only=only)
+    events.done(f"report: {path}")
     return 0
 
 
@@ -318,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list installed and shipped models")
     models.set_defaults(handler=_run_models, json=False)
+
+    experiment = sub.add_parser("experiment", help="the paper's comparison protocol: methods x |X_tr| -> tables, plots")
+    experiment.add_argument("config", type=_existing_path, help="experiment config (JSON; see Testing/experiments/)")
+    experiment.add_argument("--out", type=Path, required=True, help="experiment folder (finished runs are skipped)")
+    experiment.add_argument("--methods", default=None, help="comma-separated method names to run (default: all)")
+    experiment.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
+    _add_common(experiment)
+    experiment.set_defaults(handler=_run_experiment)
 
     demo = sub.add_parser("demo", help="run the pipeline on the bundled sample CTs")
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)")

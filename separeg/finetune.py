@@ -80,6 +80,7 @@ class FinetuneJob:
     labels: Path | None = None  # label table; default: labels.json beside the data
     init: Path | None = None  # encoder bundle from `separeg pretrain`; random init without it
     unlabelled: Path | None = None  # unlabelled scans for Mean Teacher (an archive folder)
+    validation_data: Path | None = None  # fixed validation cases (folder or case list); default: drawn from data
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
     device: str = "auto"
     restart: bool = False
@@ -223,7 +224,7 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
         CancelledError: stopped; a checkpoint was saved.
     """
     from .bundle import load_bundle, save_bundle
-    from .cases import find_cases, load_case, read_case_list
+    from .cases import load_case
     from .labels import LabelTable, load_label_table
 
     events = events or Events()
@@ -261,25 +262,19 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
                              "training cases")
         cfg = replace(cfg, spacing_xy=tuple(init_model.metadata["inputs"]["spacing_xy"]),
                       hu_window=tuple(init_model.metadata["inputs"]["hu_window"]))
-    if Path(job.data).is_file():
-        case_list = read_case_list(job.data)
+    cases = [load_case(c, table) for c in _case_list(job.data, events)]
+    if job.validation_data is not None:  # a fixed validation set (the experiment protocol)
+        train_cases, val_cases = cases, [load_case(c, table) for c in _case_list(job.validation_data, events)]
+        clash = {c.name for c in train_cases} & {c.name for c in val_cases}
+        if clash:
+            raise InputError(f"case(s) {', '.join(sorted(clash))} are both training and validation cases; "
+                             "a validation case must be unseen in training")
     else:
-        case_list, unpaired = find_cases(job.data)
-        if unpaired:
-            events.warning(f"{len(unpaired)} volume(s) without a partner are not used: "
-                           + ", ".join(p.name for p in unpaired[:5]), stage="finetune")
-    cases = [load_case(c, table) for c in case_list]
-    n_val = cfg.validation_cases if cfg.validation_cases is not None else (max(1, round(0.2 * len(cases)))
-                                                                            if len(cases) >= 2 else 0)
-    if n_val >= len(cases):
-        raise InputError(f"{len(cases)} case(s) cannot give {n_val} validation case(s) and a training case")
-    order = np.random.default_rng(cfg.seed).permutation(len(cases))
-    val_cases = [cases[i] for i in order[:n_val]]
-    train_cases = [cases[i] for i in order[n_val:]]
+        train_cases, val_cases = _split(cases, cfg)
     spacing = cfg.spacing_xy or tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))
     spec = GridSpec(cfg.hu_window, spacing)
     identity = {"data": str(Path(job.data).resolve()), "init": init_hash, "config": json.loads(json.dumps(asdict(cfg))),
-                "cases": sorted(c.name for c in cases),
+                "cases": sorted(c.name for c in cases), "validation": sorted(c.name for c in val_cases),
                 "unlabelled": str(Path(job.unlabelled).resolve()) if cfg.mean_teacher else None}
     _check_run(out, identity, job, runtime)
     if runtime.is_main:
@@ -367,6 +362,28 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
     events.done(f"model written to {path} (best {'validation' if val else 'training'} mean DSC "
                 f"{100 * (history['best'] or 0):.1f} % at epoch {history['best_epoch']})")
     return path
+
+
+def _case_list(data: Path, events: Events) -> list:
+    from .cases import find_cases, read_case_list
+
+    if Path(data).is_file():
+        return read_case_list(data)
+    case_list, unpaired = find_cases(data)
+    if unpaired:
+        events.warning(f"{len(unpaired)} volume(s) without a partner are not used: "
+                       + ", ".join(p.name for p in unpaired[:5]), stage="finetune")
+    return case_list
+
+
+def _split(cases: list, cfg: FinetuneConfig) -> tuple[list, list]:
+    """Training and validation cases: ``cfg.validation_cases`` (default 20 %) drawn with ``cfg.seed``."""
+    n_val = cfg.validation_cases if cfg.validation_cases is not None else (max(1, round(0.2 * len(cases)))
+                                                                            if len(cases) >= 2 else 0)
+    if n_val >= len(cases):
+        raise InputError(f"{len(cases)} case(s) cannot give {n_val} validation case(s) and a training case")
+    order = np.random.default_rng(cfg.seed).permutation(len(cases))
+    return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
 
 
 def _objective(unet: torch.nn.Module, cfg: FinetuneConfig, job: FinetuneJob, table, train_cases: list,

@@ -1,0 +1,286 @@
+"""`separeg experiment CONFIG --out OUT`: the paper's comparison protocol (Tables 3-7) with the product's commands.
+
+Protocol (paper, "Experimental Setup"): the pretraining set X_pre is the training pool's CTs (used without labels);
+a labelled training set X_tr of ``train_sizes`` cases is drawn from that pool with fixed seeds (several draws for
+small sizes); fixed validation cases pick the best checkpoint; the test cases are touched only at the end, by
+``separeg contour`` + ``separeg evaluate``. A method is a config entry: pretraining settings (or none: random
+init) and fine-tuning settings; nothing else differs between methods. One ``budget`` factor scales the paper's
+100k pretraining iterations and 200 fine-tuning epochs, so the same config runs small on a CPU and in full on a GPU.
+
+Every run is resumable and skipped once its ``metrics.csv`` exists; the report (``results.md``, ``results.csv``,
+``boxplots.png``, ``learning_curve.png``) is rebuilt from whatever has finished. ``hide_fraction`` removes organ
+annotations from the training cases at random (the partial-label protocol of PL-Seg).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_path, write_json
+from .errors import InputError
+from .events import Events
+
+__all__ = ["ExperimentConfig", "Method", "RunSpec", "load_experiment", "plan_runs", "run_experiment"]
+
+PAPER_PRETRAIN_ITERATIONS = 100_000
+PAPER_FINETUNE_EPOCHS = 200
+
+
+@dataclass(frozen=True)
+class Method:
+    """``pretrain``: keyword arguments of :class:`separeg.pretrain_config.PretrainConfig` (``separation`` sets
+    ``sis.mode``) or None for random init; ``finetune``: of :class:`separeg.finetune.FinetuneConfig`;
+    ``unlabelled``: Mean Teacher reads the pretraining set."""
+
+    name: str
+    pretrain: dict[str, Any] | None = None
+    finetune: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    data: Path  # <case>_ct / <case>_oar volumes and labels.json
+    train_pool: list[str]
+    validation: list[str]
+    test: list[str]
+    methods: list[Method]
+    train_sizes: list[int] = field(default_factory=lambda: [1, 10])
+    draws: dict[int, int] = field(default_factory=dict)  # size -> number of draws (default 1)
+    budget_pretrain: float = 1.0
+    budget_finetune: float = 1.0
+    encoder: str = "resnet50"
+    pretrain: dict[str, Any] = field(default_factory=dict)  # shared PretrainConfig settings
+    finetune: dict[str, Any] = field(default_factory=dict)  # shared FinetuneConfig settings
+    hide_fraction: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+
+    @property
+    def budget_text(self) -> str:
+        if self.budget_pretrain == self.budget_finetune:
+            return f"budget {self.budget_pretrain:g} x the paper's"
+        return f"budget {self.budget_pretrain:g} x the paper's pretraining, {self.budget_finetune:g} x its fine-tuning"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: Method
+    size: int
+    draw: int
+    cases: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.method.name}/n{self.size}_d{self.draw}"
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and check an experiment config (JSON); relative paths are taken from its folder.
+
+    Raises:
+        InputError: unreadable JSON, missing keys, unknown cases, overlapping splits, or sizes the pool cannot give.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"experiment config {path} could not be read as JSON ({exc})") from exc
+    missing = [k for k in ("name", "data", "train_pool", "validation", "test", "methods") if k not in raw]
+    if missing:
+        raise InputError(f"experiment config {path} lacks {', '.join(missing)}")
+    budget = raw.pop("budget", 1.0)
+    budgets = budget if isinstance(budget, dict) else {"pretrain": budget, "finetune": budget}
+    methods = [Method(m["name"], m.get("pretrain"), m.get("finetune", {})) for m in raw.pop("methods")]
+    data = Path(raw.pop("data"))
+    cfg = ExperimentConfig(data=data if data.is_absolute() else (path.parent / data).resolve(), methods=methods,
+                           budget_pretrain=float(budgets["pretrain"]), budget_finetune=float(budgets["finetune"]),
+                           draws={int(k): int(v) for k, v in raw.pop("draws", {}).items()}, **raw)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: ExperimentConfig) -> None:
+    names = [m.name for m in cfg.methods]
+    if len(set(names)) != len(names) or not names:
+        raise InputError("experiment methods need distinct names (and at least one method)")
+    splits = {"train_pool": set(cfg.train_pool), "validation": set(cfg.validation), "test": set(cfg.test)}
+    for a, b in (("train_pool", "validation"), ("train_pool", "test"), ("validation", "test")):
+        if splits[a] & splits[b]:
+            raise InputError(f"cases in both {a} and {b}: {', '.join(sorted(splits[a] & splits[b]))}")
+    absent = [c for c in set().union(*splits.values()) if not (cfg.data / f"{c}_ct.nii.gz").exists()
+              or not (cfg.data / f"{c}_oar.nii.gz").exists()]
+    if absent:
+        raise InputError(f"{cfg.data} lacks <case>_ct.nii.gz / <case>_oar.nii.gz for {', '.join(sorted(absent))}")
+    if not (cfg.data / "labels.json").exists():
+        raise InputError(f"{cfg.data} has no labels.json")
+    if max(cfg.train_sizes) > len(cfg.train_pool):
+        raise InputError(f"train size {max(cfg.train_sizes)} exceeds the training pool ({len(cfg.train_pool)})")
+    if not 0.0 <= cfg.hide_fraction < 1.0:
+        raise InputError("hide_fraction must be in [0, 1)")
+
+
+def plan_runs(cfg: ExperimentConfig) -> list[RunSpec]:
+    """Runs in the order they should be done: per size (smallest first), per method (config order), per draw."""
+    runs = []
+    for size in sorted(cfg.train_sizes):
+        draws = [tuple(sorted(np.random.default_rng([cfg.seed, size, d]).choice(cfg.train_pool, size, replace=False)
+                              .tolist())) for d in range(cfg.draws.get(size, 1))]
+        for method in cfg.methods:
+            runs += [RunSpec(method, size, d, cases) for d, cases in enumerate(draws)]
+    return runs
+
+
+def _link(source: Path, target: Path) -> None:
+    """A symbolic link where the file system allows one, else a copy (the CTs are read, never written)."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.symlink_to(source.resolve())
+    except OSError:
+        shutil.copy(source, target)
+
+
+def hidden_organs(cfg: ExperimentConfig, case: str, present: list[int]) -> list[int]:
+    """The organs whose annotation the partial-label protocol removes from ``case`` (at least one is kept)."""
+    if cfg.hide_fraction <= 0 or len(present) < 2:
+        return []
+    rng = np.random.default_rng([cfg.seed, *case.encode()])
+    hide = [v for v in present if rng.random() < cfg.hide_fraction]
+    return hide if len(hide) < len(present) else hide[1:]
+
+
+def _prepare_case(cfg: ExperimentConfig, case: str, folder: Path) -> list[int]:
+    """Link the case's CT into ``folder`` and write its (possibly partial) label map; returns the hidden organs."""
+    import SimpleITK as sitk
+
+    _link(cfg.data / f"{case}_ct.nii.gz", folder / f"{case}_ct.nii.gz")
+    labels = sitk.ReadImage(str(cfg.data / f"{case}_oar.nii.gz"))
+    array = sitk.GetArrayFromImage(labels)
+    hide = hidden_organs(cfg, case, sorted(int(v) for v in np.unique(array) if v > 0))
+    target = folder / f"{case}_oar.nii.gz"
+    if not hide:
+        _link(cfg.data / f"{case}_oar.nii.gz", target)
+    elif not target.exists():
+        array[np.isin(array, hide)] = 0
+        partial = sitk.GetImageFromArray(array)
+        partial.CopyInformation(labels)
+        with atomic_path(target, suffix=".nii.gz") as tmp:
+            sitk.WriteImage(partial, str(tmp), True)
+    return hide
+
+
+def _pretrain(cfg: ExperimentConfig, method: Method, out: Path, events: Events) -> Path:
+    from .pretrain import run_pretrain
+    from .pretrain_config import PretrainConfig, PretrainJob
+    from .regions import SISConfig
+
+    settings = {**cfg.pretrain, **method.pretrain}
+    separation = settings.pop("separation", "sis")
+    sis = SISConfig(**{**settings.pop("sis", {}), "mode": separation})
+    iterations = max(1, round(settings.pop("iterations", PAPER_PRETRAIN_ITERATIONS) * cfg.budget_pretrain))
+    config = PretrainConfig(encoder=cfg.encoder, sis=sis, iterations=iterations, seed=cfg.seed, **settings)
+    # Methods with the same pretraining settings share one run: its folder is named by the settings.
+    name = json.dumps({"sis": separation, "iterations": iterations, **settings}, sort_keys=True)
+    run_dir = out / "pretrain" / hashlib.sha256(name.encode()).hexdigest()[:10]
+    encoder = run_dir / "encoder.separeg"
+    if encoder.exists():
+        return encoder
+    events.log(f"pretraining for {method.name}: {iterations} iterations ({name})", stage="experiment")
+    return run_pretrain(PretrainJob(archive=_archive(cfg, out), run_dir=run_dir, config=config, device=cfg.device),
+                        events)
+
+
+def _archive(cfg: ExperimentConfig, out: Path) -> Path:
+    """X_pre: the training pool's CTs, unlabelled (pretraining and Mean Teacher read it)."""
+    for case in cfg.train_pool:
+        _link(cfg.data / f"{case}_ct.nii.gz", out / "archive" / f"{case}_ct.nii.gz")
+    return out / "archive"
+
+
+def _device_name(device: str) -> str:
+    import os
+
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _finetune_and_test(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, out: Path,
+                       events: Events) -> Path:
+    from .contour import ContourJob, run_contour
+    from .evaluate import EvaluateJob, run_evaluate
+    from .finetune import FinetuneConfig, FinetuneJob, run_finetune
+
+    run_dir = out / "runs" / run.method.name / f"n{run.size}_d{run.draw}"
+    data, validation = run_dir / "data", out / "validation"
+    hidden = {case: _prepare_case(cfg, case, data) for case in run.cases}
+    shutil.copy(cfg.data / "labels.json", data / "labels.json")
+    for case in cfg.validation:
+        _link(cfg.data / f"{case}_ct.nii.gz", validation / f"{case}_ct.nii.gz")
+        _link(cfg.data / f"{case}_oar.nii.gz", validation / f"{case}_oar.nii.gz")
+    settings = {"encoder": cfg.encoder, **cfg.finetune, **run.method.finetune}
+    epochs = max(1, round(settings.pop("epochs", PAPER_FINETUNE_EPOCHS) * cfg.budget_finetune))
+    config = FinetuneConfig(epochs=epochs, seed=cfg.seed, **settings)
+    write_json({"method": run.method.name, "size": run.size, "draw": run.draw, "cases": list(run.cases),
+                "hidden_organs": hidden, "encoder": str(encoder) if encoder else None, "epochs": epochs,
+                "device": _device_name(cfg.device)},
+               run_dir / "run.json")
+    model = run_finetune(FinetuneJob(data=data, out_dir=run_dir / "finetune", init=encoder, config=config,
+                                     device=cfg.device, validation_data=validation,
+                                     unlabelled=_archive(cfg, out) if config.mean_teacher else None), events)
+    predictions, references = run_dir / "predictions", out / "references"
+    for case in cfg.test:
+        _link(cfg.data / f"{case}_oar.nii.gz", references / f"{case}.nii.gz")
+        target = predictions / f"{case}.nii.gz"
+        if not target.exists():
+            result = run_contour(ContourJob(volume=cfg.data / f"{case}_ct.nii.gz", model=str(model),
+                                            out_dir=run_dir / "contour" / case, device=cfg.device), events)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(result.segmentation, target)
+    evaluation = run_evaluate(EvaluateJob(pred=predictions, ref=references, out_dir=run_dir / "evaluation",
+                                          labels=cfg.data / "labels.json"), events)
+    metrics = run_dir / "metrics.csv"
+    with atomic_path(metrics) as tmp:  # written last: its presence marks the run complete
+        shutil.copy(evaluation.metrics_csv, tmp)
+    return metrics
+
+
+def run_experiment(config_path: str | Path, out: str | Path, events: Events | None = None,
+                   only: list[str] | None = None) -> Path:
+    """Run every planned run not yet complete (or those of the methods in ``only``), then write the report.
+
+    Returns:
+        The path of ``results.md``.
+    """
+    from .experiment_report import write_report
+
+    events = events or Events()
+    cfg = load_experiment(config_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config_path, out / "config.json")
+    runs = [r for r in plan_runs(cfg) if only is None or r.method.name in only]
+    events.log(f"{cfg.name}: {len(runs)} run(s), {len(cfg.test)} test case(s), {cfg.budget_text}",
+               stage="experiment")
+    for i, run in enumerate(runs, 1):
+        metrics = out / "runs" / run.method.name / f"n{run.size}_d{run.draw}" / "metrics.csv"
+        events.progress("experiment", i - 1, len(runs), msg=run.key)
+        if metrics.exists():
+            continue
+        encoder = _pretrain(cfg, run.method, out, events) if run.method.pretrain is not None else None
+        _finetune_and_test(cfg, run, encoder, out, events)
+        write_report(cfg, out)
+    events.progress("experiment", len(runs), len(runs))
+    return write_report(cfg, out)
+
