@@ -10,6 +10,7 @@ run the same directory again after a run returns.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -58,12 +59,15 @@ def acquire_run_lock(root: str | Path) -> Path:
         return root / LOCK_FILE
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
     try:
-        _lock(fd)
-    except OSError as exc:
+        locked = _lock(fd)
+    except OSError:
         os.close(fd)
-        raise RunLockedError(_locked_message(root, path)) from exc
+        raise
+    if not locked:
+        os.close(fd)
+        raise RunLockedError(_locked_message(root, path))
     _write_holder(fd)
     _held[root] = _Held(fd, 1)
     return path
@@ -95,17 +99,26 @@ def run_lock(root: str | Path) -> Iterator[Path]:
         release_run_lock(root)
 
 
-def _lock(fd: int) -> None:
-    """Non-blocking exclusive lock; OSError when another process holds it."""
+def _lock(fd: int) -> bool:
+    """Non-blocking exclusive lock: False when another process holds it (other failures raise OSError)."""
     if sys.platform == "win32":
         import msvcrt
 
         os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    else:
-        import fcntl
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EDEADLOCK):
+                return False
+            raise
+        return True
+    import fcntl
 
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _unlock(fd: int) -> None:
