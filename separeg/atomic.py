@@ -4,11 +4,13 @@ An interrupted run (Ctrl-C, SIGKILL, full disk) leaves either the old file or th
 half-written file that looks complete. Temporary files are named ``.<name>.partial.<random><suffix>``; a
 SIGKILL can leave one behind, and :func:`remove_partial_files` clears them when a run starts again.
 A full disk is reported as :class:`DiskFullError`: where, how much was written, how much is free.
+Checksums: a ``<file>.sha256`` sidecar in ``sha256sum -c`` format records the digests a file may have.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -19,13 +21,15 @@ from pathlib import Path
 
 from .errors import SepaRegError
 
-__all__ = ["atomic_path", "write_json", "DiskFullError", "remove_partial_files", "format_bytes", "PARTIAL_MARK"]
+__all__ = ["atomic_path", "write_json", "DiskFullError", "remove_partial_files", "format_bytes", "PARTIAL_MARK",
+           "HashingWriter", "checksum_path", "write_checksums", "recorded_digests", "file_sha256"]
 
 # mkstemp creates files readable by the owner only; finished outputs get the usual permissions.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 PARTIAL_MARK = ".partial."
+CHECKSUM_SUFFIX = ".sha256"
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -112,3 +116,54 @@ def write_json(data: object, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return Path(path)
+
+
+def checksum_path(path: str | Path) -> Path:
+    """The sidecar ``<file>.sha256`` (``sha256sum -c`` format) that records a file's digest."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def write_checksums(path: Path, digests: list[str]) -> None:
+    """Atomically record the digests ``path`` may have (more than one only while a replacement is pending)."""
+    with atomic_path(checksum_path(path), suffix=".tmp") as tmp:
+        tmp.write_text("".join(f"{d}  {path.name}\n" for d in dict.fromkeys(digests)), encoding="ascii")
+
+
+def recorded_digests(path: str | Path) -> list[str]:
+    """The digests ``path``'s sidecar accepts; none when it is missing or unreadable."""
+    try:
+        lines = checksum_path(path).read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0].lower() for line in lines if line.strip()]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+class HashingWriter:
+    """A file object for serialisers (e.g. ``torch.save``): hashes the bytes on their way to ``file`` and keeps
+    the ``OSError`` (e.g. disk full) that a C++ writer would replace by a bare RuntimeError."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.sha256.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()

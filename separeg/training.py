@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import HashingWriter, atomic_path, checksum_path, file_sha256, recorded_digests, write_checksums
 from .errors import CancelledError, InputError
 from .events import Events
 
@@ -145,21 +145,12 @@ def step_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-CHECKSUM_SUFFIX = ".sha256"
-
-
 class CorruptCheckpointError(InputError):
     """A checkpoint whose bytes differ from those written (SHA-256 mismatch), or that torch cannot read."""
 
     def __init__(self, problem: str) -> None:
         super().__init__(f"{problem}. It was not loaded; re-run with --restart to start this run over")
         self.problem = problem
-
-
-def checksum_path(path: str | Path) -> Path:
-    """The sidecar ``<checkpoint>.sha256`` (``sha256sum -c`` format) that records a checkpoint's digest."""
-    path = Path(path)
-    return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> str:
@@ -175,8 +166,8 @@ def save_checkpoint(path: str | Path, state: dict) -> str:
     path = Path(path)
     with atomic_path(path, suffix=".tmp") as tmp:
         digest = _save_hashed(state, tmp)
-        _write_checksums(path, [digest, *(recorded_digests(path) if path.exists() else [])])
-    _write_checksums(path, [digest])
+        write_checksums(path, [digest, *(recorded_digests(path) if path.exists() else [])])
+    write_checksums(path, [digest])
     return digest
 
 
@@ -216,48 +207,9 @@ def verify_checkpoint(path: str | Path) -> None:
                                      f"records {expected} (a disk error, an incomplete copy or an edit)")
 
 
-def recorded_digests(path: str | Path) -> list[str]:
-    """The digests a checkpoint's sidecar accepts (one; two while a save is between its two steps)."""
-    try:
-        lines = checksum_path(path).read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    return [line.split()[0].lower() for line in lines if line.strip()]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(chunk):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-class _HashingWriter:
-    """The file object ``torch.save`` writes to: hashes the bytes on the way and keeps the ``OSError`` (e.g. disk
-    full) that torch would replace by a bare RuntimeError."""
-
-    def __init__(self, file) -> None:
-        self.file = file
-        self.sha256 = hashlib.sha256()
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            written = self.file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-        self.sha256.update(data)
-        return written
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
 def _save_hashed(state: dict, tmp: Path) -> str:
     with open(tmp, "wb") as file:
-        writer = _HashingWriter(file)
+        writer = HashingWriter(file)
         try:
             torch.save(state, writer)
         except RuntimeError:
@@ -267,11 +219,6 @@ def _save_hashed(state: dict, tmp: Path) -> str:
         file.flush()
         os.fsync(file.fileno())  # the data is on disk before the rename makes it the checkpoint
     return writer.sha256.hexdigest()
-
-
-def _write_checksums(path: Path, digests: list[str]) -> None:
-    with atomic_path(checksum_path(path), suffix=".tmp") as tmp:
-        tmp.write_text("".join(f"{d}  {path.name}\n" for d in dict.fromkeys(digests)), encoding="ascii")
 
 
 class StopRequest:
