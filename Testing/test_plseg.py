@@ -27,6 +27,7 @@ from separeg.plseg import (
     gaussian_rampup,
     psd_loss,
 )
+from separeg.runlock import holds_run_lock
 from separeg.seg_losses import marginal_dice_ce
 from separeg.segmodel import build_unet
 
@@ -245,5 +246,6 @@ def test_finetune_switches_to_partial_labels_and_mean_teacher_end_to_end(tmp_pat
     assert any("Mean Teacher: 16 unlabelled slice(s) from 1 volume(s)" in m for m in messages)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["epochs"]) == 2
+    assert not holds_run_lock(tmp_path / "run")  # released: one process may run many fine-tunes
     with pytest.raises(InputError, match="--unlabelled ARCHIVE"):
         run_finetune(FinetuneJob(data=data, out_dir=tmp_path / "no_archive", config=config, device="cpu"))

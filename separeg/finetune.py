@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -216,13 +217,19 @@ def validate(model: torch.nn.Module, slices: SliceSet, runtime: Runtime, batch: 
 
 
 def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
-    """Train a segmentation model; returns the path of ``model.separeg``.
+    """Train a segmentation model; returns the path of ``model.separeg``. The run directory is locked while it runs
+    (released at the end, so that one process may run many fine-tunes, as ``separeg experiment`` does).
 
     Raises:
         InputError: bad data (geometry mismatch, unknown labels), an encoder bundle of the wrong kind,
             or a configuration clash with an existing run.
         CancelledError: stopped; a checkpoint was saved.
     """
+    with ExitStack() as cleanup:
+        return _run_finetune(job, events, cleanup)
+
+
+def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -> Path:
     from .bundle import load_bundle, save_bundle
     from .cases import load_case
     from .labels import LabelTable, load_label_table
@@ -277,6 +284,10 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
                 "cases": sorted(c.name for c in cases), "validation": sorted(c.name for c in val_cases),
                 "unlabelled": str(Path(job.unlabelled).resolve()) if cfg.mean_teacher else None}
     _check_run(out, identity, job, runtime)
+    if runtime.is_main:
+        from .runlock import release_run_lock
+
+        cleanup.callback(release_run_lock, out)
     if runtime.is_main:
         events.add_sink(FileSink(out / "events.jsonl"))
     events.log(f"{len(train_cases)} training case(s), {len(val_cases)} validation case(s); encoder {encoder_name}"
