@@ -151,3 +151,19 @@ def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
     assert (exported / "rtstruct.dcm").exists() and (exported / "ct_dicom").is_dir()
     assert manifest["ct_dicom_written"] and "DICOM export of pt_209" in report
     assert not (out / "random" / "contours" / "pt_209" / "export.json").exists()
+
+
+def test_an_unexpected_exception_is_one_line_and_its_traceback_goes_to_a_file(monkeypatch, capsys) -> None:
+    import separeg.cli as cli
+
+    def broken(args, events):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(cli, "_run_models", broken)
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error (ZeroDivisionError: division by zero). This is a bug in separeg" in err
+    assert "Traceback" not in err and "second line" not in err
+    log = Path(err.split("traceback in ")[1].split()[0])
+    assert "ZeroDivisionError" in log.read_text() and "Traceback" in log.read_text()
+    log.unlink()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -419,6 +420,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions: say which file, no traceback
         events.error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         return EXIT_ERROR
+    except Exception as exc:  # a bug: a one-line message, the traceback kept in a file for the report
+        log = _write_crash_log()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        events.error(f"internal error ({type(exc).__name__}: {first}). This is a bug in separeg; please report it "
+                     f"with the traceback in {log}")
+        return EXIT_ERROR
+
+
+def _write_crash_log() -> Path:
+    import tempfile
+    import time
+    import traceback
+
+    path = Path(tempfile.gettempdir()) / f"separeg-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        path.write_text(traceback.format_exc(), encoding="utf-8")
+    except OSError:
+        return Path("<not written>")
+    return path
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import hashlib
 import logging
 import math
 import os
+import pickle
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -185,7 +187,14 @@ def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+        # torch's message suggests weights_only=False, i.e. running the file's code: keep only the line naming why.
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and unsafe:
+            raise CorruptCheckpointError(f"checkpoint {path} is unreadable (it holds objects other than tensors: "
+                                         f"Unsupported global {unsafe.group(1)}); separeg never runs code from a "
+                                         "file") from exc
+        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {first})") from exc
 
 
 def verify_checkpoint(path: str | Path) -> None:
