@@ -269,7 +269,8 @@ def run_experiment(config_path: str | Path, out: str | Path, events: Events | No
     cfg = load_experiment(config_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(config_path, out / "config.json")
+    raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    write_json({**raw, "data": str(cfg.data)}, out / "config.json")  # data made absolute: the copy works from OUT
     runs = [r for r in plan_runs(cfg) if only is None or r.method.name in only]
     events.log(f"{cfg.name}: {len(runs)} run(s), {len(cfg.test)} test case(s), {cfg.budget_text}",
                stage="experiment")

@@ -91,7 +91,8 @@ def write_report(cfg, out: Path) -> Path:
 
     results = collect(cfg, out)
     summaries = {key: summarise(organs) for key, organs in results.items()}
-    organ_order = [lb.tg263 or lb.name for lb in load_label_table(cfg.data / "labels.json")] + [ALL]
+    table = load_label_table(cfg.data / "labels.json")
+    organ_order = [lb.tg263 or lb.name for lb in table] + [ALL]
     planned = defaultdict(int)
     for run in plan_runs(cfg):
         planned[(run.method.name, run.size)] += 1
@@ -113,10 +114,12 @@ def write_report(cfg, out: Path) -> Path:
         for metric, unit in (("dsc", "DSC %"), ("hd95", "HD95 mm")):
             lines += [f"## |X_tr| = {size}: {unit} (finished draws: {done})", "",
                       "| organ | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+            hidden = _hidden_counts(cfg, out, size, {lb.value: lb.tg263 or lb.name for lb in table})
             for organ in organ_order:
                 cells = [_cell(summaries[(m, size)].get(organ, {}).get(metric, (None, None, 0))) for m in methods]
                 n = max(summaries[(m, size)].get(organ, {}).get(metric, (None, None, 0))[2] for m in methods)
-                lines.append(f"| {organ} (n={n}) | " + " | ".join(cells) + " |")
+                note = f"; hidden in {hidden[organ]}/{size} training cases" if organ in hidden else ""
+                lines.append(f"| {organ} (n={n}{note}) | " + " | ".join(cells) + " |")
             lines.append("")
         for m in methods:
             for organ in organ_order:
@@ -130,6 +133,18 @@ def write_report(cfg, out: Path) -> Path:
         csv.writer(f).writerows(rows)
     _plots(cfg, out, summaries, organ_order)
     return path
+
+
+def _hidden_counts(cfg, out: Path, size: int, names: dict[int, str]) -> dict[str, int]:
+    """Per organ, in how many of the first draw's training cases the partial-label protocol hid it."""
+    if cfg.hide_fraction <= 0:
+        return {}
+    for method in cfg.methods:
+        path = out / "runs" / method.name / f"n{size}_d0" / "run.json"
+        if path.exists():
+            hidden = json.loads(path.read_text(encoding="utf-8"))["hidden_organs"]
+            return {name: sum(value in organs for organs in hidden.values()) for value, name in names.items()}
+    return {}
 
 
 def _plots(cfg, out: Path, summaries: dict, organ_order: list[str]) -> None:
