@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -167,7 +168,8 @@ def _plots(cfg, out: Path, summaries: dict, organ_order: list[str]) -> None:
             ax.set_ylim(0, 100)
         for ax in list(axes.flat)[len(organ_order):]:
             ax.axis("off")
-        fig.suptitle(f"{cfg.name}: DSC % per test patient, |X_tr| = {size} ({cfg.budget_text})", fontsize=9)
+        fig.suptitle(f"{textwrap.shorten(cfg.name, 110)}\nDSC % per test patient, |X_tr| = {size} ({cfg.budget_text})",
+                     fontsize=9)
         fig.tight_layout()
         with atomic_path(out / f"boxplots_n{size}.png") as tmp:
             fig.savefig(tmp, dpi=100)
@@ -182,7 +184,7 @@ def _plots(cfg, out: Path, summaries: dict, organ_order: list[str]) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("|X_tr| (labelled training CTs)")
     ax.set_ylabel("DSC % (all OARs)")
-    ax.set_title(f"{cfg.name} ({cfg.budget_text})", fontsize=8)
+    ax.set_title(textwrap.fill(f"{cfg.name} ({cfg.budget_text})", 70), fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(out / "learning_curve.png") as tmp:
