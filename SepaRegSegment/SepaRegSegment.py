@@ -197,12 +197,14 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
             slicer.util.errorDisplay("Choose an output folder for the fine-tuning run.")
             return
         dataFolder = self.ui.dataFolderPathLineEdit.currentPath
+        unlabelled = self.ui.unlabelledPathLineEdit.currentPath
         init = self.ui.initPathLineEdit.currentPath
         request = FinetuneRequest(
             outDir=Path(folder), modelName=self.ui.newModelNameLineEdit.text.strip(), cases=list(self.cases),
             dataFolder=Path(dataFolder) if dataFolder and not self.cases else None,
             organs=[o.strip() for o in self.ui.organsLineEdit.text.split(",") if o.strip()],
-            init=Path(init) if init else None, epochs=self.ui.epochsSpinBox.value, device=self.device)
+            init=Path(init) if init else None, epochs=self.ui.epochsSpinBox.value, device=self.device,
+            unlabelled=Path(unlabelled) if unlabelled else None)
         self.startTask(lambda: self.logic.finetune(request))
 
     def onEvaluate(self):

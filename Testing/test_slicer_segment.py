@@ -15,7 +15,7 @@ import slicer_fakes
 from SepaRegSegmentLib.Logic import FinetuneRequest, SegmentLogic, TrainingCase, matchSegments
 from SepaRegSegmentLib.SceneIO import SceneIO
 
-from separeg.background import RunState
+from separeg.background import RunState, Signal
 from separeg.finetune import FinetuneConfig, FinetuneJob, run_finetune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,3 +182,24 @@ def test_export_writes_rtstruct_seg_and_nifti_referencing_a_new_ct_series(logic:
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
     mandible = next(i + 1 for i, name in enumerate(c.segmentationNode.segmentation.segments) if name == "Mandible")
     np.testing.assert_array_equal(written == mandible, c.segmentationNode.segmentation.masks["Mandible"] > 0)
+
+
+def test_unlabelled_folder_adds_mean_teacher_to_the_command(monkeypatch, tmp_path: Path) -> None:
+    slicer_fakes.install(monkeypatch)
+    commands = []
+
+    class Recorded:
+        def __init__(self, command, **_):
+            commands.append([str(c) for c in command])
+            self.event, self.finished = Signal(object), Signal(object, str)
+
+        def start(self):
+            pass
+
+    logic = SegmentLogic(SceneIO(), workDir=tmp_path, python=sys.executable, runFactory=Recorded)
+    request = FinetuneRequest(outDir=tmp_path / "ft", modelName="m", dataFolder=SAMPLES, unlabelled=tmp_path)
+    logic.finetune(request)
+    command = commands[-1]
+    assert command[command.index("--unlabelled") + 1] == str(tmp_path) and "--mean-teacher" in command
+    missing = FinetuneRequest(outDir=tmp_path, modelName="m", dataFolder=SAMPLES, unlabelled=tmp_path / "nowhere")
+    assert "unlabelled CT folder" in " ".join(missing.problems())

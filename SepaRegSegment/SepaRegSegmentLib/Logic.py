@@ -55,6 +55,7 @@ class FinetuneRequest:
     dataFolder: Path | None = None  # instead of cases: a folder the core reads (NIfTI pairs or DICOM + RTSTRUCT)
     organs: Sequence[str] = ()  # organ (TG-263) names to train; segment names are matched to them
     init: Path | None = None  # encoder bundle from pretraining, or a segmentation model to continue
+    unlabelled: Path | None = None  # unlabelled CTs: adds Mean Teacher consistency training on them
     epochs: int = 50
     device: str = "auto"
     extraArgs: Sequence[str] = ()
@@ -71,6 +72,8 @@ class FinetuneRequest:
             found.append("name the model with letters, digits, spaces, '-', '_' or '.'")
         if self.init is not None and not Path(self.init).is_file():
             found.append(f"initial model {self.init} does not exist")
+        if self.unlabelled is not None and not Path(self.unlabelled).is_dir():
+            found.append(f"the unlabelled CT folder {self.unlabelled} does not exist")
         return found
 
 
@@ -284,6 +287,8 @@ class SegmentLogic:
                 "--stop-file", out / STOP_FILE, *request.extraArgs]
         if request.init is not None:
             args += ["--init", request.init]
+        if request.unlabelled is not None:
+            args += ["--mean-teacher", "--unlabelled", request.unlabelled]
 
         def install() -> dict:
             path = self.importModel(run / "model.separeg", request.modelName, replace=True)
