@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from separeg.cli import main
+from separeg.cli import build_parser, main
 from separeg.events import Event, EventType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,3 +167,15 @@ def test_an_unexpected_exception_is_one_line_and_its_traceback_goes_to_a_file(mo
     log = Path(err.split("traceback in ")[1].split()[0])
     assert "ZeroDivisionError" in log.read_text() and "Traceback" in log.read_text()
     log.unlink()
+
+
+def test_finetune_reads_the_synonym_table_and_contour_takes_a_batch_size(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "synonyms.json"
+    bad.write_text('["not", "a", "mapping"]')
+    data = REPO / "Resources" / "SampleData"
+    assert main(["finetune", str(data), "--out", str(tmp_path / "run"), "--synonyms", str(bad)]) == 1
+    assert "must be a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    args = build_parser().parse_args(
+        ["contour", str(data / "pt_1_ct.nii.gz"), "--model", "m", "--out", str(tmp_path), "--batch-size", "4"])
+    assert args.batch_size == 4

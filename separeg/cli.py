@@ -132,6 +132,8 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate ({d.lr})")
     group.add_argument("--patience", type=_positive_int, default=d.patience, help="early stopping, in epochs (30)")
     group.add_argument("--validation-cases", type=int, default=None, help="cases held out (default 20 %%)")
+    group.add_argument("--synonyms", type=_existing_path, default=None, metavar="TABLE",
+                       help="your RTSTRUCT ROI names -> TG-263 names (JSON or two-column CSV), for DICOM cases")
     group.add_argument("--validation", type=_existing_path, default=None, metavar="DATA",
                        help="fixed validation cases (a folder or case list); then every case of DATA trains")
     group.add_argument("--seed", type=int, default=d.seed)
@@ -168,7 +170,8 @@ def _run_finetune(args: argparse.Namespace, events: Events) -> int:
     if args.unlabelled is not None and not args.mean_teacher:
         events.warning("--unlabelled is only used with --mean-teacher; ignored", stage="finetune")
     run_finetune(FinetuneJob(data=args.data, out_dir=args.out, labels=args.labels, init=args.init,
-                             unlabelled=args.unlabelled, validation_data=args.validation, config=config,
+                             unlabelled=args.unlabelled, validation_data=args.validation, synonyms=args.synonyms,
+                             config=config,
                              device=args.device, restart=args.restart, resume=args.resume, stop_file=args.stop_file,
                              checkpoint_minutes=args.checkpoint_minutes), events)
     return 0
@@ -193,7 +196,8 @@ def _run_contour(args: argparse.Namespace, events: Events) -> int:
     run_contour(ContourJob(volume=args.volume, model=args.model, out_dir=args.out, device=args.device,
                            largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
                            series_uid=args.series_uid, rtstruct=args.rtstruct, seg=args.seg,
-                           patient_name=args.patient_name, patient_id=args.patient_id), events)
+                           patient_name=args.patient_name, patient_id=args.patient_id,
+                           batch_size=args.batch_size), events)
     return 0
 
 
@@ -296,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     contour.add_argument("--out", type=Path, required=True, help="output folder")
     contour.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     contour.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")
+    contour.add_argument("--batch-size", type=_positive_int, default=None,
+                         help="slices per forward pass (default 16 on a GPU, 1 on a CPU; halved when out of memory)")
     contour.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     contour.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the contours")
     contour.add_argument("--rtstruct", action="store_true",

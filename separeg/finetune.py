@@ -82,6 +82,7 @@ class FinetuneJob:
     init: Path | None = None  # encoder bundle from `separeg pretrain`; random init without it
     unlabelled: Path | None = None  # unlabelled scans for Mean Teacher (an archive folder)
     validation_data: Path | None = None  # fixed validation cases (folder or case list); default: drawn from data
+    synonyms: Path | None = None  # ROI name -> TG-263 table for DICOM RTSTRUCT cases (separeg.dicom_rt.load_synonyms)
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
     device: str = "auto"
     restart: bool = False
@@ -269,9 +270,15 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
                              "training cases")
         cfg = replace(cfg, spacing_xy=tuple(init_model.metadata["inputs"]["spacing_xy"]),
                       hu_window=tuple(init_model.metadata["inputs"]["hu_window"]))
-    cases = [load_case(c, table) for c in _case_list(job.data, events)]
+    synonyms = None
+    if job.synonyms is not None:
+        from .dicom_rt import load_synonyms
+
+        synonyms = load_synonyms(job.synonyms)
+    cases = [load_case(c, table, synonyms=synonyms) for c in _case_list(job.data, events)]
     if job.validation_data is not None:  # a fixed validation set (the experiment protocol)
-        train_cases, val_cases = cases, [load_case(c, table) for c in _case_list(job.validation_data, events)]
+        train_cases, val_cases = cases, [load_case(c, table, synonyms=synonyms)
+                                         for c in _case_list(job.validation_data, events)]
         clash = {c.name for c in train_cases} & {c.name for c in val_cases}
         if clash:
             raise InputError(f"case(s) {', '.join(sorted(clash))} are both training and validation cases; "
@@ -282,6 +289,7 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
     spec = GridSpec(cfg.hu_window, spacing)
     identity = {"data": str(Path(job.data).resolve()), "init": init_hash, "config": json.loads(json.dumps(asdict(cfg))),
                 "cases": sorted(c.name for c in cases), "validation": sorted(c.name for c in val_cases),
+                "synonyms": synonyms,
                 "unlabelled": str(Path(job.unlabelled).resolve()) if cfg.mean_teacher else None}
     _check_run(out, identity, job, runtime)
     if runtime.is_main:
