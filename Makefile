@@ -28,6 +28,7 @@ slicer-test: $(BIN)/separeg
 bench: $(BIN)/separeg
 	$(BIN)/python Testing/benchmarks/bench_sis.py
 	$(BIN)/python Testing/benchmarks/bench_pretrain.py
+	$(BIN)/python Testing/benchmarks/bench_contour.py
 
 clean:
 	rm -rf demo_output .pytest_cache
