@@ -94,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {}
         for label, batch, bf16 in (("naive", 1, False), ("batched", BATCH, False), ("batched_bf16", BATCH, True),
                                    ("per_slice_bf16", 1, True)):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             seconds = time_path(model, hu, spacing, spec, device, batch=batch, bf16=bf16)
             row[label] = {"seconds_timed": seconds, "seconds_per_150_slices": seconds * CT_SLICES / slices}
+            if device.type == "cuda":
+                row[label]["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             print(f"{name:9s} {label:13s} {row[label]['seconds_per_150_slices']:8.1f} s per 150-slice 512^2 CT",
                   flush=True)
         for label in ("batched", "batched_bf16", "per_slice_bf16"):

@@ -104,6 +104,8 @@ def bench_encoder(name: str, regions: RegionSet, volumes: list[VolumeRegions], d
         model = SSLModel("simsiam", name).to(device)
         if bf16:
             model = model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         seconds = time_steps(model, fn, steps, device, bf16=bf16)
         results[label] = {
             "seconds_per_step": seconds,
@@ -112,6 +114,8 @@ def bench_encoder(name: str, regions: RegionSet, volumes: list[VolumeRegions], d
             # so the full budget is projected as iterations x step time.
             "projected_full_budget_hours": PAPER_ITERATIONS * seconds / 3600,
         }
+        if device.type == "cuda":
+            results[label]["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"  {name:9s} {label:28s} {BATCH / seconds:8.1f} regions/s  "
               f"full budget ~{results[label]['projected_full_budget_hours']:.1f} h", flush=True)
     base = results["naive_fp32"]["regions_per_s"]
