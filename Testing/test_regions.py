@@ -117,3 +117,16 @@ def test_bad_inputs_and_configs() -> None:
 def test_all_air_volume_has_no_regions() -> None:
     maps = compute_region_maps(np.full((4, 32, 32), -1000, np.int16))
     assert len(maps) == 0 and maps.labels.max() == 0
+
+
+def test_a_volume_stored_sagittally_is_separated_on_its_axial_slices(openkbp: Path, tmp_path: Path) -> None:
+    from separeg.regions_job import separate_image
+
+    image = sitk.ReadImage(str(openkbp / "pt_1_ct.nii.gz"))[:, :, 40:56]  # 16 axial slices keep it quick
+    sagittal = sitk.DICOMOrient(image, "ASL")  # the same scan, another axis order in the file
+    assert sitk.GetArrayViewFromImage(sagittal).shape != sitk.GetArrayViewFromImage(image).shape
+    hu, maps, _ = separate_image(image, SISConfig(), tmp_path / "a")
+    hu_sagittal, maps_sagittal, cached = separate_image(sagittal, SISConfig(), tmp_path / "b")
+    np.testing.assert_array_equal(hu_sagittal, hu)
+    np.testing.assert_array_equal(maps_sagittal.labels, maps.labels)
+    assert maps_sagittal.volume_hash == maps.volume_hash and not cached  # the same cache key for the same scan

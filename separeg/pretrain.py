@@ -39,7 +39,7 @@ from .training import (
     train_steps,
     verify_checkpoint,
 )
-from .volumes import content_hash, read_volume
+from .volumes import canonical_voxels, content_hash, read_volume
 
 __all__ = ["run_pretrain", "load_region_set"]
 
@@ -186,16 +186,12 @@ def _stage_sis(ctx: _Context) -> None:
                                      "their region maps are cached, re-run the same command to continue")
             ctx.events.log(f"volume {i}/{len(usable)}: {entry.path}", stage="sis")
             image = read_volume(Path(manifest.root) / entry.path)
-            import SimpleITK as sitk
-
-            load_or_compute(sitk.GetArrayFromImage(image), content_hash(image), ctx.cfg.sis, ctx.run.cache,
-                            events=ctx.events, workers=ctx.job.workers)
+            hu, key = canonical_voxels(image, entry.content_hash)  # axial slices, whatever the file's axis order
+            load_or_compute(hu, key, ctx.cfg.sis, ctx.run.cache, events=ctx.events, workers=ctx.job.workers)
 
 
 def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, workers: int | None = None) -> RegionSet:
     """The region set of a run's archive, from the SIS cache (computed where missing)."""
-    import SimpleITK as sitk
-
     if not run.manifest.exists():
         raise InputError(f"{run.manifest} is missing: run the sis stage first (--stages sis)")
     manifest = Manifest.load(run.manifest)
@@ -204,8 +200,8 @@ def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, work
         image = read_volume(Path(manifest.root) / entry.path)
         if content_hash(image) != entry.content_hash:
             raise ArchiveError(f"{entry.path} changed since the archive was scanned; use --restart to rescan")
-        hu = sitk.GetArrayFromImage(image)
-        maps, _ = load_or_compute(hu, entry.content_hash, cfg.sis, run.cache, events=events, workers=workers)
+        hu, key = canonical_voxels(image, entry.content_hash)
+        maps, _ = load_or_compute(hu, key, cfg.sis, run.cache, events=events, workers=workers)
         volumes.append(VolumeRegions(entry.path, hu, maps))
     regions = RegionSet(volumes, cfg.sis.hu_window, cfg.crop_size, device)
     if len(regions) < cfg.batch_size:

@@ -12,7 +12,7 @@ from .errors import InputError
 from .events import Events
 from .figures import pick_slices, region_overlay, save_png
 from .regions import RegionMaps, SISConfig, load_or_compute
-from .volumes import Geometry, content_hash, read_volume
+from .volumes import Geometry, canonical_voxels, read_volume
 
 __all__ = ["RegionsJob", "RegionsResult", "separate_volume", "separate_image", "organ_coverage", "region_statistics",
            "read_reference", "run_regions"]
@@ -46,11 +46,10 @@ def separate_volume(path: str | Path, config: SISConfig, cache_dir: str | Path, 
 
 def separate_image(image, config: SISConfig, cache_dir: str | Path, *, events: Events | None = None,
                    workers: int | None = None):
-    """Region maps of a volume already read (cached). Returns ``(hu, maps, from_cache)``."""
-    import SimpleITK as sitk
-
-    hu = sitk.GetArrayFromImage(image)
-    maps, cached = load_or_compute(hu, content_hash(image), config, cache_dir, events=events, workers=workers)
+    """Region maps of a volume already read (cached), on its axial slices in the canonical orientation (as the
+    segmentation model sees them, whatever the file's axis order). Returns ``(hu, maps, from_cache)``."""
+    hu, key = canonical_voxels(image)
+    maps, cached = load_or_compute(hu, key, config, cache_dir, events=events, workers=workers)
     return hu, maps, cached
 
 
@@ -81,14 +80,13 @@ def region_statistics(maps: RegionMaps) -> dict:
 
 
 def read_reference(path: Path, image) -> np.ndarray:
-    """An organ label map that must lie on ``image``'s grid, as a ``(Z, H, W)`` array."""
-    import SimpleITK as sitk
-
+    """An organ label map that must lie on ``image``'s grid, as a ``(Z, H, W)`` array in the canonical orientation
+    (like :func:`separate_image`'s voxels)."""
     reference = read_volume(path)
     if not Geometry.of(reference).matches(Geometry.of(image)):
         raise InputError(f"reference {path} is not on the volume's grid:\n  reference: "
                          f"{Geometry.of(reference).describe()}\n  volume:    {Geometry.of(image).describe()}")
-    return sitk.GetArrayFromImage(reference)
+    return canonical_voxels(reference)[0]
 
 
 def run_regions(job: RegionsJob, events: Events | None = None) -> RegionsResult:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import InputError
 from .nets import ENCODER_DIMS
+from .volumes import CANONICAL_ORIENTATION, to_canonical
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["CANONICAL_ORIENTATION", "GridSpec", "build_unet", "load_encoder_weights", "to_canonical",
            "from_canonical", "to_model_grid", "from_model_grid"]
 
-CANONICAL_ORIENTATION = "LPS"  # SimpleITK's DICOMOrient code for the identity direction
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,6 @@ def _orientation(image: sitk.Image) -> str:
     import SimpleITK as sitk
 
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-
-
-def to_canonical(image: sitk.Image) -> sitk.Image:
-    """The same voxels with axes permuted/flipped so that the direction is (closest to) the identity."""
-    import SimpleITK as sitk
-
-    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
 
 
 def from_canonical(canonical: sitk.Image, reference: sitk.Image) -> sitk.Image:

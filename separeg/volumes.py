@@ -31,6 +31,9 @@ __all__ = [
     "DicomSeries",
     "is_volume_file",
     "read_volume",
+    "to_canonical",
+    "canonical_voxels",
+    "CANONICAL_ORIENTATION",
     "read_dicom_series",
     "index_dicom_files",
     "write_volume",
@@ -312,6 +315,26 @@ def write_volume(image: sitk.Image, path: str | Path, *, compress: bool = True) 
     with atomic_path(path, suffix=suffix) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
     return path
+
+
+CANONICAL_ORIENTATION = "LPS"  # SimpleITK's DICOMOrient code for the identity direction
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """The same voxels with axes permuted/flipped so that the direction is (closest to) the identity: axial
+    slices first, +x = patient left. Every model and the SIS see volumes this way (DESIGN §7)."""
+    return _sitk().DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def canonical_voxels(image: sitk.Image, raw_hash: str | None = None) -> tuple[np.ndarray, str]:
+    """``(Z, Y, X)`` voxels in the canonical orientation and their content hash (the SIS cache key).
+
+    ``raw_hash``, the image's own :func:`content_hash`, is reused when reorienting changes nothing.
+    """
+    canonical = to_canonical(image)
+    unchanged = canonical.GetDirection() == image.GetDirection() and canonical.GetSize() == image.GetSize()
+    key = raw_hash if unchanged and raw_hash else content_hash(canonical)
+    return _sitk().GetArrayFromImage(canonical), key
 
 
 def content_hash(image: sitk.Image) -> str:
