@@ -260,3 +260,14 @@ def test_rtstruct_drawn_on_another_series_is_refused_by_the_importer(shared_data
     with pytest.raises(InputError, match="references the series 1.2.826.0.1.3680043.8.498.2, not the CT series "
                        ".*Give the CT series the RTSTRUCT was drawn on"):
         load_dicom_case(shared_data / "lung1_dicom" / "ct", item, table)
+
+
+def test_each_series_of_a_mixed_folder_is_read_by_its_archive_entry(tmp_path: Path, shared_data: Path) -> None:
+    from separeg.archive import scan_archive
+
+    folder = corpus.make_item("mixed_series", tmp_path / "corpus", shared_data)
+    manifest = scan_archive(folder, workers=1)
+    usable = manifest.usable()
+    assert len(usable) == 2 and all(" [CT " in e.path for e in usable)  # one folder, two labelled series
+    sizes = [e.read(manifest.root).GetSize()[2] for e in usable]
+    assert sizes == [4, 4]

@@ -63,6 +63,11 @@ class ManifestEntry:
     def usable(self) -> bool:
         return self.status == "ok" and self.kind in IMAGE_KINDS
 
+    def read(self, root: str | Path):
+        """Read this image entry of the archive at ``root`` (a folder holding several series: by its UID)."""
+        # The scan labels such a series "folder [CT 1234...]"; the file system knows only the folder.
+        return read_volume(Path(root) / self.path.split(" [", 1)[0], series_uid=self.series_uid)
+
 
 @dataclass
 class Manifest:

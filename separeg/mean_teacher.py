@@ -38,11 +38,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
             t.copy_(s)
 
 
-def _entry_location(root: Path, path: str) -> Path:
-    # The scan labels a folder holding several series "folder [CT 1234...]"; the series UID picks the series.
-    return root / path.split(" [", 1)[0]
-
-
 class UnlabelledSlices:
     """Axial slices of an unlabelled archive on the model grid (float16, on the training device).
 
@@ -66,7 +61,6 @@ class UnlabelledSlices:
         import SimpleITK as sitk
 
         from .archive import format_table, scan_archive
-        from .volumes import read_volume
 
         events = events or Events()
         manifest = scan_archive(folder, modality=modality, events=events)
@@ -75,8 +69,7 @@ class UnlabelledSlices:
         per_volume = max(1, max_slices // len(usable))
         slices, names = [], []
         for entry in usable:
-            image = to_canonical(read_volume(_entry_location(Path(manifest.root), entry.path),
-                                             series_uid=entry.series_uid))
+            image = to_canonical(entry.read(manifest.root))
             hu = sitk.GetArrayViewFromImage(image)
             keep = np.unique(np.linspace(0, len(hu) - 1, min(per_volume, len(hu))).round().astype(int))
             x = to_model_grid(np.ascontiguousarray(hu[keep]), image.GetSpacing()[:2], spec, device=device)

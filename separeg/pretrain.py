@@ -39,7 +39,7 @@ from .training import (
     train_steps,
     verify_checkpoint,
 )
-from .volumes import canonical_voxels, content_hash, read_volume
+from .volumes import canonical_voxels, content_hash
 
 __all__ = ["run_pretrain", "load_region_set"]
 
@@ -185,7 +185,7 @@ def _stage_sis(ctx: _Context) -> None:
                 raise CancelledError(f"sis stopped after {i - 1}/{len(usable)} volumes ({ctx.stop.requested}); "
                                      "their region maps are cached, re-run the same command to continue")
             ctx.events.log(f"volume {i}/{len(usable)}: {entry.path}", stage="sis")
-            image = read_volume(Path(manifest.root) / entry.path)
+            image = entry.read(manifest.root)
             hu, key = canonical_voxels(image, entry.content_hash)  # axial slices, whatever the file's axis order
             load_or_compute(hu, key, ctx.cfg.sis, ctx.run.cache, events=ctx.events, workers=ctx.job.workers)
 
@@ -197,7 +197,7 @@ def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, work
     manifest = Manifest.load(run.manifest)
     volumes = []
     for entry in manifest.usable():
-        image = read_volume(Path(manifest.root) / entry.path)
+        image = entry.read(manifest.root)
         if content_hash(image) != entry.content_hash:
             raise ArchiveError(f"{entry.path} changed since the archive was scanned; use --restart to rescan")
         hu, key = canonical_voxels(image, entry.content_hash)
