@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, read_text_table
 from .labels import LabelTable
 from .volumes import VOLUME_SUFFIXES, Geometry, _looks_like_dicom, read_volume
 
@@ -242,12 +242,7 @@ def read_case_list(path: str | Path) -> list[Case]:
             does not exist (all missing files are named); two cases have the same name.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"case list {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"case list {path} could not be read ({exc}); it must be a UTF-8 JSON or CSV file") from exc
+    text = read_text_table(path, "case list")
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:

@@ -33,7 +33,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .dicom_ct import Algorithm, CtSeries, copy_patient_study, ensure_character_set, read_ct_series
-from .errors import InputError
+from .errors import InputError, read_text_table
 from .labels import RGB, LabelTable, default_color, to_tg263
 from .volumes import IMAGE_MODALITIES, _first_line, _referenced_series, index_dicom_files
 
@@ -689,12 +689,7 @@ def load_synonyms(path: str | Path) -> dict[str, str]:
         InputError: missing or unreadable file, malformed content, a name mapped to two different targets.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"synonym table {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"synonym table {path} could not be read ({exc}); it must be UTF-8 JSON or CSV") from exc
+    text = read_text_table(path, "synonym table")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "SepaRegError",
     "InputError",
@@ -9,6 +11,7 @@ __all__ = [
     "SeriesError",
     "ArchiveError",
     "CancelledError",
+    "read_text_table",
 ]
 
 
@@ -34,3 +37,19 @@ class ArchiveError(InputError):
 
 class CancelledError(SepaRegError):
     """The user stopped a run (Ctrl-C, SIGTERM or the stop file); state was saved first."""
+
+
+def read_text_table(path: str | Path, what: str) -> str:
+    """The text of a user's JSON/CSV table (label table, case list, synonyms); a UTF-8 byte-order mark is dropped.
+
+    Raises:
+        InputError: ``path`` is missing, a folder, unreadable or not UTF-8; the message names ``what`` it should be.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {path} could not be read ({exc}); it must be a UTF-8 JSON or CSV text file") \
+            from exc

@@ -24,7 +24,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .atomic import write_json
-from .errors import InputError
+from .errors import InputError, read_text_table
 from .terminology import CodedConcept, Terminology, display_name, terminology
 
 __all__ = [
@@ -347,13 +347,7 @@ def load_label_table(path: str | Path, *, merge_numbered_targets: bool = False) 
             or 0 for an organ; a colour is not three integers 0-255.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"label table {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"label table {path} could not be read ({exc}); it must be a UTF-8 JSON or CSV text file") \
-            from exc
+    text = read_text_table(path, "label table")
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
