@@ -60,6 +60,8 @@ class SepaRegPretrainWidget(ScriptedLoadableModuleWidget):
             self.ui.methodComboBox.addItem(method)
         self.ui.encoderComboBox.addItem("ResNet-50 (paper)", "resnet50")
         self.ui.encoderComboBox.addItem("ResNet-18 (faster)", "resnet18")
+        self.ui.encoderComboBox.addItem("ResNet-18 slim (fastest; the starter models)", "resnet18-slim")
+        self.ui.shippedEncodersLabel.text = self.logic.shippedEncodersText()
         for stage in STAGES:
             item = qt.QListWidgetItem(STAGE_TITLES[stage])
             item.setData(qt.Qt.UserRole, stage)

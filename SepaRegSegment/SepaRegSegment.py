@@ -58,6 +58,7 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
 
         self.fillDevices()
         self.fillModels()
+        self.fillEncoders()
         self.ui.exportFolderPathLineEdit.currentPath = qt.QSettings().value(SETTINGS + "exportFolder", "")
 
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
@@ -88,6 +89,15 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
 
         for device, label in list_devices():
             self.ui.deviceComboBox.addItem(label, device)
+
+    def fillEncoders(self):
+        """Shipped and installed encoders first (the default start for fine-tuning), then random initialisation."""
+        self.ui.initEncoderComboBox.clear()
+        for encoder in self.logic.encoders():
+            self.ui.initEncoderComboBox.addItem(encoder.name, encoder.name)
+            self.ui.initEncoderComboBox.setItemData(self.ui.initEncoderComboBox.count - 1, encoder.description,
+                                                    qt.Qt.ToolTipRole)
+        self.ui.initEncoderComboBox.addItem("Random initialisation", "")
 
     def fillModels(self, select: str | None = None):
         self.ui.modelComboBox.clear()
@@ -198,7 +208,7 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
             return
         dataFolder = self.ui.dataFolderPathLineEdit.currentPath
         unlabelled = self.ui.unlabelledPathLineEdit.currentPath
-        init = self.ui.initPathLineEdit.currentPath
+        init = self.ui.initPathLineEdit.currentPath or self.ui.initEncoderComboBox.currentData
         request = FinetuneRequest(
             outDir=Path(folder), modelName=self.ui.newModelNameLineEdit.text.strip(), cases=list(self.cases),
             dataFolder=Path(dataFolder) if dataFolder and not self.cases else None,

@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import FlexibleUNet
 
 from separeg.crops import RegionCropper
 from separeg.errors import InputError
 from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
 from separeg.regions import SISConfig, compute_region_maps, window_hu
+from separeg.segmodel import build_unet
 from separeg.ssl import METHODS, SSLModel, channel_kl, negative_cosine, nt_xent
 
 
@@ -77,13 +77,13 @@ def test_loss_functions_on_known_cases() -> None:
 def test_encoder_weights_load_into_the_unet_exactly(name: str) -> None:
     pooled = PooledEncoder(name)
     assert pooled(torch.zeros(2, 1, 64, 64)).shape == (2, ENCODER_DIMS[name])
-    unet = FlexibleUNet(in_channels=1, out_channels=8, backbone=name, pretrained=False, spatial_dims=2)
+    unet = build_unet(name, 8)
     result = unet.encoder.load_state_dict(pooled.encoder.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
 
 
 def test_unknown_names_list_the_valid_ones() -> None:
-    with pytest.raises(InputError, match="resnet18, resnet50"):
+    with pytest.raises(InputError, match="resnet50, resnet18, resnet18-slim"):
         build_encoder("vgg16")
     with pytest.raises(InputError, match="simsiam"):
         SSLModel("moco", "resnet18")

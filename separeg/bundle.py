@@ -47,6 +47,7 @@ __all__ = [
     "load_bundle",
     "read_bundle_info",
     "bundle_hash",
+    "pack_bundle",
 ]
 
 SCHEMA_VERSION = 1
@@ -191,6 +192,25 @@ def save_bundle(path: str | Path, *, kind: str, architecture: dict[str, Any], st
             member.external_attr = 0o644 << 16
             zf.writestr(member, data)
     return path
+
+
+def pack_bundle(source: str | Path, target: str | Path, *, half: bool = False,
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Re-write a bundle for release: floating-point weights in fp16 (``half``) and extra metadata merged in.
+
+    Loading casts fp16 weights back into the network's float32 parameters, so a packed bundle is used like any
+    other; fp16 halves its size at a relative rounding error of about 5e-4. Top-level ``metadata`` keys replace
+    the source's; the source's checksum is kept as ``packed_from`` provenance.
+
+    Raises:
+        BundleError: as :func:`load_bundle`, and as :func:`save_bundle` for the metadata.
+    """
+    bundle = load_bundle(source)
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in bundle.state_dict.items()}
+    extra = {**bundle.metadata, **(metadata or {}),
+             "packed_from": {"weights_sha256": bundle.weights_sha256, "created": bundle.created,
+                             "weights_dtype": "float16" if half else "as trained"}}
+    return save_bundle(target, kind=bundle.kind, architecture=bundle.architecture, state_dict=state, metadata=extra)
 
 
 def _not_a_bundle(path: Path, why: str) -> BundleError:

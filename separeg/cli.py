@@ -228,17 +228,37 @@ def _run_evaluate(args: argparse.Namespace, events: Events) -> int:
 
 def _run_models(args: argparse.Namespace, events: Events) -> int:
     from .bundle import read_bundle_info
-    from .models import list_models, model_dirs
+    from .models import list_models, model_dirs, shipped_model_dir
 
     found = list_models()
     for path in found:
         info = read_bundle_info(path)
         labels = info.get("labels", {}).get("labels", [])
         arch = info["architecture"]
-        print(f"{path.stem:28s} {info['kind']:13s} {arch.get('backbone') or arch.get('encoder')}  {len(labels)} labels"
-              f"  {path}")
+        source = "shipped" if path.parent == shipped_model_dir() else "installed"
+        print(f"{path.stem:24s} {info['kind']:13s} {source:9s} {arch.get('backbone') or arch.get('encoder'):14s} "
+              f"{len(labels)} labels  {path}")
     if not found:
         print("no models installed; folders searched: " + ", ".join(str(d) for d in model_dirs()))
+    return 0
+
+
+def _run_pack(args: argparse.Namespace, events: Events) -> int:
+    import json
+
+    from .bundle import pack_bundle
+    from .errors import InputError, read_text_table
+
+    metadata = None
+    if args.metadata is not None:
+        try:
+            metadata = json.loads(read_text_table(args.metadata, "--metadata"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"--metadata {args.metadata} is not valid JSON ({e})") from e
+        if not isinstance(metadata, dict):
+            raise InputError(f"--metadata {args.metadata} must hold a JSON object (keys for bundle.json)")
+    path = pack_bundle(args.bundle, args.out, half=args.fp16, metadata=metadata)
+    events.done(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -288,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", type=Path, required=True, help="run directory (resumed when it exists)")
     finetune.add_argument("--labels", type=_existing_path, default=None,
                           help="label table (labels.json or CSV); default: labels.json beside the data")
-    finetune.add_argument("--init", type=_existing_path, default=None,
-                          help="encoder bundle from `separeg pretrain` (random init without it)")
+    finetune.add_argument("--init", default=None,
+                          help="encoder bundle from `separeg pretrain`, or the name of a shipped one "
+                               "(separeg-encoder-hn-ct; see `separeg models`); random init without it")
     _add_finetune(finetune)
     _add_common(finetune)
     finetune.set_defaults(handler=_run_finetune)
@@ -340,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list installed and shipped models")
     models.set_defaults(handler=_run_models, json=False)
+
+    pack = sub.add_parser("pack", help="re-write a bundle for release: fp16 weights, extra metadata (model card)")
+    pack.add_argument("bundle", type=_existing_path, help="the bundle from pretrain or finetune")
+    pack.add_argument("--out", type=Path, required=True, help="the packed bundle (NAME.separeg)")
+    pack.add_argument("--fp16", action="store_true", help="store floating-point weights in half precision")
+    pack.add_argument("--metadata", type=_existing_path, default=None,
+                      help="JSON object whose keys are added to bundle.json (training command, data, metrics)")
+    pack.set_defaults(handler=_run_pack, json=False)
 
     experiment = sub.add_parser("experiment", help="the paper's comparison protocol: methods x |X_tr| -> tables, plots")
     experiment.add_argument("config", type=_existing_path, help="experiment config (JSON; see Testing/experiments/)")

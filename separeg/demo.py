@@ -1,6 +1,7 @@
 """`separeg demo`: the whole pipeline on the bundled sample CTs with a small budget (DESIGN §6).
 
-Archive scan -> SIS (overlays, organ coverage) -> SepaReg pretraining (all stages) -> fine-tuning on ONE
+Instant Auto-contour of the unseen cases with the shipped starter model (``hn-oar-7``, MODELS.md) -> archive
+scan -> SIS (overlays, organ coverage) -> SepaReg pretraining (all stages) -> fine-tuning on ONE
 labelled case (validated on a second), from the pretrained encoder and, for comparison, from random
 weights -> Auto-contour of unseen cases (with the pretrained model also exported as RTSTRUCT and DICOM SEG, which
 reference a DICOM copy of the NIfTI CT) -> evaluation against their reference contours -> ``report.md``.
@@ -8,6 +9,7 @@ reference a DICOM copy of the NIfTI CT) -> evaluation against their reference co
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ SAMPLE_DATA = Path(__file__).resolve().parent.parent / "Resources" / "SampleData
 # One labelled training case with all 7 organs, one validation case, two unseen test cases (OpenKBP's
 # validation split).
 TRAIN_CASE, VALIDATION_CASE, TEST_CASES = "pt_22", "pt_1", ("pt_203", "pt_209")
+STARTER_MODEL = "hn-oar-7"
 
 
 def demo_pretrain_config(sis: SISConfig, iterations: int = 60) -> PretrainConfig:
@@ -48,6 +51,7 @@ class DemoJob:
     epochs: int = 12
     device: str = "auto"
     workers: int | None = None
+    starter_model: str | None = STARTER_MODEL  # contoured with first, before any training; None skips it
 
 
 def run_demo(job: DemoJob, events: Events | None = None) -> dict:
@@ -63,6 +67,9 @@ def run_demo(job: DemoJob, events: Events | None = None) -> dict:
     names = read_labels(labels_file) if labels_file.exists() else {}
     labelled = {c.image.resolve(): c for c in find_cases(job.data_dir)[0]}
     summary: dict = {"manifest_hash": manifest.hash, "config": job.sis.key(), "cases": {}}
+    split = _split({c.name: c for c in labelled.values()})
+    if split is not None and job.starter_model:
+        summary["starter"] = _starter_contour(job, split[2], out / "starter", events)
     for i, entry in enumerate(cases, 1):
         ct_path = Path(job.data_dir) / entry.path
         case = ct_path.name.split(".")[0].removesuffix("_ct")
@@ -83,7 +90,6 @@ def run_demo(job: DemoJob, events: Events | None = None) -> dict:
                                config=demo_pretrain_config(job.sis, job.iterations), workers=job.workers)
     encoder = run_pretrain(pretrain_job, events)
     summary["pretrain"] = {"encoder": str(encoder), "report": str(out / "pretrain" / "report.md")}
-    split = _split({c.name: c for c in labelled.values()})
     if split is None:
         events.warning("fewer than 3 labelled cases: fine-tuning, contouring and evaluation are skipped", stage="demo")
     else:
@@ -107,12 +113,42 @@ def _split(cases: dict) -> tuple | None:
     return (ordered[0], ordered[1], ordered[2:]) if len(ordered) >= 3 else None
 
 
+def _starter_contour(job: DemoJob, tests: list, out: Path, events: Events) -> dict:
+    """Auto-contour the test cases with the shipped model, timed, and score them: what a planner gets at once."""
+    import time
+
+    from .errors import InputError
+    from .models import resolve_model
+
+    try:
+        model = resolve_model(job.starter_model)
+    except InputError as exc:
+        events.warning(f"no starter model, instant contour skipped: {exc}", stage="demo")
+        return {}
+    events.log(f"instant Auto-contour with the shipped model {model.stem} (no training)", stage="demo")
+    seconds = []
+    for case in tests:
+        start = time.perf_counter()
+        contour = run_contour(ContourJob(volume=case.image, model=str(model), out_dir=out / "contours" / case.name,
+                                         device=job.device), events)
+        seconds.append(time.perf_counter() - start)
+        for folder, source in (("predictions", contour.segmentation), ("references", case.labels)):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, out / folder / f"{case.name}.nii.gz")
+    result = run_evaluate(EvaluateJob(pred=out / "predictions", ref=out / "references", out_dir=out / "evaluation",
+                                      labels=Path(job.data_dir) / "labels.json"), events)
+    return {"model": model.stem, "seconds": seconds, **_organ_rows(result)}
+
+
+def _organ_rows(result) -> dict:
+    return {"organs": {row.name: {"dsc_percent": row.dsc_mean_percent, "dsc_se_percent": row.dsc_se_percent,
+                                  "hd95_mm": row.hd95_mean_mm, "n": row.n} for row in [*result.organs, result.overall]}}
+
+
 def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: Path | None, events: Events, *,
                                export: bool = False) -> dict:
     """Fine-tune on one case (validated on another), contour the test cases (``export``: also as RTSTRUCT and
     DICOM SEG, via a DICOM copy of each CT), evaluate them."""
-    import shutil
-
     train, validation, tests = split
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -139,10 +175,7 @@ def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: P
             shutil.copy(source, out / folder / f"{case.name}.nii.gz")
     result = run_evaluate(EvaluateJob(pred=out / "predictions", ref=out / "references", out_dir=out / "evaluation",
                                       labels=Path(job.data_dir) / "labels.json"), events)
-    rows = [*result.organs, result.overall]
-    return {"model": str(model), "summary": str(result.summary_md), "exports": exports,
-            "organs": {row.name: {"dsc_percent": row.dsc_mean_percent, "dsc_se_percent": row.dsc_se_percent,
-                                  "hd95_mm": row.hd95_mean_mm, "n": row.n} for row in rows}}
+    return {"model": str(model), "summary": str(result.summary_md), "exports": exports, **_organ_rows(result)}
 
 
 def _report(summary: dict) -> str:
@@ -161,6 +194,15 @@ def _report(summary: dict) -> str:
     if all_cov:
         lines += ["", f"Mean organ coverage over cases and organs: {100 * float(np.mean(all_cov)):.1f} %."]
     lines += ["", "Overlays (yellow: region borders, dark: dropped, colours: reference organs) are in `overlays/`."]
+    if summary.get("starter"):
+        starter = summary["starter"]
+        lines += ["", "## Instant Auto-contour with the shipped model", "",
+                  f"`{starter['model']}` (MODELS.md), before any training here: "
+                  + ", ".join(f"{s:.1f} s" for s in starter["seconds"]) + " per CT on this machine. DSC % (HD95 mm):",
+                  "", "| organ | DSC % | HD95 mm |", "|---|---|---|"]
+        for organ, row in starter["organs"].items():
+            dsc, hd = row["dsc_percent"], row["hd95_mm"]
+            lines.append(f"| {organ} | {'-' if dsc is None else f'{dsc:.1f}'} | {'-' if hd is None else f'{hd:.1f}'} |")
     if "segmentation" in summary:
         split = summary["split"]
         lines += ["", "## Fine-tuning on one labelled case, Auto-contour and evaluation",

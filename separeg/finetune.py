@@ -79,7 +79,7 @@ class FinetuneJob:
     data: Path  # a folder of <case>_ct / <case>_oar files, or a JSON/CSV case list
     out_dir: Path
     labels: Path | None = None  # label table; default: labels.json beside the data
-    init: Path | None = None  # encoder bundle from `separeg pretrain`; random init without it
+    init: Path | str | None = None  # encoder bundle (path or model name, e.g. a shipped one); random init without it
     unlabelled: Path | None = None  # unlabelled scans for Mean Teacher (an archive folder)
     validation_data: Path | None = None  # fixed validation cases (folder or case list); default: drawn from data
     synonyms: Path | None = None  # ROI name -> TG-263 table for DICOM RTSTRUCT cases (separeg.dicom_rt.load_synonyms)
@@ -243,7 +243,9 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
     cfg = job.config
     encoder_name, init_state, init_hash, init_model = cfg.encoder, None, None, None
     if job.init is not None:
-        bundle = load_bundle(job.init)
+        from .models import resolve_model
+
+        bundle = load_bundle(resolve_model(job.init))
         if bundle.kind == "segmentation":  # "Update model": continue from a fine-tuned model (same organs, grid)
             init_model = bundle
             encoder_name = bundle.architecture["backbone"]

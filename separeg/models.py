@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["model_dirs", "user_model_dir", "resolve_model", "list_models", "install_model", "BUNDLE_SUFFIX"]
+__all__ = ["model_dirs", "user_model_dir", "shipped_model_dir", "resolve_model", "list_models", "install_model",
+           "BUNDLE_SUFFIX"]
 
 BUNDLE_SUFFIX = ".separeg"
 
@@ -35,9 +36,14 @@ def user_model_dir() -> Path:
     return _user_dir()
 
 
+def shipped_model_dir() -> Path:
+    """The starter models installed with the package (MODELS.md)."""
+    return Path(__file__).resolve().parent / "models"
+
+
 def model_dirs() -> list[Path]:
     """The folders searched for model names, in order."""
-    return [_user_dir(), Path(__file__).resolve().parent / "models"]
+    return [_user_dir(), shipped_model_dir()]
 
 
 def list_models() -> list[Path]:

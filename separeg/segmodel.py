@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .nets import ENCODER_DIMS
+from .nets import ENCODERS, flexunet_backbone
 from .volumes import CANONICAL_ORIENTATION, to_canonical
 
 if TYPE_CHECKING:
@@ -48,12 +48,13 @@ class GridSpec:
 
 def build_unet(encoder: str, out_channels: int, in_channels: int = 1) -> nn.Module:
     """``FlexibleUNet`` (2D) with a ResNet encoder; ``out_channels`` = organs + background."""
-    if encoder not in ENCODER_DIMS:
-        raise InputError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODER_DIMS)}")
+    if encoder not in ENCODERS:
+        raise InputError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
     from monai.networks.nets import FlexibleUNet
 
-    return FlexibleUNet(in_channels=in_channels, out_channels=out_channels, backbone=encoder, pretrained=False,
-                        spatial_dims=2)
+    return FlexibleUNet(in_channels=in_channels, out_channels=out_channels, backbone=flexunet_backbone(encoder),
+                        pretrained=False,
+                        spatial_dims=2, decoder_channels=ENCODERS[encoder].decoder_channels)
 
 
 def load_encoder_weights(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

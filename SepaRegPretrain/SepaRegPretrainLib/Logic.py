@@ -168,6 +168,27 @@ class PretrainLogic:
         self._scanManifest: Path | None = None
 
     # ---------------------------------------------------------------------------------------------- scanning
+    @staticmethod
+    def shippedEncodersText() -> str:
+        """One line per encoder in the model folders (shipped or installed), for the module's header."""
+        from separeg.bundle import read_bundle_info
+        from separeg.models import list_models
+
+        lines = []
+        for path in list_models():
+            try:
+                info = read_bundle_info(path)
+            except Exception:  # noqa: BLE001 - a damaged file is reported by SepaReg Segment; not listed here
+                continue
+            if info.get("kind") == "encoder":
+                data = info.get("release", {}).get("data", "")
+                lines.append(f"<b>{path.stem}</b> ({info['architecture'].get('encoder')})"
+                             + (f": {data.split(':')[0]}" if data else ""))
+        if not lines:
+            return "No pretrained encoder installed: pretrain one on your archive below."
+        return ("Ready to fine-tune from, in SepaReg Segment (no pretraining needed): " + "; ".join(lines)
+                + ". Pretrain on your own archive below for an encoder that knows your scanners.")
+
     def scan(self, archive: str | os.PathLike, manifestPath: str | os.PathLike, modality: str = "CT") -> None:
         """Scan ``archive`` in the background; ``scanFinished`` gets the manifest (what is used and what not)."""
         if self.scanRun is not None and self.scanRun.running:

@@ -54,7 +54,7 @@ class FinetuneRequest:
     cases: Sequence[TrainingCase] = ()
     dataFolder: Path | None = None  # instead of cases: a folder the core reads (NIfTI pairs or DICOM + RTSTRUCT)
     organs: Sequence[str] = ()  # organ (TG-263) names to train; segment names are matched to them
-    init: Path | None = None  # encoder bundle from pretraining, or a segmentation model to continue
+    init: Path | None = None  # encoder bundle (file or shipped name) from pretraining, or a model to continue
     unlabelled: Path | None = None  # unlabelled CTs: adds Mean Teacher consistency training on them
     epochs: int = 50
     device: str = "auto"
@@ -71,7 +71,13 @@ class FinetuneRequest:
         if not re.fullmatch(r"[\w .-]+", self.modelName or ""):
             found.append("name the model with letters, digits, spaces, '-', '_' or '.'")
         if self.init is not None and not Path(self.init).is_file():
-            found.append(f"initial model {self.init} does not exist")
+            from separeg.errors import InputError
+            from separeg.models import resolve_model
+
+            try:
+                resolve_model(self.init)
+            except InputError:
+                found.append(f"initial model {self.init} does not exist")
         if self.unlabelled is not None and not Path(self.unlabelled).is_dir():
             found.append(f"the unlabelled CT folder {self.unlabelled} does not exist")
         return found
@@ -139,6 +145,13 @@ class SegmentLogic:
     # ------------------------------------------------------------------------------------------------- models
     def models(self) -> list[ModelInfo]:
         """Installed segmentation models (per-user folder, then shipped models)."""
+        return self._bundles("segmentation")
+
+    def encoders(self) -> list[ModelInfo]:
+        """Pretrained encoders in the model folders (the shipped ``separeg-encoder-hn-ct`` first of all)."""
+        return self._bundles("encoder")
+
+    def _bundles(self, kind: str) -> list[ModelInfo]:
         from separeg.bundle import read_bundle_info
         from separeg.models import list_models
 
@@ -149,13 +162,21 @@ class SegmentLogic:
             except Exception as exc:  # noqa: BLE001 - one damaged file must not hide the other models
                 self.logMessage.emit(f"skipping {path}: {exc}", "warning")
                 continue
-            if info.get("kind") != "segmentation":
+            if info.get("kind") != kind:
                 continue
             labels = info.get("labels", {}).get("labels", [])
-            training = info.get("training", {})
-            description = (f"{info['architecture'].get('backbone')}, {len(labels)} organs, "
-                           f"{training.get('training_cases', '?')} training case(s)")
-            found.append(ModelInfo(path.stem, path, labels, str(info["architecture"].get("backbone")), description))
+            arch = info["architecture"]
+            backbone = str(arch.get("backbone") or arch.get("encoder"))
+            release = info.get("release", {})
+            if kind == "encoder":
+                description = f"{backbone} encoder" + (f"; {release['data']}" if release.get("data") else "")
+            else:
+                training = info.get("training", {})
+                description = (f"{backbone}, {len(labels)} organs, "
+                               f"{training.get('training_cases', '?')} training case(s)")
+            if release.get("limits"):
+                description += f". {release['limits']}"
+            found.append(ModelInfo(path.stem, path, labels, backbone, description))
         return found
 
     def model(self, name: str) -> ModelInfo:
@@ -286,7 +307,7 @@ class SegmentLogic:
         args = [data, "--out", run, "--epochs", request.epochs, "--device", request.device,
                 "--stop-file", out / STOP_FILE, *request.extraArgs]
         if request.init is not None:
-            args += ["--init", request.init]
+            args += ["--init", str(request.init)]
         if request.unlabelled is not None:
             args += ["--mean-teacher", "--unlabelled", request.unlabelled]
 

@@ -1,0 +1,187 @@
+"""Train, validate and pack the starter models shipped in ``separeg/models/`` (see MODELS.md).
+
+Runs the product's own commands on the public OpenKBP data (MIT licence), each as a ``separeg`` subprocess
+whose command line is recorded in the bundles:
+
+1. ``separeg pretrain`` over all 50 OpenKBP CTs -> the encoder;
+2. ``separeg finetune`` from it on the 40 training patients (partial labels: an organ a patient lacks is
+   unknown, not background), validated on the 10 validation patients;
+3. ``separeg contour`` + ``separeg evaluate`` on the 10 validation patients (DSC, HD95, seconds per CT);
+4. ``separeg pack --fp16`` of both, with the provenance and validation table as metadata.
+
+Every step resumes (its run folder is kept in ``--work``), so a killed build continues where it stopped.
+
+    python Resources/StarterModels/build_starter_models.py --work /tmp/starter          # CPU budget of MODELS.md
+    python Resources/StarterModels/build_starter_models.py --work /tmp/starter --encoder resnet50 \\
+        --iterations 100000 --epochs 200 --device cuda --models-out /tmp/paper-models       # the paper's budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "openkbp"
+ENCODER_NAME = "separeg-encoder-hn-ct"
+MODEL_NAME = "hn-oar-7"
+LIMITS = ("Research use only; not for clinical use without local validation on the institution's own CTs and "
+          "contouring protocol. Trained on 128 x 128 x 128 OpenKBP volumes (about 3.5-5.5 mm in plane, 2-3 mm "
+          "slices): finer CTs are resampled to that grid, so small structures and boundaries are coarser than the "
+          "input. Head-and-neck CT only (not MR, not other sites). The OpenKBP contours are a curated public set, "
+          "not one institution's protocol.")
+
+
+def separeg(args: list[str], log: Path) -> list[str]:
+    """Run ``separeg ARGS`` (appending to ``log``); returns the command as recorded (data paths made relative)."""
+    command = [sys.executable, "-m", "separeg.cli", *args]
+    print("$ separeg " + shlex.join(args), flush=True)
+    with log.open("a", encoding="utf-8") as out:
+        result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        sys.exit(f"separeg {args[0]} failed (exit {result.returncode}); see {log}")
+    return ["separeg", *args]
+
+
+def link_cases(data: Path, work: Path) -> dict[str, list[str]]:
+    """Folders of symlinks per OpenKBP split: ``archive`` (all CTs), ``train`` and ``validation`` (CT + labels)."""
+    with (data / "manifest.csv").open(encoding="utf-8") as f:
+        split = {row["patient_id"]: row["split"] for row in csv.DictReader(f)}
+    for folder in ("archive", "train", "validation"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+    for case, part in split.items():
+        pairs = [("archive", f"{case}_ct.nii.gz"), (part, f"{case}_ct.nii.gz"), (part, f"{case}_oar.nii.gz")]
+        for folder, name in pairs:
+            target = work / folder / name
+            if not target.exists():
+                target.symlink_to(data / name)
+    (work / "train" / "labels.json").write_bytes((data / "labels.json").read_bytes())
+    return {part: sorted(c for c, p in split.items() if p == part) for part in ("train", "validation")}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()} (torch {torch.__version__})"
+    return f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}, torch {torch.__version__})"
+
+
+def validate(model: Path, work: Path, cases: list[str], log: Path) -> tuple[dict, list[float], list[str]]:
+    """Contour every validation CT (timed) and evaluate against its reference contours."""
+    predictions, references = work / "validation_pred", work / "validation_ref"
+    predictions.mkdir(exist_ok=True)
+    references.mkdir(exist_ok=True)
+    seconds, command = [], []
+    for case in cases:
+        out = work / "contour" / case
+        start = time.perf_counter()
+        command = separeg(["contour", str(work / "validation" / f"{case}_ct.nii.gz"), "--model", str(model),
+                           "--out", str(out), "--device", "cpu"], log)
+        seconds.append(time.perf_counter() - start)
+        (out / "segmentation.nii.gz").replace(predictions / f"{case}.nii.gz")
+        ref = references / f"{case}.nii.gz"
+        if not ref.exists():
+            ref.symlink_to(work / "validation" / f"{case}_oar.nii.gz")
+    separeg(["evaluate", str(predictions), str(references), "--out", str(work / "evaluation"),
+             "--labels", str(work / "train" / "labels.json")], log)
+    summary = json.loads((work / "evaluation" / "summary.json").read_text(encoding="utf-8"))
+    return summary, seconds, command
+
+
+def table(summary: dict) -> dict:
+    """Per organ: cases, DSC % and HD95 mm as mean and standard error over the validation patients."""
+    rows = {}
+    for organ in [*summary["organs"], summary["all_organs"]]:
+        rows[organ["name"]] = {key: organ[key] for key in ("n", "dsc_mean_percent", "dsc_se_percent", "n_hd95",
+                                                           "hd95_mean_mm", "hd95_se_mm", "n_missed")}
+    return rows
+
+
+def markdown(rows: dict) -> str:
+    def pm(mean, se, digits):
+        if mean is None:
+            return "–"
+        return f"{mean:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
+    lines = ["| Organ (TG-263) | Patients | DSC % | HD95 mm | Missed |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['n']} | {pm(r['dsc_mean_percent'], r['dsc_se_percent'], 1)} | "
+                     f"{pm(r['hd95_mean_mm'], r['hd95_se_mm'], 1)} | {r['n_missed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def relative(command: list[str], work: Path) -> str:
+    return shlex.join(command).replace(str(work), "$WORK").replace(str(REPO), "$REPO")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the OpenKBP folder (../shared/data/openkbp)")
+    parser.add_argument("--work", type=Path, required=True, help="run folders (resumed when they exist)")
+    parser.add_argument("--models-out", type=Path, default=REPO / "separeg" / "models", help="where the bundles go")
+    parser.add_argument("--encoder", default="resnet18-slim")
+    parser.add_argument("--iterations", type=int, default=10_000, help="pretraining iterations (paper: 100000)")
+    parser.add_argument("--crop-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=40, help="fine-tuning epochs (paper: 200)")
+    parser.add_argument("--steps-per-epoch", type=int, default=50)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    work, data = args.work.resolve(), args.data.resolve()
+    log = work / "build.log"
+    splits = link_cases(data, work)
+    started = time.perf_counter()
+    pretrain = separeg(["pretrain", str(work / "archive"), "--out", str(work / "pretrain"), "--encoder", args.encoder,
+                        "--iterations", str(args.iterations), "--batch-size", "32", "--crop-size", str(args.crop_size),
+                        "--seed", "0", "--device", args.device], log)
+    pretrain_minutes = (time.perf_counter() - started) / 60
+    started = time.perf_counter()
+    finetune = separeg(["finetune", str(work / "train"), "--validation", str(work / "validation"), "--init",
+                        str(work / "pretrain" / "encoder.separeg"), "--out", str(work / "finetune"),
+                        "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
+                        "--batch-size", "16", "--partial-labels", "auto", "--seed", "0", "--device", args.device], log)
+    finetune_minutes = (time.perf_counter() - started) / 60
+    summary, seconds, contour = validate(work / "finetune" / "model.separeg", work, splits["validation"], log)
+    rows = table(summary)
+    device = device_name(args.device)
+    data_text = (f"OpenKBP (Babier et al. 2021, MIT licence; TCIA head-and-neck CTs at 128 x 128 x 128): "
+                 f"{len(splits['train']) + len(splits['validation'])} CTs unlabelled for pretraining, "
+                 f"{len(splits['train'])} training patients for fine-tuning (an organ missing in a patient is "
+                 f"unknown, not background), {len(splits['validation'])} validation patients")
+    common = {"data": data_text, "device": device, "limits": LIMITS, "model_card": "MODELS.md"}
+    encoder_meta = {"release": {**common, "name": ENCODER_NAME, "intended_use":
+                                "initialise `separeg finetune --init " + ENCODER_NAME + "` on head-and-neck CT",
+                                "commands": [relative(pretrain, work)],
+                                "budget": f"{args.iterations} iterations of 32 regions ({args.iterations / 1000:g} % "
+                                          f"of the paper's 100k)"}}
+    model_meta = {"release": {**common, "name": MODEL_NAME, "intended_use":
+                              "automatic first-pass contours of 7 head-and-neck organs at risk on CT, for review",
+                              "commands": [relative(pretrain, work), relative(finetune, work), relative(contour, work)],
+                              "budget": f"pretraining as {ENCODER_NAME}; fine-tuning {args.epochs} epochs of "
+                                        f"{args.steps_per_epoch} steps of 16 slices (paper: 200 epochs)",
+                              "validation": {"patients": splits["validation"], "per_organ": rows,
+                                             "contour_seconds_per_ct": [round(s, 2) for s in seconds]}}}
+    packed = {}
+    for name, source, meta in ((ENCODER_NAME, work / "pretrain" / "encoder.separeg", encoder_meta),
+                               (MODEL_NAME, work / "finetune" / "model.separeg", model_meta)):
+        (work / f"{name}.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        target = args.models_out / f"{name}.separeg"
+        separeg(["pack", str(source), "--out", str(target), "--fp16", "--metadata", str(work / f"{name}.json")], log)
+        packed[name] = target.stat().st_size / 1e6
+    (work / "validation_table.md").write_text(markdown(rows), encoding="utf-8")
+    print(markdown(rows))
+    print(f"contour: {min(seconds):.1f}-{max(seconds):.1f} s per CT; sizes: "
+          + ", ".join(f"{k} {v:.2f} MB" for k, v in packed.items())
+          + f"; pretraining {pretrain_minutes:.0f} min, fine-tuning {finetune_minutes:.0f} min on {device}")
+
+
+if __name__ == "__main__":
+    main()
