@@ -10,7 +10,7 @@ from separeg.crops import RegionCropper
 from separeg.errors import InputError
 from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
 from separeg.regions import SISConfig, compute_region_maps, window_hu
-from separeg.segmodel import build_unet
+from separeg.segmodel import build_unet, unet_encoder
 from separeg.ssl import METHODS, SSLModel, channel_kl, negative_cosine, nt_xent
 
 
@@ -78,7 +78,7 @@ def test_encoder_weights_load_into_the_unet_exactly(name: str) -> None:
     pooled = PooledEncoder(name)
     assert pooled(torch.zeros(2, 1, 64, 64)).shape == (2, ENCODER_DIMS[name])
     unet = build_unet(name, 8)
-    result = unet.encoder.load_state_dict(pooled.encoder.state_dict(), strict=True)
+    result = unet_encoder(unet).load_state_dict(pooled.encoder.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .segmodel import decoder_blocks
+
 __all__ = ["DeepSupervision", "SegOutputs", "HardnessWeights", "decoupled_foreground_loss", "class_prototypes",
            "cocl_loss", "psd_loss", "gaussian_rampup", "PLSegLoss"]
 
@@ -45,7 +47,8 @@ def _out_channels(block: nn.Module) -> int:
 
 
 class DeepSupervision(nn.Module):
-    """A MONAI ``FlexibleUNet`` with 1x1 classifier heads on its ``extra_scales`` coarser decoder blocks.
+    """A :func:`~separeg.segmodel.build_unet` network (``FlexibleUNet`` or ``SwinUNETR``) with 1x1 classifier
+    heads on its ``extra_scales`` coarser decoder blocks.
 
     ``forward`` returns :class:`SegOutputs`; ``self.unet`` alone is the deployable model.
     """
@@ -53,7 +56,7 @@ class DeepSupervision(nn.Module):
     def __init__(self, unet: nn.Module, n_classes: int, extra_scales: int = 3) -> None:
         super().__init__()
         self.unet = unet
-        blocks = list(unet.decoder.blocks)
+        blocks = decoder_blocks(unet)
         if extra_scales >= len(blocks):
             raise ValueError(f"the decoder has {len(blocks)} blocks; at most {len(blocks) - 1} extra scales")
         self._tapped = blocks[-1 - extra_scales:]  # coarsest first; the last one is the final block

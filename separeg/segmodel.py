@@ -1,6 +1,7 @@
 """The segmentation network and the grid it sees, shared by fine-tuning and contouring.
 
-The network is MONAI's 2D ``FlexibleUNet`` whose encoder is the pretraining encoder (DESIGN §2.9).
+The network is MONAI's 2D ``FlexibleUNet`` whose encoder is the pretraining encoder (DESIGN §2.9), or for the
+``swin`` encoder MONAI's 2D ``SwinUNETR`` whose ``swinViT`` is.
 Volumes are turned to one canonical orientation (LPS: +x = patient left) before the network sees them,
 so laterality follows the direction matrix, not the array index (DESIGN §7); axial slices are resampled
 in plane to the model's spacing and zero-padded to a multiple of 32. Predictions go back the same way,
@@ -19,13 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .nets import ENCODERS, flexunet_backbone
+from .nets import ENCODERS, EncoderSpec, flexunet_backbone, monai_swin
 from .volumes import CANONICAL_ORIENTATION, to_canonical
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-__all__ = ["CANONICAL_ORIENTATION", "GridSpec", "build_unet", "load_encoder_weights", "to_canonical",
+__all__ = ["CANONICAL_ORIENTATION", "GridSpec", "build_unet", "unet_architecture", "unet_encoder", "decoder_blocks",
+           "load_encoder_weights", "to_canonical",
            "from_canonical", "to_model_grid", "from_model_grid"]
 
 
@@ -46,15 +48,50 @@ class GridSpec:
         return cls(tuple(data["hu_window"]), tuple(data["spacing_xy"]), int(data.get("multiple", 32)))
 
 
-def build_unet(encoder: str, out_channels: int, in_channels: int = 1) -> nn.Module:
-    """``FlexibleUNet`` (2D) with a ResNet encoder; ``out_channels`` = organs + background."""
+def _encoder_spec(encoder: str) -> EncoderSpec:
     if encoder not in ENCODERS:
         raise InputError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[encoder]
+
+
+def build_unet(encoder: str, out_channels: int, in_channels: int = 1) -> nn.Module:
+    """The 2D segmentation network of ``encoder``; ``out_channels`` = organs + background.
+
+    ResNets get a ``FlexibleUNet``, ``swin`` a ``SwinUNETR`` (inputs: multiples of 32).
+    """
+    spec = _encoder_spec(encoder)
+    if spec.swin is not None:
+        return monai_swin().SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=2,
+                                      **spec.swin.unetr_kwargs())
     from monai.networks.nets import FlexibleUNet
 
     return FlexibleUNet(in_channels=in_channels, out_channels=out_channels, backbone=flexunet_backbone(encoder),
                         pretrained=False,
-                        spatial_dims=2, decoder_channels=ENCODERS[encoder].decoder_channels)
+                        spatial_dims=2, decoder_channels=spec.decoder_channels)
+
+
+def unet_architecture(encoder: str, in_channels: int, out_channels: int) -> dict:
+    """The ``architecture`` of a segmentation bundle; :func:`build_unet` rebuilds the network from its
+    ``backbone``, ``out_channels`` and ``in_channels``."""
+    spec = _encoder_spec(encoder)
+    if spec.swin is None:
+        return {"network": "monai.networks.nets.FlexibleUNet", "backbone": encoder, "spatial_dims": 2,
+                "in_channels": in_channels, "out_channels": out_channels}
+    return {"network": "monai.networks.nets.SwinUNETR", "backbone": encoder, "spatial_dims": 2,
+            "in_channels": in_channels, "out_channels": out_channels, "feature_size": spec.swin.feature_size}
+
+
+def unet_encoder(unet: nn.Module) -> nn.Module:
+    """The part of a :func:`build_unet` network that a pretrained encoder initialises."""
+    return unet.swinViT if hasattr(unet, "swinViT") else unet.encoder
+
+
+def decoder_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a :func:`build_unet` network, coarsest first; the last one is the full-resolution
+    block whose output the final 1x1 convolution classifies."""
+    if hasattr(unet, "swinViT"):
+        return [unet.decoder5, unet.decoder4, unet.decoder3, unet.decoder2, unet.decoder1]
+    return list(unet.decoder.blocks)
 
 
 def load_encoder_weights(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -63,7 +100,7 @@ def load_encoder_weights(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -
     Raises:
         InputError: missing or unexpected keys, i.e. the encoder bundle is for another architecture.
     """
-    result = unet.encoder.load_state_dict(state_dict, strict=False)
+    result = unet_encoder(unet).load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InputError(f"the encoder weights do not fit this U-Net ({len(result.missing_keys)} missing, e.g. "
                          f"{result.missing_keys[:2]}; {len(result.unexpected_keys)} unexpected, e.g. "

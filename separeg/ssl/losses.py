@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["negative_cosine", "nt_xent", "channel_kl"]
+__all__ = ["negative_cosine", "nt_xent", "info_nce", "channel_kl"]
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -26,6 +26,20 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     batch = z1.shape[0]
     targets = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(z.device)
     return F.cross_entropy(logits, targets)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's contrastive loss ``ctr(q, k)``: cross entropy of ``q_i . k_j / temperature`` against ``j = i``,
+    scaled by ``2 temperature`` (Chen, Xie & He 2021, Alg. 1); the other samples' keys are the negatives.
+
+    Args:
+        q: ``(B, D)`` queries (predictions of one view).
+        k: ``(B, D)`` keys (momentum projections of the other view); ``k`` must be detached by the caller.
+        temperature: softmax temperature (MoCo v3: 0.2).
+    """
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / temperature  # (B, B)
+    targets = torch.arange(len(q), device=q.device)
+    return F.cross_entropy(logits, targets) * (2.0 * temperature)
 
 
 def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
