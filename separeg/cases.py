@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ LABEL_SUFFIXES = ("_oar", "_seg", "_label", "_labels")
 # images/<case>.<ext> + labels/<case>.<ext>, and nnU-Net's imagesTr/<case>_0000.<ext> + labelsTr/<case>.<ext>.
 FOLDER_PAIRS = (("images", "labels"), ("imagestr", "labelstr"))
 NNUNET_CHANNEL = "_0000"
+_NNUNET_CHANNEL_RE = re.compile(r"_(\d{4})$")
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,20 @@ class Case:
     """A labelled case: its name (unique in a data set), the image volume and the label map.
 
     A DICOM case has the folder of its CT series as ``image``, the RTSTRUCT file as ``labels`` and the series'
-    SeriesInstanceUID as ``series_uid`` (None: the folder's only image series).
+    SeriesInstanceUID as ``series_uid`` (None: the folder's only image series). A multichannel case (co-registered
+    MRI sequences, CT + PET) lists its further volumes in ``channels``; the label map lies on ``image``'s grid.
     """
 
     name: str
     image: Path
     labels: Path
     series_uid: str | None = None
+    channels: tuple[Path, ...] = ()  # further co-registered volumes (input channels 2, 3, ...); image is channel 1
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """Every input volume, in channel order."""
+        return (self.image, *self.channels)
 
     @property
     def is_dicom(self) -> bool:
@@ -87,6 +96,13 @@ class LoadedCase:
     image: sitk.Image
     labels: np.ndarray
     annotated: frozenset[int]
+    channels: tuple[sitk.Image, ...] = ()  # every input channel on image's grid ([0] is image); empty: image only
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def images(self) -> tuple[sitk.Image, ...]:
+        """The input channels, in order, all on the image's grid."""
+        return self.channels or (self.image,)
 
     def not_annotated(self, table: LabelTable) -> frozenset[int]:
         """The table's label values this case has no voxel of (unknown in this case, not background)."""
@@ -157,9 +173,14 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
         if p.parent not in pair_dirs:
             pair_dirs[p.parent] = _folder_pair(p.parent)
         pair_dir = pair_dirs[p.parent]
+        channels: list[Path] = []
         if pair_dir is not None:
-            name = stem[: -len(NNUNET_CHANNEL)] if lower.endswith(NNUNET_CHANNEL) else stem
+            channel = _NNUNET_CHANNEL_RE.search(stem)
+            if channel and channel.group(1) != NNUNET_CHANNEL[1:]:
+                continue  # a further channel: collected with its case's _0000
+            name = stem[: channel.start()] if channel else stem
             labels = stems_by_dir.get((pair_dir, name.lower()), [])
+            channels = _further_channels(stems_by_dir, p.parent, name) if channel else []
         elif lower.endswith(IMAGE_SUFFIX) and len(stem) > len(IMAGE_SUFFIX):
             name = stem[: -len(IMAGE_SUFFIX)]
             for suffix in LABEL_SUFFIXES:
@@ -169,8 +190,8 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
         if len(labels) > 1:
             raise InputError(f"{p} has {len(labels)} label maps: {', '.join(str(q) for q in labels)}; keep one "
                              "(or list the cases in a case list file)")
-        cases.append(Case(name, p, labels[0]))
-        used.update((p, labels[0]))
+        cases.append(Case(name, p, labels[0], channels=tuple(channels)))
+        used.update((p, labels[0], *channels))
 
     dicom_cases, dicom_unpaired = find_dicom_cases(p for p in every if not _split_name(p.name))
     cases += [Case(c.name, c.ct_folder, c.rtstruct, c.series_uid) for c in dicom_cases]
@@ -188,6 +209,20 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
             "CSV file"
         )
     return sorted(cases, key=lambda c: c.name), unpaired
+
+
+def _further_channels(stems_by_dir: dict[tuple[Path, str], list[Path]], folder: Path, name: str) -> list[Path]:
+    """nnU-Net's ``<case>_0001``, ``<case>_0002``, ... beside ``<case>_0000``, in order, up to the first gap."""
+    found = []
+    for index in range(1, 10_000):
+        paths = stems_by_dir.get((folder, f"{name}_{index:04d}".lower()), [])
+        if len(paths) != 1:
+            if len(paths) > 1:
+                raise InputError(f"case {name}: channel {index:04d} has {len(paths)} files: "
+                                 f"{', '.join(str(q) for q in paths)}; keep one")
+            return found
+        found.append(paths[0])
+    return found
 
 
 def _unpaired_rtstruct_detail(unpaired: list[Path]) -> str:
@@ -228,7 +263,9 @@ def read_case_list(path: str | Path) -> list[Case]:
     """Read cases listed in a JSON or CSV file.
 
     JSON: a list of ``{"name": ..., "image": ..., "labels": ...}`` objects (or ``{"cases": [...]}``); CSV: a header
-    with the columns ``name,image,labels``. Relative paths are taken from the list file's folder. ``name`` may be
+    with the columns ``name,image,labels``. A multichannel case gives its co-registered volumes in channel order as
+    ``"image": [...]`` (JSON) or separated by ``;`` (CSV); the label map lies on the first one's grid.
+    Relative paths are taken from the list file's folder. ``name`` may be
     left out: the image's file name without extension and ``_ct`` is used.
 
     Args:
@@ -271,10 +308,13 @@ def read_case_list(path: str | Path) -> list[Case]:
         if not image or not labels:
             raise InputError(f"case list {path}: entry {i} has no {'image' if not image else 'labels'}; every case "
                              "needs an image and a label map")
-        image_path, labels_path = base / Path(str(image)).expanduser(), base / Path(str(labels)).expanduser()
-        name = str(row.get("name") or "").strip() or _case_name(image_path)
-        missing += [f"{name}: {p}" for p in (image_path, labels_path) if not p.exists()]
-        cases.append(Case(name, image_path, labels_path))
+        # Several co-registered input volumes: a JSON list, or ';'-separated in CSV.
+        images = image if isinstance(image, list) else [part for part in str(image).split(";") if part.strip()]
+        image_paths = [base / Path(str(part).strip()).expanduser() for part in images]
+        labels_path = base / Path(str(labels)).expanduser()
+        name = str(row.get("name") or "").strip() or _case_name(image_paths[0])
+        missing += [f"{name}: {p}" for p in (*image_paths, labels_path) if not p.exists()]
+        cases.append(Case(name, image_paths[0], labels_path, channels=tuple(image_paths[1:])))
     if missing:
         shown = "; ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise InputError(f"case list {path} names files that do not exist: {shown}. Paths are taken from the "
@@ -325,6 +365,15 @@ def load_case(case: Case, table: LabelTable, *, synonyms: Mapping[str, str] | No
                         ", ".join(unmatched), case.labels)
         return LoadedCase(case.name, image, labels, annotated)
     image = read_volume(case.image)
+    channels, warnings = (), ()
+    if case.channels:
+        from .channels import co_register
+
+        names = [p.name for p in case.images]
+        registered, notes = co_register([image, *(read_volume(p) for p in case.channels)], names)
+        channels, warnings = tuple(registered), tuple(f"case {case.name}: {note}" for note in notes)
+        for note in warnings:
+            log.warning("%s", note)
     label_image = read_volume(case.labels)
     image_geometry, label_geometry = Geometry.of(image), Geometry.of(label_image)
     if not image_geometry.matches(label_geometry):
@@ -356,7 +405,7 @@ def load_case(case: Case, table: LabelTable, *, synonyms: Mapping[str, str] | No
         )
     top = max(table.values, default=0)
     dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
-    return LoadedCase(case.name, image, array.astype(dtype, copy=False), frozenset(present - {0}))
+    return LoadedCase(case.name, image, array.astype(dtype, copy=False), frozenset(present - {0}), channels, warnings)
 
 
 def _present_values(array: np.ndarray, chunk: int = 1 << 22) -> set[int]:

@@ -61,6 +61,10 @@ def _add_sis(parser: argparse.ArgumentParser) -> None:
                        help="HU above which a voxel belongs to the body mask (-500)")
 
 
+CHANNELS_HELP = ("input channels, comma-separated NAME[:window|percentile|zscore] in input order, e.g. T1,T2,STIR or "
+                 "CT,PET:zscore (CT: HU window; others: percentile by default)")
+
+
 def _add_pretrain(parser: argparse.ArgumentParser) -> None:
     from .nets import ENCODER_DIMS
     from .pretrain_config import STAGES, PretrainConfig
@@ -83,6 +87,10 @@ def _add_pretrain(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-iid", action="store_true", help="stop after the inter stage (the 'SIS only' ablation)")
     group.add_argument("--seed", type=int, default=d.seed, help="random seed (runs are deterministic per seed)")
     group.add_argument("--modality", choices=("CT", "MR", "PT", "any"), default=d.modality)
+    group.add_argument("--channels", default=None, help=CHANNELS_HELP + "; the archive then holds <case>_0000, "
+                       "<case>_0001, ... files, one per channel")
+    group.add_argument("--sis-channel", type=int, default=None,
+                       help="the channel (0-based, --channels order) that structure-aware separation runs on (0)")
     run = _add_running(parser)
     run.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
 
@@ -107,7 +115,8 @@ def _run_pretrain(args: argparse.Namespace, events: Events) -> int:
     config = PretrainConfig(method=args.method, encoder=args.encoder, sis=_sis_config(args), crop_size=args.crop_size,
                             iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                             clusters=args.clusters, iid=not args.no_iid, distill_loss=args.distill_loss,
-                            seed=args.seed, modality=args.modality)
+                            seed=args.seed, modality=args.modality, channels=args.channels,
+                            sis_channel=args.sis_channel)
     job = PretrainJob(archive=args.archive, run_dir=args.out, config=config, device=args.device,
                       stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), restart=args.restart,
                       resume=args.resume, stop_file=args.stop_file, checkpoint_minutes=args.checkpoint_minutes,
@@ -136,6 +145,7 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
                        help="your RTSTRUCT ROI names -> TG-263 names (JSON or two-column CSV), for DICOM cases")
     group.add_argument("--validation", type=_existing_path, default=None, metavar="DATA",
                        help="fixed validation cases (a folder or case list); then every case of DATA trains")
+    group.add_argument("--channels", default=None, help=CHANNELS_HELP + "; default: those of --init, else CT")
     group.add_argument("--seed", type=int, default=d.seed)
     partial = parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher")
     partial.add_argument("--partial-labels", choices=["auto", "plseg", "marginal", "background"],
@@ -166,7 +176,8 @@ def _run_finetune(args: argparse.Namespace, events: Events) -> int:
                             validation_cases=args.validation_cases, seed=args.seed,
                             partial_labels=args.partial_labels, hardness=not args.no_hardness,
                             psd_weight=args.psd_weight, cocl_weight=args.cocl_weight,
-                            mean_teacher=args.mean_teacher, ema_decay=args.ema_decay, consistency=args.consistency)
+                            mean_teacher=args.mean_teacher, ema_decay=args.ema_decay, consistency=args.consistency,
+                            channels=args.channels)
     if args.unlabelled is not None and not args.mean_teacher:
         events.warning("--unlabelled is only used with --mean-teacher; ignored", stage="finetune")
     run_finetune(FinetuneJob(data=args.data, out_dir=args.out, labels=args.labels, init=args.init,
@@ -193,7 +204,8 @@ def _run_experiment(args: argparse.Namespace, events: Events) -> int:
 def _run_contour(args: argparse.Namespace, events: Events) -> int:
     from .contour import ContourJob, run_contour
 
-    run_contour(ContourJob(volume=args.volume, model=args.model, out_dir=args.out, device=args.device,
+    run_contour(ContourJob(volume=args.volume[0], channels=tuple(args.volume[1:]), model=args.model, out_dir=args.out,
+                           device=args.device,
                            largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
                            series_uid=args.series_uid, rtstruct=args.rtstruct, seg=args.seg,
                            patient_name=args.patient_name, patient_id=args.patient_id,
@@ -316,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(handler=_run_finetune)
 
     contour = sub.add_parser("contour", help="Auto-contour a CT -> OUT/segmentation.nii.gz + segmentation.json")
-    contour.add_argument("volume", type=_existing_path, help="CT volume file or DICOM series folder")
+    contour.add_argument("volume", type=_existing_path, nargs="+",
+                         help="CT volume file or DICOM series folder; for a model with several input channels, one "
+                              "co-registered volume per channel, in the model's order (see `separeg models`)")
     contour.add_argument("--model", required=True, help="segmentation bundle path or installed model name")
     contour.add_argument("--out", type=Path, required=True, help="output folder")
     contour.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -22,9 +22,10 @@ import torch
 from scipy import ndimage
 
 from .atomic import write_json
+from .channels import check_channel_count, co_register
 from .errors import SepaRegError
 from .events import Events
-from .segmodel import GridSpec, build_unet, from_canonical, from_model_grid, to_canonical, to_model_grid
+from .segmodel import GridSpec, build_unet, from_canonical, from_model_grid, model_input, to_canonical
 from .training import Runtime, setup_runtime
 from .volumes import read_volume, write_volume
 
@@ -38,9 +39,10 @@ REVIEW_NOTICE = "Automatic contour: review and correct every structure before cl
 
 @dataclass(frozen=True)
 class ContourJob:
-    volume: Path
+    volume: Path  # the CT (channel 1; its grid is the output's)
     model: str
     out_dir: Path
+    channels: tuple[Path, ...] = ()  # further co-registered volumes, for a model with several input channels
     device: str = "auto"
     largest_component: bool = True
     fill_holes: bool = True
@@ -186,8 +188,12 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     bundle = load_bundle(resolve_model(job.model), expected_kind="segmentation")
     table = LabelTable.from_dict(bundle.metadata["labels"])
     spec = GridSpec.from_dict(bundle.metadata["inputs"])
+    check_channel_count(1 + len(job.channels), spec.input_channels, "the input")
     image = read_volume(job.volume, series_uid=job.series_uid)
-    warnings = _warnings(image, bundle.metadata.get("data", {}))
+    images, warnings = co_register([image, *(read_volume(p) for p in job.channels)],
+                                   [c.name for c in spec.input_channels])
+    if spec.input_channels[0].normalisation == "window":  # a CT: its HU range can be checked
+        warnings = _warnings(image, bundle.metadata.get("data", {})) + warnings
     for note in warnings:
         events.warning(note, stage="contour")
     canonical = to_canonical(image)
@@ -197,7 +203,8 @@ def run_contour(job: ContourJob, events: Events | None = None) -> ContourResult:
     model = build_unet(arch["backbone"], arch["out_channels"], arch.get("in_channels", 1))
     model.load_state_dict(bundle.state_dict)
     model = model.to(runtime.device).eval()
-    slices = to_model_grid(hu, spacing, spec, device=runtime.device)
+    arrays = [hu] + [sitk.GetArrayFromImage(to_canonical(other)) for other in images[1:]]
+    slices = model_input(arrays, spacing, spec, device=runtime.device)
     batch = job.batch_size or (16 if runtime.device.type == "cuda" else 1)
     labels = predict_labels(model, slices, hu.shape[1:], lambda logits: from_model_grid(logits, hu.shape[1:], spacing,
                                                                                        spec), runtime, batch, events)

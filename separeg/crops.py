@@ -24,8 +24,8 @@ class RegionCropper:
     interpolation matrices; windows are gathered through one strided view. No Python loop over regions.
 
     Args:
-        image: ``(Z, H, W)`` windowed intensities: float in [0, 1], or uint8 grey levels (a quarter of the
-            memory; scaled to [0, 1] after the gather).
+        image: ``(Z, H, W)`` or, with C input channels, ``(Z, C, H, W)`` normalised intensities: float in
+            [0, 1], or uint8 grey levels (a quarter of the memory; scaled to [0, 1] after the gather).
         maps: the volume's region maps.
         crop_size: output side.
         device: where slices, labels and the table live (default: ``image``'s device).
@@ -34,7 +34,9 @@ class RegionCropper:
     def __init__(self, image: torch.Tensor | np.ndarray, maps: RegionMaps, crop_size: int = 128,
                  device: torch.device | str | None = None) -> None:
         image = torch.as_tensor(image)
-        if tuple(image.shape) != maps.labels.shape:
+        if image.dim() == 3:  # one channel
+            image = image[:, None]
+        if image.dim() != 4 or (image.shape[0], *image.shape[2:]) != maps.labels.shape:
             raise InputError(f"image shape {tuple(image.shape)} does not match label maps {maps.labels.shape}")
         device = torch.device(device) if device is not None else image.device
         self.crop_size = crop_size
@@ -56,6 +58,7 @@ class RegionCropper:
         self.square_y0 = as_tensor(self._square_y0)
         self.square_x0 = as_tensor(self._square_x0)
         self.height, self.width = height, width
+        self.channels = int(image.shape[1])
 
     def __len__(self) -> int:
         return len(self._side)
@@ -65,7 +68,7 @@ class RegionCropper:
         return self.image.device
 
     def crops(self, index: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Crops of the regions ``index`` (``(B,)`` ints): ``(B, 1, crop_size, crop_size)`` float32.
+        """Crops of the regions ``index`` (``(B,)`` ints): ``(B, C, crop_size, crop_size)`` float32.
 
         The cost of a group grows with its largest window squared, so batches with large windows (clinical
         512 x 512 slices) are sorted by size and cut in groups of similar windows; small windows, and GPUs,
@@ -76,7 +79,7 @@ class RegionCropper:
         if len(index_np) <= group or self._side[index_np].max(initial=0) <= self.crop_size // 2:
             return self._crops(index_np)
         order = np.argsort(self._side[index_np], kind="stable")
-        out = torch.empty(len(index_np), 1, self.crop_size, self.crop_size, device=self.device)
+        out = torch.empty(len(index_np), self.channels, self.crop_size, self.crop_size, device=self.device)
         for start in range(0, len(order), group):
             members = order[start:start + group]
             out[torch.as_tensor(members, device=self.device)] = self._crops(index_np[members])
@@ -89,16 +92,19 @@ class RegionCropper:
         win_y0 = (self.square_y0[idx]).clamp(0, self.height - window)
         win_x0 = (self.square_x0[idx]).clamp(0, self.width - window)
         k = self.slice_index[idx]
-        image_windows = self.image.unfold(1, window, 1).unfold(2, window, 1)[k, win_y0, win_x0]
+        # (B, C, window, window): unfold gives (Z, C, Y, X, window, window), indexed per region.
+        image_windows = self.image.unfold(2, window, 1).unfold(3, window, 1)[k, :, win_y0, win_x0]
         label_windows = self.labels.unfold(1, window, 1).unfold(2, window, 1)[k, win_y0, win_x0]
         image_windows = image_windows.to(torch.float32)
         if self.image.dtype == torch.uint8:
             image_windows = image_windows / 255.0
-        image_windows = image_windows * (label_windows == self.label[idx, None, None])
+        image_windows = image_windows * (label_windows == self.label[idx, None, None])[:, None]
         side = self.side[idx]
         rows = self._interpolation_matrix(side, self.square_y0[idx] - win_y0, window)
         cols = self._interpolation_matrix(side, self.square_x0[idx] - win_x0, window)
-        return torch.bmm(torch.bmm(rows, image_windows), cols.transpose(1, 2)).unsqueeze(1)
+        if self.channels == 1:
+            return torch.bmm(torch.bmm(rows, image_windows[:, 0]), cols.transpose(1, 2)).unsqueeze(1)
+        return rows[:, None] @ image_windows @ cols.transpose(1, 2)[:, None]
 
     def _interpolation_matrix(self, side: torch.Tensor, offset: torch.Tensor, window: int) -> torch.Tensor:
         """``(B, crop_size, window)`` bilinear weights: output pixel j of a square of ``side`` pixels starting at

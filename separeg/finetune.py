@@ -22,9 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_json
+from .channels import check_channel_count, parse_channels
 from .errors import InputError
 from .events import Events, FileSink
-from .segmodel import GridSpec, build_unet, load_encoder_weights, to_canonical, to_model_grid
+from .segmodel import (
+    GridSpec,
+    build_unet,
+    load_encoder_weights,
+    model_input,
+    to_canonical,
+    to_model_grid,
+    unet_architecture,
+)
 from .training import Runtime, StopRequest, load_checkpoint, save_checkpoint, setup_runtime, step_seed, train_steps
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "run_finetune", "SliceSet"]
@@ -46,6 +55,7 @@ class FinetuneConfig:
     validation_cases: int | None = None  # default: 20 % of the cases (at least 1 when there are 2 or more)
     spacing_xy: tuple[float, float] | None = None  # default: median in-plane spacing of the training cases
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    channels: str | None = None  # --channels, e.g. "T1,T2" (separeg.channels.parse_channels); None: one CT channel
     seed: int = 0
     partial_labels: str = "auto"  # auto | plseg | marginal | background (separeg.finetune_objective)
     hardness: bool = True  # PL-Seg: HADFL's hardness weights
@@ -95,8 +105,8 @@ class SliceSet:
     """Slices and label maps of a list of cases on the model grid, on one device.
 
     Attributes:
-        images: ``(N, 1, H, W)`` float; labels: ``(N, H, W)`` int64; annotated: ``(N, C)`` bool per slice
-        (its case's annotated organs, background always); case_of: ``(N,)`` case index per slice.
+        images: ``(N, C, H, W)`` float (C input channels); labels: ``(N, H, W)`` int64; annotated: ``(N, K)`` bool
+        per slice (its case's annotated organs, background always); case_of: ``(N,)`` case index per slice.
     """
 
     def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device) -> None:
@@ -105,11 +115,11 @@ class SliceSet:
         images, labels, annotated, case_of = [], [], [], []
         shape = None
         for i, case in enumerate(cases):
-            canonical = to_canonical(case.image)
-            hu = sitk.GetArrayFromImage(canonical)
+            check_channel_count(len(case.images), spec.input_channels, f"case {case.name}")
+            canonical = [to_canonical(image) for image in case.images]
             lab = sitk.GetArrayFromImage(to_canonical(_label_image(case)))
-            spacing = canonical.GetSpacing()[:2]
-            x = to_model_grid(hu, spacing, spec, device=device)
+            spacing = canonical[0].GetSpacing()[:2]
+            x = model_input([sitk.GetArrayFromImage(c) for c in canonical], spacing, spec, device=device)
             y = to_model_grid(lab, spacing, spec, labels=True, device=device)[:, 0]
             if shape is not None and x.shape[-2:] != shape:
                 x, y = _fit(x, shape), _fit(y[:, None].float(), shape)[:, 0].long()
@@ -241,11 +251,11 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
     runtime = setup_runtime(job.device)
     out = Path(job.out_dir)
     cfg = job.config
-    encoder_name, init_state, init_hash, init_model = cfg.encoder, None, None, None
+    encoder_name, init_state, init_hash, init_model, init_bundle = cfg.encoder, None, None, None, None
     if job.init is not None:
         from .models import resolve_model
 
-        bundle = load_bundle(resolve_model(job.init))
+        bundle = init_bundle = load_bundle(resolve_model(job.init))
         if bundle.kind == "segmentation":  # "Update model": continue from a fine-tuned model (same organs, grid)
             init_model = bundle
             encoder_name = bundle.architecture["backbone"]
@@ -272,6 +282,10 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
                              "training cases")
         cfg = replace(cfg, spacing_xy=tuple(init_model.metadata["inputs"]["spacing_xy"]),
                       hu_window=tuple(init_model.metadata["inputs"]["hu_window"]))
+    channels = _input_channels(cfg, init_bundle, job.init)
+    if len(channels) > 1 and cfg.mean_teacher:
+        raise InputError("--mean-teacher reads single-volume CT archives; it is not available with several input "
+                         "channels yet. Leave out --mean-teacher or train on one channel")
     synonyms = None
     if job.synonyms is not None:
         from .dicom_rt import load_synonyms
@@ -288,7 +302,10 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
     else:
         train_cases, val_cases = _split(cases, cfg)
     spacing = cfg.spacing_xy or tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))
-    spec = GridSpec(cfg.hu_window, spacing)
+    spec = GridSpec(cfg.hu_window, spacing, channels=channels)
+    for case in cases:
+        for note in case.warnings:
+            events.warning(note, stage="finetune")
     identity = {"data": str(Path(job.data).resolve()), "init": init_hash, "config": json.loads(json.dumps(asdict(cfg))),
                 "cases": sorted(c.name for c in cases), "validation": sorted(c.name for c in val_cases),
                 "synonyms": synonyms,
@@ -307,7 +324,7 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
     train = SliceSet(train_cases, n_classes, spec, runtime.device)
     val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
     torch.manual_seed(cfg.seed)
-    unet = build_unet(encoder_name, n_classes).to(runtime.device)
+    unet = build_unet(encoder_name, n_classes, len(spec.input_channels)).to(runtime.device)
     if init_model is not None:
         unet.load_state_dict({k: v.to(runtime.device) for k, v in init_state.items()})
     elif init_state is not None:
@@ -366,10 +383,9 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
 
     path = save_bundle(
         out / "model.separeg", kind="segmentation",
-        architecture={"network": "monai.networks.nets.FlexibleUNet", "backbone": encoder_name, "spatial_dims": 2,
-                      "in_channels": 1, "out_channels": n_classes},
+        architecture=unet_architecture(encoder_name, len(spec.input_channels), n_classes),
         state_dict=best["model"],
-        metadata={"inputs": {"channels": ["CT"], **spec.to_dict(), "orientation": "LPS"},
+        metadata={"inputs": {**spec.to_dict(), "orientation": "LPS"},
                   "labels": table.to_dict(),
                   "training": {"init_encoder_sha256": init_hash, "training_cases": len(train_cases),
                                "validation_cases": len(val_cases), "epochs_run": len(history["epochs"]),
@@ -383,6 +399,31 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
     events.done(f"model written to {path} (best {'validation' if val else 'training'} mean DSC "
                 f"{100 * (history['best'] or 0):.1f} % at epoch {history['best_epoch']})")
     return path
+
+
+def _input_channels(cfg: FinetuneConfig, init, source) -> tuple:
+    """The input channels: ``--channels``, else those of the model or encoder started from, else one CT channel.
+
+    Raises:
+        InputError: ``--channels`` names another number of channels than the initial bundle takes.
+    """
+    from .channels import channels_from_metadata
+
+    if init is None:
+        return parse_channels(cfg.channels, cfg.hu_window)
+    inputs = init.metadata.get("inputs") or {}
+    from_bundle = channels_from_metadata({"hu_window": cfg.hu_window, **inputs}) if inputs.get("channels") else \
+        parse_channels(None, cfg.hu_window)
+    taken = int(init.architecture.get("in_channels", 1))
+    if cfg.channels is None:
+        if len(from_bundle) != taken:  # an encoder that records only its channel count
+            from_bundle = tuple(parse_channels(",".join(f"channel{i + 1}" for i in range(taken))))
+        return from_bundle
+    channels = parse_channels(cfg.channels, cfg.hu_window)
+    if len(channels) != taken:
+        raise InputError(f"--channels names {len(channels)} channel(s) ({cfg.channels}) but {source} takes {taken} "
+                         f"({', '.join(c.name for c in from_bundle)}); start from a bundle trained on the same inputs")
+    return channels
 
 
 def _case_list(data: Path, events: Events) -> list:

@@ -21,7 +21,7 @@ from .atomic import atomic_path
 from .augment import TwoViews, augment, augment_with_geometry
 from .errors import ArchiveError, CancelledError, InputError
 from .events import Events, FileSink
-from .nets import PooledEncoder
+from .nets import ENCODERS, PooledEncoder
 from .pretrain_config import PretrainJob, as_json_dict
 from .regions import load_or_compute
 from .regionset import RegionSet, VolumeRegions
@@ -175,11 +175,16 @@ class _Context:
 
 def _stage_sis(ctx: _Context) -> None:
     """Scan the archive and cache the region label maps of every usable volume."""
-    manifest = scan_archive(ctx.job.archive, modality=ctx.cfg.modality, events=ctx.events, workers=ctx.job.workers)
+    # A multichannel case mixes modalities (T1 and T2, CT and PET): every image volume is a candidate channel.
+    modality = ctx.cfg.modality if ctx.cfg.in_channels == 1 else "any"
+    manifest = scan_archive(ctx.job.archive, modality=modality, events=ctx.events, workers=ctx.job.workers)
     ctx.events.log("archive scan:\n" + format_table(manifest), stage="sis")
     usable = manifest.require_usable()
     if ctx.runtime.is_main:
         manifest.save(ctx.run.manifest)
+        if ctx.cfg.in_channels > 1:
+            _sis_multichannel(ctx, manifest)
+            return
         for i, entry in enumerate(usable, 1):
             if ctx.stop.requested:
                 raise CancelledError(f"sis stopped after {i - 1}/{len(usable)} volumes ({ctx.stop.requested}); "
@@ -190,13 +195,44 @@ def _stage_sis(ctx: _Context) -> None:
             load_or_compute(hu, key, ctx.cfg.sis, ctx.run.cache, events=ctx.events, workers=ctx.job.workers)
 
 
+def _sis_multichannel(ctx: _Context, manifest: Manifest) -> None:
+    """SIS of every multichannel case of the archive, on its reference channel (:mod:`separeg.channel_archive`)."""
+    from .channel_archive import group_channels, read_channels
+
+    cfg = ctx.cfg
+    groups, skipped = group_channels(manifest.usable(), cfg.in_channels)
+    for reason in skipped:
+        ctx.events.warning(f"left out: {reason}", stage="sis")
+    for i, (case, group) in enumerate(groups, 1):
+        if ctx.stop.requested:
+            raise CancelledError(f"sis stopped after {i - 1}/{len(groups)} cases ({ctx.stop.requested}); "
+                                 "their region maps are cached, re-run the same command to continue")
+        ctx.events.log(f"case {i}/{len(groups)}: {case} ({cfg.in_channels} channels)", stage="sis")
+        _, sis_hu, key, warnings = read_channels(group, manifest.root, cfg.input_channels(), cfg.sis_channel or 0)
+        for note in warnings:
+            ctx.events.warning(f"{case}: {note}", stage="sis")
+        load_or_compute(sis_hu, key, cfg.sis, ctx.run.cache, events=ctx.events, workers=ctx.job.workers)
+
+
+def _multichannel_volumes(manifest: Manifest, cfg, run: RunDir, events: Events,
+                          workers: int | None) -> list[VolumeRegions]:
+    from .channel_archive import group_channels, read_channels
+
+    volumes = []
+    for case, group in group_channels(manifest.usable(), cfg.in_channels)[0]:
+        stack, sis_hu, key, _ = read_channels(group, manifest.root, cfg.input_channels(), cfg.sis_channel or 0)
+        maps, _ = load_or_compute(sis_hu, key, cfg.sis, run.cache, events=events, workers=workers)
+        volumes.append(VolumeRegions(case, stack, maps))
+    return volumes
+
+
 def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, workers: int | None = None) -> RegionSet:
     """The region set of a run's archive, from the SIS cache (computed where missing)."""
     if not run.manifest.exists():
         raise InputError(f"{run.manifest} is missing: run the sis stage first (--stages sis)")
     manifest = Manifest.load(run.manifest)
-    volumes = []
-    for entry in manifest.usable():
+    volumes = _multichannel_volumes(manifest, cfg, run, events, workers) if cfg.in_channels > 1 else []
+    for entry in manifest.usable() if cfg.in_channels == 1 else []:
         image = entry.read(manifest.root)
         if content_hash(image) != entry.content_hash:
             raise ArchiveError(f"{entry.path} changed since the archive was scanned; use --restart to rescan")
@@ -366,6 +402,16 @@ def _stage_distill(ctx: _Context) -> None:
                 checkpoint_seconds=ctx.checkpoint_seconds())
 
 
+def _implementation(encoder: str) -> dict:
+    """What the encoder bundle's weights are and where they load (documentation for other tools)."""
+    if ENCODERS[encoder].swin is not None:
+        return {"implementation": f"monai.networks.nets.swin_unetr.SwinTransformer(spatial_dims=2, "
+                                  f"embed_dim={ENCODERS[encoder].swin.feature_size})",
+                "loads_into": "monai.networks.nets.SwinUNETR.swinViT"}
+    return {"implementation": "monai.networks.nets.resnet.ResNetEncoder(spatial_dims=2)",
+            "loads_into": "monai.networks.nets.FlexibleUNet.encoder"}
+
+
 def _stage_export(ctx: _Context) -> None:
     """The student (or, without IID, the inter-organ) encoder as ``encoder.separeg``."""
     from . import __version__
@@ -394,11 +440,11 @@ def _stage_export(ctx: _Context) -> None:
     save_bundle(
         ctx.run.encoder, kind="encoder",
         architecture={"encoder": cfg.encoder, "in_channels": cfg.in_channels, "feature_dim": encoder.dim,
-                      "implementation": "monai.networks.nets.resnet.ResNetEncoder(spatial_dims=2)",
-                      "loads_into": "monai.networks.nets.FlexibleUNet.encoder"},
+                      **_implementation(cfg.encoder)},
         state_dict=encoder.encoder.state_dict(),
-        metadata={"inputs": {"channels": ["CT"], "hu_window": list(cfg.sis.hu_window), "scale": "[0, 1]",
-                             "crop_size": cfg.crop_size},
+        metadata={"inputs": {"channels": [c.to_dict() for c in cfg.input_channels()],
+                             "hu_window": list(cfg.sis.hu_window), "scale": "[0, 1]", "crop_size": cfg.crop_size,
+                             "sis_channel": cfg.sis_channel or 0},
                   "training": {"config": as_json_dict(cfg), "manifest_hash": manifest.hash,
                                "volumes": len(manifest.usable()), "regions": len(ctx.regions),
                                "cluster_sizes": clusters, "stage_losses": losses, "separeg": __version__}})

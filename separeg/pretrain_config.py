@@ -38,7 +38,7 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float | None = None
     weight_decay: float = 1e-4
-    temperature: float = 0.1
+    temperature: float | None = None  # None: the method's (0.1; MoCo v3 0.2)
     ema: float = 0.996
     clusters: int = 5
     iid: bool = True
@@ -47,6 +47,13 @@ class PretrainConfig:
     stage_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)
     seed: int = 0
     modality: str = "CT"
+    channels: str | None = None  # --channels (separeg.channels.parse_channels); None: one CT channel
+    sis_channel: int | None = None  # the channel SIS separates (0-based); None: the first
+
+    def input_channels(self) -> tuple:
+        from .channels import parse_channels
+
+        return parse_channels(self.channels, self.sis.hu_window)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -58,6 +65,16 @@ class PretrainConfig:
         for name in ("iterations", "batch_size", "clusters", "crop_size", "in_channels"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.temperature is None:  # resolved here, so a saved config names the value used
+            object.__setattr__(self, "temperature", METHODS[self.method].temperature)
+        if self.channels is not None:
+            count = len(self.input_channels())
+            if self.in_channels not in (1, count):
+                raise InputError(f"in_channels {self.in_channels} contradicts --channels {self.channels!r}")
+            object.__setattr__(self, "in_channels", count)
+        if self.sis_channel is not None and not 0 <= self.sis_channel < self.in_channels:
+            raise InputError(f"--sis-channel must be between 0 and {self.in_channels - 1} (channels are counted from 0 "
+                             f"in --channels order), got {self.sis_channel}")
         if self.batch_size < 2:
             raise InputError("batch size must be at least 2 (BatchNorm and the contrastive losses need pairs)")
         if self.crop_size < 32:

@@ -21,7 +21,10 @@ __all__ = ["VolumeRegions", "RegionSet", "compact", "concat_maps"]
 
 @dataclass
 class VolumeRegions:
-    """One volume's HU array and its region maps, with a name for reports."""
+    """One volume's intensities and its region maps, with a name for reports.
+
+    ``hu`` is the ``(Z, H, W)`` CT in HU, or ``(Z, C, H, W)`` normalised channels in [0, 1] for a multichannel case.
+    """
 
     name: str
     hu: np.ndarray
@@ -82,7 +85,8 @@ class RegionSet:
         for group, members in enumerate(groups.values()):
             parts = [compact(volumes[i].hu, volumes[i].maps) for i in members]
             maps = concat_maps([m for _, m in parts])
-            grey = np.concatenate([to_uint8(h, window) for h, _ in parts])
+            grey = np.concatenate([to_uint8(h, window) if h.ndim == 3 else np.round(np.clip(h, 0, 1) * 255.0).astype(
+                np.uint8) for h, _ in parts])
             self._croppers.append(RegionCropper(torch.from_numpy(grey), maps, crop_size, device=self.device))
             position = 0
             for i in members:
@@ -96,12 +100,13 @@ class RegionSet:
         return len(self._owner)
 
     def crops(self, index: np.ndarray) -> torch.Tensor:
-        """``(B, 1, S, S)`` float32 crops of the regions ``index`` (global indices), in that order."""
+        """``(B, C, S, S)`` float32 crops of the regions ``index`` (global indices), in that order."""
         index = np.asarray(index, dtype=np.int64)
         owners = self._owner[index]
         if len(self._croppers) == 1:
             return self._croppers[0].crops(self._local[index])
-        out = torch.empty(len(index), 1, self.crop_size, self.crop_size, device=self.device)
+        channels = self._croppers[0].channels
+        out = torch.empty(len(index), channels, self.crop_size, self.crop_size, device=self.device)
         for group in np.unique(owners):
             where = np.flatnonzero(owners == group)
             out[torch.as_tensor(where, device=self.device)] = self._croppers[group].crops(self._local[index[where]])

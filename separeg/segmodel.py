@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .channels import Channel, channels_from_metadata, normalise_channels
 from .errors import InputError
 from .nets import ENCODERS, EncoderSpec, flexunet_backbone, monai_swin
 from .volumes import CANONICAL_ORIENTATION, to_canonical
@@ -28,24 +29,35 @@ if TYPE_CHECKING:
 
 __all__ = ["CANONICAL_ORIENTATION", "GridSpec", "build_unet", "unet_architecture", "unet_encoder", "decoder_blocks",
            "load_encoder_weights", "to_canonical",
-           "from_canonical", "to_model_grid", "from_model_grid"]
+           "from_canonical", "to_model_grid", "model_input", "from_model_grid"]
 
 
 
 @dataclass(frozen=True)
 class GridSpec:
-    """What the network expects: HU window scaled to [0, 1], in-plane spacing (mm), size multiple."""
+    """What the network expects: input channels and their normalisation, in-plane spacing (mm), size multiple.
+
+    ``channels`` empty means one CT channel with the HU window ``hu_window`` scaled to [0, 1] (every bundle
+    written before multichannel inputs).
+    """
 
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     spacing_xy: tuple[float, float] = (1.0, 1.0)
     multiple: int = 32
+    channels: tuple[Channel, ...] = ()
+
+    @property
+    def input_channels(self) -> tuple[Channel, ...]:
+        return self.channels or (Channel("CT", window=tuple(self.hu_window)),)
 
     def to_dict(self) -> dict:
-        return {"hu_window": list(self.hu_window), "spacing_xy": list(self.spacing_xy), "multiple": self.multiple}
+        return {"hu_window": list(self.hu_window), "spacing_xy": list(self.spacing_xy), "multiple": self.multiple,
+                "channels": [c.to_dict() for c in self.input_channels]}
 
     @classmethod
     def from_dict(cls, data: dict) -> GridSpec:
-        return cls(tuple(data["hu_window"]), tuple(data["spacing_xy"]), int(data.get("multiple", 32)))
+        hu_window = tuple(data.get("hu_window", (-1000.0, 1000.0)))
+        return cls(hu_window, tuple(data["spacing_xy"]), int(data.get("multiple", 32)), channels_from_metadata(data))
 
 
 def _encoder_spec(encoder: str) -> EncoderSpec:
@@ -129,20 +141,26 @@ def _model_size(height: int, width: int, spacing_xy: tuple[float, float], spec: 
 
 def to_model_grid(array: np.ndarray | torch.Tensor, spacing_xy: tuple[float, float], spec: GridSpec, *,
                   labels: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(Z, H, W)`` canonical slices -> ``(Z, 1, H', W')`` on the model grid (zero-padded to ``spec.multiple``).
+    """Canonical slices -> ``(Z, C, H', W')`` on the model grid (zero-padded to ``spec.multiple``).
 
-    Intensities are windowed to [0, 1] and resampled bilinearly; label maps (``labels=True``) are resampled
-    by nearest neighbour and keep their values.
+    ``array`` is ``(Z, H, W)`` raw CT (windowed here with the spec's single CT channel to [0, 1]), or
+    ``(Z, C, H, W)`` already normalised input (:func:`separeg.channels.normalise_channels`); both are resampled
+    bilinearly. Label maps (``labels=True``, ``(Z, H, W)``) are resampled by nearest neighbour and keep their values.
     """
     x = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array, device=device)
     if labels:
-        x = x.to(torch.float32)
+        x = x.to(torch.float32)[:, None]
+    elif x.dim() == 3:
+        channel = spec.input_channels[0]
+        if len(spec.input_channels) != 1 or channel.normalisation != "window":
+            raise InputError(f"the model takes {len(spec.input_channels)} normalised channel(s); give a (Z, C, H, W) "
+                             "array from normalise_channels, not raw intensities")
+        lo, hi = channel.window
+        x = ((x.to(torch.float32).clamp(lo, hi) - lo) / (hi - lo))[:, None]
     else:
-        lo, hi = spec.hu_window
-        x = ((x.to(torch.float32).clamp(lo, hi) - lo) / (hi - lo))
+        x = x.to(torch.float32)
     height, width = x.shape[-2:]
     size = _model_size(height, width, spacing_xy, spec)
-    x = x[:, None]
     if size != (height, width):
         x = F.interpolate(x, size=size, mode="nearest-exact" if labels else "bilinear",
                           align_corners=None if labels else False)
@@ -150,6 +168,22 @@ def to_model_grid(array: np.ndarray | torch.Tensor, spacing_xy: tuple[float, flo
     pad_w = math.ceil(size[1] / spec.multiple) * spec.multiple - size[1]
     x = F.pad(x, (0, pad_w, 0, pad_h))
     return x.to(torch.int64) if labels else x
+
+
+def model_input(arrays: list[np.ndarray], spacing_xy: tuple[float, float], spec: GridSpec, *,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """A case's canonical ``(Z, H, W)`` channel arrays -> ``(Z, C, H', W')`` normalised input on the model grid.
+
+    One windowed CT channel is windowed on ``device`` (fast for large CTs on a GPU); otherwise every channel is
+    normalised per scan first (:func:`separeg.channels.normalise_channels`).
+
+    Raises:
+        InputError: a number of arrays other than the spec's channels (which it names).
+    """
+    channels = spec.input_channels
+    if len(arrays) == 1 and len(channels) == 1 and channels[0].normalisation == "window":
+        return to_model_grid(arrays[0], spacing_xy, spec, device=device)
+    return to_model_grid(normalise_channels(arrays, channels), spacing_xy, spec, device=device)
 
 
 def from_model_grid(logits: torch.Tensor, shape_hw: tuple[int, int], spacing_xy: tuple[float, float],
