@@ -47,6 +47,7 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
         self.timer = qt.QTimer()
         self.timer.setInterval(100)
         self.cases: list[TrainingCase] = []
+        self.channelSelectors: list = []  # volume selectors of a multichannel model's further channels
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -118,11 +119,31 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
     def onModelChanged(self, *_):
         if not self.modelName:
             self.ui.modelInfoLabel.text = "No model installed: import a .separeg file or fine-tune one."
+            self.updateChannelSelectors(["CT"])
         else:
             model = self.logic.model(self.modelName)
             self.ui.modelInfoLabel.text = f"{model.description}: {', '.join(model.organNames)}"
+            self.updateChannelSelectors(model.channels)
             self.ui.trainingSetLabel.text = f"{len(self.logic.trainingSet(self.modelName))} corrected case(s) stored"
         self.updateButtons()
+
+    def updateChannelSelectors(self, channels: list[str]):
+        """One volume selector per input channel: the first is inputVolumeSelector, further ones are added below it."""
+        layout = self.ui.inputVolumeSelector.parentWidget().layout()
+        for selector in self.channelSelectors:
+            layout.removeRow(selector)
+        self.channelSelectors = []
+        self.ui.label_3.text = f"{channels[0]} volume:"
+        for row, name in enumerate(channels[1:], start=1):
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.noneEnabled = False
+            selector.addEnabled = False
+            selector.removeEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.toolTip = f"The {name} volume, co-registered with the {channels[0]} volume"
+            layout.insertRow(row, f"{name} volume:", selector)
+            self.channelSelectors.append(selector)
 
     def onImportModel(self):
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Import SepaReg model", "",
@@ -160,7 +181,11 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
         if volume is None or not self.modelName:
             slicer.util.errorDisplay("Choose a CT volume and a model.")
             return
-        self.startTask(lambda: self.logic.autoContour(volume, self.modelName, self.device))
+        extras = [selector.currentNode() for selector in self.channelSelectors]
+        if None in extras:
+            slicer.util.errorDisplay("Choose a volume for every input channel of the model.")
+            return
+        self.startTask(lambda: self.logic.autoContour(volume, self.modelName, self.device, extraVolumeNodes=extras))
 
     def onAddToTrainingSet(self):
         volume = self.ui.inputVolumeSelector.currentNode()

@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,9 @@ def run(logic: SegmentLogic, start) -> list:
 
 
 def test_models_are_listed_imported_and_exported(logic: SegmentLogic, tmp_path: Path, tiny_model: Path) -> None:
-    [model] = logic.models()
-    assert model.name == "tiny" and model.organNames[-1] == "Bone_Mandible" and "resnet18" in model.description
+    models = {m.name: m for m in logic.models()}  # the installed one, plus any shipped starter models
+    model = models["tiny"]
+    assert model.channels == ["CT"] and model.organNames[-1] == "Bone_Mandible" and "resnet18" in model.description
     with pytest.raises(Exception, match="already installed"):
         logic.importModel(tiny_model, "tiny")
     exported = logic.exportModel("tiny", tmp_path)
@@ -94,6 +96,19 @@ def test_auto_contour_gives_named_coloured_segments(logic: SegmentLogic) -> None
         value = next(lb["value"] for lb in bundle_labels if lb["tg263"] == segment.GetName())
         mask = node.GetSegmentation().masks.get(sid, np.zeros_like(written))
         np.testing.assert_array_equal(mask > 0, written == value)
+
+
+def test_auto_contour_passes_one_volume_per_model_channel(logic: SegmentLogic, monkeypatch) -> None:
+    volume = case("pt_203").volumeNode
+    with pytest.raises(ValueError, match=r"tiny takes 1 co-registered volume\(s\) \(CT\), in that order; 2 given"):
+        logic.autoContour(volume, "tiny", "cpu", extraVolumeNodes=[volume])
+    model = logic.model("tiny")
+    monkeypatch.setattr(logic, "model", lambda name: replace(model, channels=["T1", "T2"]))
+    started = []
+    monkeypatch.setattr(logic, "_start", lambda task, command, args, onDone, **kw: started.append(args))
+    logic.autoContour(volume, "tiny", "cpu", extraVolumeNodes=[volume])
+    [args] = started
+    assert [Path(a).name for a in args[:2]] == ["ct.nii.gz", "channel2.nii.gz"] and args[2] == "--model"
 
 
 def test_a_failed_run_shows_the_core_message(logic: SegmentLogic) -> None:

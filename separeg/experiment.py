@@ -187,7 +187,9 @@ def _pretrain(cfg: ExperimentConfig, method: Method, out: Path, events: Events) 
     separation = settings.pop("separation", "sis")
     sis = SISConfig(**{**settings.pop("sis", {}), "mode": separation})
     iterations = max(1, round(settings.pop("iterations", PAPER_PRETRAIN_ITERATIONS) * cfg.budget_pretrain))
-    config = PretrainConfig(encoder=cfg.encoder, sis=sis, iterations=iterations, seed=cfg.seed, **settings)
+    # A method may choose its own encoder ("encoder" in its pretrain and finetune settings).
+    config = PretrainConfig(**{"encoder": cfg.encoder, "sis": sis, "iterations": iterations, "seed": cfg.seed,
+                               **settings})
     # Methods with the same pretraining settings share one run: its folder is named by the settings.
     name = json.dumps({"sis": separation, "iterations": iterations, **settings}, sort_keys=True)
     run_dir = out / "pretrain" / hashlib.sha256(name.encode()).hexdigest()[:10]

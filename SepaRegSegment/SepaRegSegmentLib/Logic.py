@@ -32,6 +32,7 @@ class ModelInfo:
     labels: list[dict]
     backbone: str
     description: str
+    channels: list[str] = field(default_factory=lambda: ["CT"])  # input channels, in order (segmentation models)
 
     @property
     def organNames(self) -> list[str]:
@@ -176,7 +177,9 @@ class SegmentLogic:
                                f"{training.get('training_cases', '?')} training case(s)")
             if release.get("limits"):
                 description += f". {release['limits']}"
-            found.append(ModelInfo(path.stem, path, labels, backbone, description))
+            channels = [c if isinstance(c, str) else c.get("name", "?")
+                        for c in (info.get("inputs") or {}).get("channels") or ["CT"]]
+            found.append(ModelInfo(path.stem, path, labels, backbone, description, channels))
         return found
 
     def model(self, name: str) -> ModelInfo:
@@ -253,12 +256,22 @@ class SegmentLogic:
         self.finished.emit(TaskResult(self.task or "", state, message, outputs))
 
     # ------------------------------------------------------------------------------------------- Auto-contour
-    def autoContour(self, volumeNode, modelName: str, device: str = "auto", outputName: str | None = None
-                    ) -> BackgroundRun:
-        """Contour ``volumeNode`` with an installed model; ``finished`` carries ``outputs["segmentationNode"]``."""
+    def autoContour(self, volumeNode, modelName: str, device: str = "auto", outputName: str | None = None,
+                    extraVolumeNodes: Sequence = ()) -> BackgroundRun:
+        """Contour ``volumeNode`` with an installed model; ``finished`` carries ``outputs["segmentationNode"]``.
+
+        A model with several input channels takes its further co-registered volumes, in its channel order, as
+        ``extraVolumeNodes``; the result lies on ``volumeNode``'s grid.
+        """
         model = self.model(modelName)
+        if len(model.channels) != 1 + len(extraVolumeNodes):
+            names = ", ".join(model.channels)
+            raise ValueError(f"{modelName} takes {len(model.channels)} co-registered volume(s) ({names}), in that "
+                             f"order; {1 + len(extraVolumeNodes)} given")
         folder = self._taskDir("contour")
         ct = self.scene.exportVolume(volumeNode, folder / "ct.nii.gz")
+        extras = [self.scene.exportVolume(node, folder / f"channel{k + 2}.nii.gz")
+                  for k, node in enumerate(extraVolumeNodes)]
         out = folder / "result"
         name = outputName or f"{volumeNode.GetName()} {modelName}"
 
@@ -270,7 +283,8 @@ class SegmentLogic:
                 self.logMessage.emit(warning, "warning")
             return {"segmentationNode": node, "folder": out, "labels": description["labels"]}
 
-        return self._start("Auto-contour", "contour", [ct, "--model", model.path, "--out", out, "--device", device],
+        return self._start("Auto-contour", "contour", [ct, *extras, "--model", model.path, "--out", out, "--device",
+                                                       device],
                            load, logPath=folder / "log.txt")
 
     # ---------------------------------------------------------------------------------------------- fine-tune
