@@ -180,3 +180,29 @@ def test_a_case_with_too_few_channels_is_refused(dataset: tuple[int, Path], tmp_
                           channels=",".join(["CT", "T2", "STIR", "PET"][: n + 1]))
     with pytest.raises(InputError, match=f"case pt_\\d+ has {n} volume\\(s\\) but the model takes {n + 1} channel"):
         run_finetune(FinetuneJob(data=root, out_dir=tmp_path / "run", config=tiny, device="cpu"))
+
+
+def test_single_channel_mr_pretrain_finetune_contour(shared_data: Path, tmp_path: Path) -> None:
+    """The real abdominal MR sample (TotalSegmentator's; its segmentation is model-made): the MR path without HU."""
+    totalseg = shared_data / "totalseg"
+    archive, data = tmp_path / "archive", tmp_path / "data"
+    for folder in (archive, data / "images", data / "labels"):
+        folder.mkdir(parents=True)
+    shutil.copy(totalseg / "example_mr_sm.nii.gz", archive / "abdomen.nii.gz")
+    shutil.copy(totalseg / "example_mr_sm.nii.gz", data / "images" / "abdomen.nii.gz")
+    shutil.copy(totalseg / "example_seg_mr.nii.gz", data / "labels" / "abdomen.nii.gz")
+    shutil.copy(totalseg / "labels_mr.json", data / "labels.json")
+    config = PretrainConfig(encoder="resnet18-slim", iterations=6, batch_size=8, crop_size=32, clusters=2,
+                            channels="MR", modality="MR")
+    encoder = run_pretrain(PretrainJob(archive=archive, run_dir=tmp_path / "pretrain", config=config, device="cpu"))
+    assert load_bundle(encoder).metadata["inputs"]["channels"] == [
+        {"name": "MR", "normalisation": "percentile", "percentiles": [0.5, 99.5]}]
+    tiny = FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=4, validation_cases=0)
+    model = run_finetune(FinetuneJob(data=data, out_dir=tmp_path / "finetune", init=encoder, config=tiny,
+                                     device="cpu"))
+    inputs = load_bundle(model).metadata["inputs"]
+    assert [c["normalisation"] for c in inputs["channels"]] == ["percentile"]
+    result = run_contour(ContourJob(volume=archive / "abdomen.nii.gz", model=str(model), out_dir=tmp_path / "out",
+                                    device="cpu"))
+    assert sitk.ReadImage(str(result.segmentation)).GetSize() == (117, 91, 20)
+    assert not any("HU" in w for w in result.warnings)  # no CT intensity check on an MR model

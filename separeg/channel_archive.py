@@ -29,6 +29,8 @@ def group_channels(entries: Sequence, n_channels: int) -> tuple[list[tuple[str, 
     Raises:
         ArchiveError: no complete case, with the naming convention explained.
     """
+    if n_channels == 1:  # every volume is a case: no naming convention needed
+        return [(entry.path, [entry]) for entry in entries], []
     by_case: dict[str, dict[int, object]] = {}
     skipped = []
     for entry in entries:

@@ -182,7 +182,7 @@ def _stage_sis(ctx: _Context) -> None:
     usable = manifest.require_usable()
     if ctx.runtime.is_main:
         manifest.save(ctx.run.manifest)
-        if ctx.cfg.in_channels > 1:
+        if ctx.cfg.normalised_inputs:
             _sis_multichannel(ctx, manifest)
             return
         for i, entry in enumerate(usable, 1):
@@ -231,8 +231,8 @@ def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, work
     if not run.manifest.exists():
         raise InputError(f"{run.manifest} is missing: run the sis stage first (--stages sis)")
     manifest = Manifest.load(run.manifest)
-    volumes = _multichannel_volumes(manifest, cfg, run, events, workers) if cfg.in_channels > 1 else []
-    for entry in manifest.usable() if cfg.in_channels == 1 else []:
+    volumes = _multichannel_volumes(manifest, cfg, run, events, workers) if cfg.normalised_inputs else []
+    for entry in manifest.usable() if not cfg.normalised_inputs else []:
         image = entry.read(manifest.root)
         if content_hash(image) != entry.content_hash:
             raise ArchiveError(f"{entry.path} changed since the archive was scanned; use --restart to rescan")

@@ -55,6 +55,11 @@ class PretrainConfig:
 
         return parse_channels(self.channels, self.sis.hu_window)
 
+    @property
+    def normalised_inputs(self) -> bool:
+        """Whether volumes go through per-channel normalisation (several channels, or one that is not a CT)."""
+        return self.in_channels > 1 or self.input_channels()[0].normalisation != "window"
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
