@@ -61,6 +61,7 @@ class SepaRegPretrainWidget(ScriptedLoadableModuleWidget):
         self.ui.encoderComboBox.addItem("ResNet-50 (paper)", "resnet50")
         self.ui.encoderComboBox.addItem("ResNet-18 (faster)", "resnet18")
         self.ui.encoderComboBox.addItem("ResNet-18 slim (fastest; the starter models)", "resnet18-slim")
+        self.ui.encoderComboBox.addItem("Swin Transformer (SwinUNETR)", "swin")
         self.ui.shippedEncodersLabel.text = self.logic.shippedEncodersText()
         for stage in STAGES:
             item = qt.QListWidgetItem(STAGE_TITLES[stage])
@@ -110,7 +111,8 @@ class SepaRegPretrainWidget(ScriptedLoadableModuleWidget):
             method=self.ui.methodComboBox.currentText, encoder=self.ui.encoderComboBox.currentData,
             iterations=self.ui.iterationsSpinBox.value, batch_size=self.ui.batchSizeSpinBox.value,
             clusters=self.ui.clustersSpinBox.value, stages=tuple(stages),
-            device=self.ui.deviceComboBox.currentData or "auto", restart=self.ui.restartCheckBox.checked)
+            device=self.ui.deviceComboBox.currentData or "auto", restart=self.ui.restartCheckBox.checked,
+            channels=self.ui.channelsLineEdit.text.strip())
 
     # ------------------------------------------------------------------------------------------------ actions
     def onScan(self):

@@ -145,6 +145,9 @@ def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
         assert (out / init / "contours" / "pt_209" / "segmentation.nii.gz").exists()
         assert (out / init / "evaluation" / "metrics.csv").exists()
     assert "| pretrained |" in report and "| random |" in report
+    # Before any training: the shipped starter model contours the test case at once.
+    assert summary["starter"]["model"] == "hn-oar-7" and (out / "starter" / "evaluation" / "metrics.csv").exists()
+    assert "Instant Auto-contour with the shipped model" in report
     # The pretrained model's contours are also exported as RTSTRUCT (+ SEG when an organ was found) on a DICOM copy.
     exported = out / "pretrained" / "contours" / "pt_209"
     manifest = json.loads((exported / "export.json").read_text())

@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
-from SepaRegPretrainLib.Logic import STAGES, PretrainLogic, PretrainRequest, run_status, stage_of
+from SepaRegPretrainLib.Logic import (
+    ENCODERS,
+    METHODS,
+    STAGES,
+    PretrainLogic,
+    PretrainRequest,
+    run_status,
+    stage_of,
+)
 
 from separeg.background import RunState
 from separeg.events import Event, EventType
@@ -35,9 +43,12 @@ def wait(logic: PretrainLogic, until, timeout: float = 600) -> None:
 
 
 def test_stage_names_match_the_core() -> None:
+    from separeg.nets import ENCODERS as CORE_ENCODERS
     from separeg.pretrain_config import STAGES as CORE_STAGES
+    from separeg.ssl import METHODS as CORE_METHODS
 
     assert STAGES == CORE_STAGES
+    assert METHODS == tuple(CORE_METHODS) and ENCODERS == tuple(CORE_ENCODERS)
     assert [stage_of(s) for s in ("sis", "inter", "embed", "intra0", "intra12", "distill", "data")] == [
         "sis", "inter", "cluster", "intra", "intra", "distill", None]
 
@@ -63,6 +74,16 @@ def test_request_problems_say_how_to_fix(tmp_path: Path) -> None:
     assert "does not exist" in problems and "unknown method 'moco'" in problems and "stages must be" in problems
     with pytest.raises(ValueError, match="does not exist"):
         PretrainLogic(python=sys.executable).start(bad)
+    channels = PretrainRequest(archive=tmp_path, out_dir=tmp_path / "out", channels="T1,T1")
+    assert any("twice" in p for p in channels.problems())
+    two = PretrainRequest(archive=tmp_path, out_dir=tmp_path / "out", encoder="swin", method="mocov3",
+                          channels="T1,T2")
+    assert not two.problems() and two.arguments()[-2:] == ["--channels", "T1,T2"]
+
+
+def test_shipped_encoders_are_announced() -> None:
+    text = PretrainLogic.shippedEncodersText()
+    assert "separeg-encoder-hn-ct" in text and "resnet18-slim" in text and "SepaReg Segment" in text
 
 
 def test_start_stop_resume_of_a_real_run(archive: Path, tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from separeg.events import Event, EventType
 STAGES = ("sis", "inter", "cluster", "intra", "distill", "export")
 STAGE_TITLES = {"sis": "Image separation", "inter": "Inter-organ SSL", "cluster": "Organ groups",
                 "intra": "Intra-organ SSL", "distill": "Distillation", "export": "Export"}
-METHODS = ("simsiam", "byol", "simclr")
-ENCODERS = ("resnet50", "resnet18")
+# Likewise separeg.ssl.METHODS and separeg.nets.ENCODERS (tests check they agree).
+METHODS = ("simsiam", "byol", "simclr", "mocov3")
+ENCODERS = ("resnet50", "resnet18", "resnet18-slim", "swin")
 STOP_FILE = "STOP"  # in the run folder: separeg checks it between steps, checkpoints, then exits
 
 
@@ -50,6 +51,7 @@ class PretrainRequest:
     device: str = "auto"
     modality: str = "CT"
     restart: bool = False
+    channels: str = ""  # e.g. "T1,T2" (separeg.channels.parse_channels); empty: one CT channel
     extraArgs: tuple[str, ...] = ()  # further `separeg pretrain` flags (advanced settings, tests)
 
     def problems(self) -> list[str]:
@@ -69,6 +71,14 @@ class PretrainRequest:
             found.append(f"stages must be a non-empty subset of {', '.join(STAGES)}")
         if self.iterations < 1 or self.batch_size < 1 or self.clusters < 1:
             found.append("iterations, batch size and organ groups must be at least 1")
+        if self.channels:
+            from separeg.channels import parse_channels
+            from separeg.errors import InputError
+
+            try:
+                parse_channels(self.channels)
+            except InputError as exc:
+                found.append(str(exc))
         return found
 
     def arguments(self) -> list[str]:
@@ -76,6 +86,8 @@ class PretrainRequest:
                 "--iterations", str(self.iterations), "--batch-size", str(self.batch_size),
                 "--clusters", str(self.clusters), "--stages", ",".join(self.stages), "--device", self.device,
                 "--modality", self.modality, "--stop-file", str(Path(self.out_dir) / STOP_FILE)]
+        if self.channels:  # several channels mix modalities: every image volume of the archive is a candidate
+            args += ["--channels", self.channels]
         return args + (["--restart"] if self.restart else []) + [str(a) for a in self.extraArgs]
 
 
