@@ -49,6 +49,23 @@ def lung1_subset(lung1: Path, tmp_path: Path) -> Path:
     return folder
 
 
+def fixed_batch_losses(model, batch, steps: int) -> list[float]:
+    """SSL losses of ``steps`` SGD steps on one batch and its flipped copy (fixed views: the loss must go down)."""
+    import torch
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    view1, view2 = batch, torch.flip(batch, dims=[3])
+    losses = []
+    for step in range(steps):
+        loss = model.loss(model(view1, view2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.after_step(step / steps)
+        losses.append(loss.item())
+    return losses
+
+
 def write_image(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0)) -> Path:
     import SimpleITK as sitk
 

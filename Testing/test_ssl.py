@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fixed_batch_losses
 from separeg.crops import RegionCropper
 from separeg.errors import InputError
 from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
@@ -26,17 +27,7 @@ def fixed_batch(pt1_hu: np.ndarray) -> torch.Tensor:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_learns_on_a_fixed_batch(method: str, fixed_batch: torch.Tensor) -> None:
     torch.manual_seed(0)
-    model = SSLModel(method, "resnet18", hidden_dim=256, out_dim=64)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    view1, view2 = fixed_batch, torch.flip(fixed_batch, dims=[3])  # fixed views: the loss must go down
-    losses = []
-    for step in range(12):
-        loss = model.loss(model(view1, view2))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        model.after_step(step / 12)
-        losses.append(loss.item())
+    losses = fixed_batch_losses(SSLModel(method, "resnet18", hidden_dim=256, out_dim=64), fixed_batch, 12)
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.01, losses
 
