@@ -23,6 +23,7 @@ from separeg.bundle import (
     BundleError,
     bundle_hash,
     load_bundle,
+    pack_bundle,
     read_bundle_info,
     save_bundle,
 )
@@ -355,3 +356,36 @@ def test_map_location_meta_free(saved: tuple[Path, dict[str, torch.Tensor]]) -> 
     # Tied entries come back as independent tensors.
     bundle.state_dict["extra.tied"].zero_()
     assert bundle.state_dict["0.weight"].abs().sum() > 0
+
+
+def test_pack_stores_fp16_adds_metadata_and_still_loads_into_the_model(tmp_path: Path) -> None:
+    model = _model()
+    source = save_bundle(tmp_path / "trained.separeg", kind="segmentation", architecture=ARCH,
+                         state_dict=model.state_dict(), metadata=META)
+    packed = pack_bundle(source, tmp_path / "release.separeg", half=True,
+                         metadata={"release": {"name": "tiny"}, "metrics": {"dice": 0.5}})
+    original, release = load_bundle(source), load_bundle(packed)
+    assert release.state_dict["0.weight"].dtype == torch.float16
+    assert release.state_dict["1.num_batches_tracked"].dtype == torch.int64  # integers are not rounded
+    assert release.metadata["release"] == {"name": "tiny"} and release.metadata["metrics"] == {"dice": 0.5}
+    assert release.metadata["labels"] == META["labels"]  # the rest is kept
+    assert release.metadata["packed_from"]["weights_sha256"] == original.weights_sha256
+    assert len(_members(packed)[WEIGHTS_MEMBER]) < 0.6 * len(_members(source)[WEIGHTS_MEMBER])
+    restored = _model()
+    restored.load_state_dict(release.state_dict)  # fp16 weights are cast into the float32 parameters
+    assert restored[0].weight.dtype == torch.float32
+    torch.testing.assert_close(restored[0].weight, model[0].weight, rtol=1e-3, atol=1e-4)
+
+
+def test_pack_command_refuses_metadata_that_is_not_an_object(tmp_path: Path, capsys) -> None:
+    from separeg.cli import main
+
+    source = save_bundle(tmp_path / "m.separeg", kind="encoder", architecture=ARCH, state_dict=_state_dict())
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{")
+    assert main(["pack", str(source), "--out", str(tmp_path / "o.separeg"), "--metadata",
+                 str(tmp_path / "list.json")]) == 1
+    assert main(["pack", str(source), "--out", str(tmp_path / "o.separeg"), "--metadata",
+                 str(tmp_path / "broken.json")]) == 1
+    err = capsys.readouterr().err
+    assert "must hold a JSON object" in err and "is not valid JSON" in err and not (tmp_path / "o.separeg").exists()
