@@ -99,7 +99,7 @@ def predict_labels(model: torch.nn.Module, slices: torch.Tensor, out_shape: tupl
     """Argmax labels of ``slices`` in batches; out of memory, the batch is halved (saying so) and the batch retried.
 
     Args:
-        slices: ``(Z, 1, h, w)`` on the model grid, on the model's device.
+        slices: ``(Z, C, h, w)`` on the model grid, on the model's device.
         out_shape: ``(H, W)`` of the input grid; ``to_input_grid`` maps ``(B, C, h, w)`` logits onto it.
 
     Returns:
