@@ -111,10 +111,11 @@ def test_postprocess_keeps_the_largest_part_and_fills_holes() -> None:
 
 def test_unknown_model_names_list_the_folders(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("SEPAREG_MODELS", str(tmp_path))
-    with pytest.raises(InputError, match="neither a file nor a known model name"):
-        resolve_model("hn-oar-7")
+    with pytest.raises(InputError, match=r"nor a known model name \(known: .*hn-oar-7.*folders searched"):
+        resolve_model("hn-oar-8")
+    assert resolve_model("hn-oar-7").parent.name == "models"  # the shipped one
     (tmp_path / "hn-oar-7.separeg").write_bytes(b"x")
-    assert resolve_model("hn-oar-7") == tmp_path / "hn-oar-7.separeg"
+    assert resolve_model("hn-oar-7") == tmp_path / "hn-oar-7.separeg"  # a user model hides a shipped one
 
 
 def test_contour_writes_rtstruct_and_seg_referencing_the_input_series(model_bundle: Path, openkbp: Path,
