@@ -49,6 +49,16 @@ def lung1_subset(lung1: Path, tmp_path: Path) -> Path:
     return folder
 
 
+def region_crops(hu: np.ndarray, count: int, size: int):
+    """``count`` SIS region crops of ``hu`` (drawn with seed 0), ``size`` x ``size``, HU window -1000..1000."""
+    from separeg.crops import RegionCropper
+    from separeg.regions import SISConfig, compute_region_maps, window_hu
+
+    maps = compute_region_maps(hu, SISConfig())
+    index = np.random.default_rng(0).choice(len(maps), count, replace=False)
+    return RegionCropper(window_hu(hu, (-1000, 1000)), maps, crop_size=size).crops(index)
+
+
 def fixed_batch_losses(model, batch, steps: int) -> list[float]:
     """SSL losses of ``steps`` SGD steps on one batch and its flipped copy (fixed views: the loss must go down)."""
     import torch

@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixed_batch_losses
-from separeg.crops import RegionCropper
+from conftest import fixed_batch_losses, region_crops
 from separeg.errors import InputError
 from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
-from separeg.regions import SISConfig, compute_region_maps, window_hu
 from separeg.segmodel import build_unet, unet_encoder
 from separeg.ssl import METHODS, SSLModel, channel_kl, negative_cosine, nt_xent
 
@@ -18,10 +16,7 @@ from separeg.ssl import METHODS, SSLModel, channel_kl, negative_cosine, nt_xent
 @pytest.fixture(scope="module")
 def fixed_batch(pt1_hu: np.ndarray) -> torch.Tensor:
     """16 real region crops of OpenKBP pt_1 at 32 x 32."""
-    hu = pt1_hu[50:70]
-    maps = compute_region_maps(hu, SISConfig())
-    index = np.random.default_rng(0).choice(len(maps), 16, replace=False)
-    return RegionCropper(window_hu(hu, (-1000, 1000)), maps, crop_size=32).crops(index)
+    return region_crops(pt1_hu[50:70], 16, 32)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixed_batch_losses
+from conftest import fixed_batch_losses, region_crops
 from separeg.bundle import load_bundle
-from separeg.crops import RegionCropper
 from separeg.errors import InputError
 from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
 from separeg.plseg import DeepSupervision
 from separeg.pretrain import run_pretrain
 from separeg.pretrain_config import PretrainConfig, PretrainJob
-from separeg.regions import SISConfig, compute_region_maps, window_hu
 from separeg.segmodel import build_unet, load_encoder_weights, unet_architecture, unet_encoder
 from separeg.ssl import SSLModel, info_nce
 
@@ -28,10 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def crops64(pt1_hu: np.ndarray) -> torch.Tensor:
     """8 real region crops of OpenKBP pt_1 at 64 x 64."""
-    hu = pt1_hu[55:65]
-    maps = compute_region_maps(hu, SISConfig())
-    index = np.random.default_rng(0).choice(len(maps), 8, replace=False)
-    return RegionCropper(window_hu(hu, (-1000, 1000)), maps, crop_size=64).crops(index)
+    return region_crops(pt1_hu[55:65], 8, 64)
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])

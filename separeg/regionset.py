@@ -85,8 +85,8 @@ class RegionSet:
         for group, members in enumerate(groups.values()):
             parts = [compact(volumes[i].hu, volumes[i].maps) for i in members]
             maps = concat_maps([m for _, m in parts])
-            grey = np.concatenate([to_uint8(h, window) if h.ndim == 3 else np.round(np.clip(h, 0, 1) * 255.0).astype(
-                np.uint8) for h, _ in parts])
+            # Multichannel intensities are already normalised to [0, 1]: their window is the unit interval.
+            grey = np.concatenate([to_uint8(h, window if h.ndim == 3 else (0.0, 1.0)) for h, _ in parts])
             self._croppers.append(RegionCropper(torch.from_numpy(grey), maps, crop_size, device=self.device))
             position = 0
             for i in members:
