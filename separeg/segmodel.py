@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CANONICAL_ORIENTATION", "GridSpec", "build_unet", "unet_architecture", "unet_encoder", "decoder_blocks",
            "load_encoder_weights", "to_canonical",
-           "from_canonical", "to_model_grid", "model_input", "from_model_grid"]
+           "from_canonical", "to_model_grid", "model_input", "from_model_grid", "neighbour_index", "with_context"]
 
 
 
@@ -45,19 +45,26 @@ class GridSpec:
     spacing_xy: tuple[float, float] = (1.0, 1.0)
     multiple: int = 32
     channels: tuple[Channel, ...] = ()
+    context_slices: int = 0  # 2.5D: k neighbouring slices on each side join each channel (0: plain 2D)
 
     @property
     def input_channels(self) -> tuple[Channel, ...]:
         return self.channels or (Channel("CT", window=tuple(self.hu_window)),)
 
+    @property
+    def network_channels(self) -> int:
+        """Input channels of the network: each channel at the slices ``-k..k`` around the one segmented."""
+        return len(self.input_channels) * (2 * self.context_slices + 1)
+
     def to_dict(self) -> dict:
         return {"hu_window": list(self.hu_window), "spacing_xy": list(self.spacing_xy), "multiple": self.multiple,
-                "channels": [c.to_dict() for c in self.input_channels]}
+                "channels": [c.to_dict() for c in self.input_channels], "context_slices": self.context_slices}
 
     @classmethod
     def from_dict(cls, data: dict) -> GridSpec:
         hu_window = tuple(data.get("hu_window", (-1000.0, 1000.0)))
-        return cls(hu_window, tuple(data["spacing_xy"]), int(data.get("multiple", 32)), channels_from_metadata(data))
+        return cls(hu_window, tuple(data["spacing_xy"]), int(data.get("multiple", 32)), channels_from_metadata(data),
+                   int(data.get("context_slices", 0)))
 
 
 def _encoder_spec(encoder: str) -> EncoderSpec:
@@ -171,8 +178,10 @@ def to_model_grid(array: np.ndarray | torch.Tensor, spacing_xy: tuple[float, flo
 
 
 def model_input(arrays: list[np.ndarray], spacing_xy: tuple[float, float], spec: GridSpec, *,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """A case's canonical ``(Z, H, W)`` channel arrays -> ``(Z, C, H', W')`` normalised input on the model grid.
+                device: torch.device | str = "cpu", context: bool = True) -> torch.Tensor:
+    """A case's canonical ``(Z, H, W)`` channel arrays -> the network's normalised input on the model grid:
+    ``(Z, C * (2k + 1), H', W')`` with the spec's ``k`` context slices (:func:`with_context`), or ``(Z, C, H', W')``
+    with ``context=False`` (fine-tuning gathers neighbours per batch, see :func:`neighbour_index`).
 
     One windowed CT channel is windowed on ``device`` (fast for large CTs on a GPU); otherwise every channel is
     normalised per scan first (:func:`separeg.channels.normalise_channels`).
@@ -182,8 +191,26 @@ def model_input(arrays: list[np.ndarray], spacing_xy: tuple[float, float], spec:
     """
     channels = spec.input_channels
     if len(arrays) == 1 and len(channels) == 1 and channels[0].normalisation == "window":
-        return to_model_grid(arrays[0], spacing_xy, spec, device=device)
-    return to_model_grid(normalise_channels(arrays, channels), spacing_xy, spec, device=device)
+        x = to_model_grid(arrays[0], spacing_xy, spec, device=device)
+    else:
+        x = to_model_grid(normalise_channels(arrays, channels), spacing_xy, spec, device=device)
+    return with_context(x, spec.context_slices) if context else x
+
+
+def neighbour_index(n_slices: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(Z, 2k + 1)`` indices of the slices ``z-k .. z+k`` of each slice ``z``, clamped at the volume's ends
+    (the end slice stands in for the missing neighbours, as nnU-Net's 2.5D variants pad by replication)."""
+    offsets = torch.arange(-k, k + 1, device=device)
+    return (torch.arange(n_slices, device=device)[:, None] + offsets).clamp(0, max(n_slices - 1, 0))
+
+
+def with_context(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``(Z, C, H, W)`` slices of one volume -> ``(Z, C * (2k + 1), H, W)``: channel ``c`` of slice ``z + j`` at
+    ``c * (2k + 1) + j + k`` (channel-major, neighbours in order; :meth:`GridSpec.network_channels`)."""
+    if k == 0:
+        return x
+    stacked = x[neighbour_index(len(x), k, x.device)]  # (Z, 2k+1, C, H, W)
+    return stacked.transpose(1, 2).flatten(1, 2)
 
 
 def from_model_grid(logits: torch.Tensor, shape_hw: tuple[int, int], spacing_xy: tuple[float, float],
