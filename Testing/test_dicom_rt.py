@@ -183,8 +183,12 @@ def check_references(path: Path, ct: CtSeries) -> None:
     for observation in ds.RTROIObservationsSequence:
         assert "Automatic contour by SepaReg model test-model 0.0.1 (bundle sha256 abab" in \
             observation.ROIObservationDescription
-        assert observation.ROIInterpreter == "SepaReg" and observation.ROIObservationLabel == "SepaReg auto"
+        # ROI Interpreter is a person's name (PN); a program's output has none (Type 2, empty).
+        assert observation.ROIInterpreter == "" and observation.ROIObservationLabel == "SepaReg auto"
     assert {r.ROIGenerationAlgorithm for r in ds.StructureSetROISequence} == {"AUTOMATIC"}
+    # Frame of Reference module at the top level (the RT Structure Set IOD has it) and a series number.
+    assert ds.FrameOfReferenceUID == ct.frame_of_reference_uid and "PositionReferenceIndicator" in ds
+    assert int(ds.SeriesNumber) > 0
 
 
 def test_lung1_labelmap_round_trip(lung1_ct: CtSeries, lung1_import, tmp_path: Path, caplog) -> None:

@@ -225,7 +225,8 @@ def _run_export(args: argparse.Namespace, events: Events) -> int:
 
     formats = tuple(f for f in FORMATS if getattr(args, f)) or FORMATS
     run_export(ExportJob(labelmap=args.labelmap, ct=args.ct, out_dir=args.out, labels=args.labels, formats=formats,
-                         patient_name=args.patient_name, patient_id=args.patient_id, series_uid=args.series_uid),
+                         patient_name=args.patient_name, patient_id=args.patient_id, series_uid=args.series_uid,
+                         generation=args.generation, holes=args.holes),
                events)
     return 0
 
@@ -361,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--nifti", action="store_true",
                         help="write segmentation.nii.gz (no format chosen: all three)")
     export.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")
+    export.add_argument("--generation", choices=("automatic", "semiautomatic", "manual"), default=None,
+                        help="how the contours were made (RTSTRUCT ROI Generation Algorithm, SEG algorithm type); "
+                        "default: automatic when segmentation.json names the model, else manual")
+    export.add_argument("--holes", choices=("separate", "keyhole"), default="separate",
+                        help="RTSTRUCT holes: separate contours, even-odd rule (default), or joined to their outer "
+                        "contour by keyhole cuts (for readers that OR contours)")
     _add_patient(export)
     _add_common(export)
     export.set_defaults(handler=_run_export)

@@ -39,6 +39,9 @@ __all__ = [
     "TYPE2_PATIENT_STUDY_KEYWORDS",
     "read_ct_series",
     "copy_patient_study",
+    "GENERATIONS",
+    "generation_type",
+    "DEIDENTIFICATION_NOT_RECORDED",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ TYPE2_PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
     "AccessionNumber", "ReferringPhysicianName",
 )
+#: What derived objects say of a de-identification the source CT declared (PatientIdentityRemoved YES) without a method.
+DEIDENTIFICATION_NOT_RECORDED = "Not recorded in the source images"
 # Gaps between consecutive slices larger than this many median gaps are reported as missing slices.
 _GAP_REPORT_FACTOR = 1.5
 
@@ -79,6 +84,30 @@ class Algorithm:
         """``"<name> <version>"`` and, when known, ``" (bundle sha256 <hash>)"``."""
         text = f"{self.name} {self.version}".strip()
         return f"{text} (bundle sha256 {self.bundle_hash})" if self.bundle_hash else text
+
+
+#: How contours were made (RTSTRUCT ROI Generation Algorithm, SEG Segment Algorithm Type): the defined terms.
+GENERATIONS: tuple[str, ...] = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")
+
+
+def generation_type(algorithm: Algorithm | None, generation: str | None = None) -> str:
+    """The generation type written for contours made by ``algorithm`` (None: no model behind them).
+
+    Default: AUTOMATIC with a model, MANUAL without one (a clinical RTSTRUCT imported and exported again is not AI
+    output). SEMIAUTOMATIC (a model's contours edited by a person) and AUTOMATIC name the model, so they need one.
+
+    Raises:
+        InputError: an unknown type, or AUTOMATIC/SEMIAUTOMATIC without a model.
+    """
+    kind = (generation or ("AUTOMATIC" if algorithm is not None else "MANUAL")).upper()
+    if kind not in GENERATIONS:
+        raise InputError(f"unknown contour generation type {generation!r}; choose from "
+                         f"{', '.join(g.lower() for g in GENERATIONS)}")
+    if kind != "MANUAL" and algorithm is None:
+        raise InputError(f"{kind.lower()} contours need the model that made them (the segmentation.json that "
+                         "`separeg contour` writes beside the label map names it); contours without a model are "
+                         "manual")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -289,9 +318,10 @@ def copy_patient_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None
     """Copy the patient and study attributes (:data:`PATIENT_STUDY_KEYWORDS`) from a CT header to a derived object.
 
     Values are copied as they are (deep copies, so sequences are not shared). Type 2 attributes the CT lacks are
-    written empty. The CT's SpecificCharacterSet is copied with them, so that names keep their characters; a writer
-    that adds non-ASCII text of its own must make sure the character set can hold it (see
-    :func:`ensure_character_set`).
+    written empty. A CT that declares PatientIdentityRemoved YES without a de-identification method (Type 1C) gives
+    DeidentificationMethod :data:`DEIDENTIFICATION_NOT_RECORDED`. The CT's SpecificCharacterSet is copied with
+    them, so that names keep their characters; a writer that adds non-ASCII text of its own must make sure the
+    character set can hold it (see :func:`ensure_character_set`).
     """
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in source:
@@ -302,6 +332,10 @@ def copy_patient_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None
             del target[keyword]
     if "SpecificCharacterSet" in source:
         target.SpecificCharacterSet = copy.deepcopy(source.SpecificCharacterSet)
+    if str(target.get("PatientIdentityRemoved", "")).upper() == "YES" and \
+            "DeidentificationMethod" not in target and "DeidentificationMethodCodeSequence" not in target:
+        # Type 1C when the identity is removed; the source declared it without saying how (LUNG1 does).
+        target.DeidentificationMethod = DEIDENTIFICATION_NOT_RECORDED
 
 
 def ensure_character_set(ds: pydicom.Dataset) -> None:

@@ -13,7 +13,13 @@ outside the slice's field of view are clipped.
 
 Export writes, per slice, the boundaries :func:`skimage.measure.find_contours` finds at level 0.5 on the zero-padded
 mask: vertices halfway between an inside and an outside voxel centre, so no voxel centre lies on an edge and
-re-importing gives back exactly the mask. Holes are written as separate contours (read back by the XOR rule).
+re-importing gives back exactly the mask. Holes are written as separate contours (read back by the XOR rule), or
+with ``holes="keyhole"`` joined to the boundary around them by zero-width cuts, which readers that OR contours
+(plastimatch, several planning systems) also read right (:mod:`separeg.dicom_keyhole`). The convention is recorded
+in the RTSTRUCT (StructureSetDescription) and in ``export.json``.
+
+The generation type (ROI Generation Algorithm) is AUTOMATIC with a model, MANUAL without one
+(:func:`~separeg.dicom_ct.generation_type`); only automatic contours carry the "not reviewed" notice.
 Colinear points are dropped (exact). Duplicate ROI names in an imported RTSTRUCT are kept apart: the second and later
 get ``" [ROI <number>]"`` appended, with a warning.
 """
@@ -31,8 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .atomic import atomic_path
-from .dicom_ct import Algorithm, CtSeries, copy_patient_study, ensure_character_set, read_ct_series
+from .dicom_ct import Algorithm, CtSeries, copy_patient_study, ensure_character_set, generation_type, read_ct_series
+from .dicom_keyhole import HOLE_CONVENTIONS, keyhole
 from .errors import InputError, read_text_table
 from .labels import RGB, LabelTable, default_color, to_tg263
 from .volumes import IMAGE_MODALITIES, _first_line, _referenced_series, index_dicom_files
@@ -62,6 +70,11 @@ _CLOSED = ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR", "CLOSED_PLANAR_XOR")
 _TARGET = re.compile(r"^(gtv|ctv|itv|ptv)", re.IGNORECASE)
 _EXTERNAL = {"external", "body", "skin", "outline", "bodycontour"}
 _PROGRAM = "SepaReg"
+RTSTRUCT_SERIES_NUMBER = 302  # beside the SEG's 301
+HOLE_NOTES = {
+    "separate": "holes are separate CLOSED_PLANAR contours: combine a slice's contours by the even-odd rule",
+    "keyhole": "holes are joined to their outer contour by zero-width keyhole cuts",
+}
 
 
 @dataclass
@@ -441,9 +454,10 @@ def interpreted_type(name: str, tg263: str = "", overrides: Mapping[str, str] | 
     return "EXTERNAL" if _normalise(tg263 or name) in _EXTERNAL else "ORGAN"
 
 
-def write_rtstruct(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtSeries, *, algorithm: Algorithm,
-                   series_description: str = "SepaReg auto-contours",
-                   interpreted_types: Mapping[str, str] | None = None) -> Path:
+def write_rtstruct(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtSeries, *,
+                   algorithm: Algorithm | None, series_description: str = "SepaReg auto-contours",
+                   interpreted_types: Mapping[str, str] | None = None, generation: str | None = None,
+                   holes: str = "separate") -> Path:
     """Write a label map as an RTSTRUCT that references ``ct``: one ROI per label present, named by its TG-263 name
     (its own name when it has none) and coloured as in ``table``. Labels without a voxel are left out (logged).
 
@@ -452,12 +466,15 @@ def write_rtstruct(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct
         labelmap: ``(z, y, x)`` integer array aligned with ``ct``'s array.
         table: the organs; values of ``labelmap`` outside it are refused.
         ct: the series the label map lies on.
-        algorithm: written as the contours' author (model, version, bundle hash).
+        algorithm: the model that made the contours (model, version, bundle hash); None: no model (MANUAL).
         series_description: SeriesDescription and StructureSetName.
         interpreted_types: RT ROI Interpreted Type by label name or TG-263 name (default: :func:`interpreted_type`).
+        generation: ROI Generation Algorithm (default AUTOMATIC with a model, MANUAL without).
+        holes: "separate" or "keyhole" (see the module doc).
 
     Raises:
-        InputError: the label map's shape is not the CT's, or it holds values not in ``table``.
+        InputError: the label map's shape is not the CT's, or it holds values not in ``table``; a generation type
+            that needs a model without one; an unknown hole convention.
     """
     from scipy import ndimage
 
@@ -479,25 +496,28 @@ def write_rtstruct(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct
         name = label.tg263 or label.name
         rois.append(_RoiOut(name, label.color, interpreted_type(label.name, label.tg263, interpreted_types), box,
                             labelmap[box] == label.value))
-    return _write(Path(path), rois, ct, algorithm, series_description)
+    return _write(Path(path), rois, ct, algorithm, series_description, generation, holes)
 
 
-def write_rtstruct_masks(path: str | Path, masks: Mapping[str, np.ndarray], ct: CtSeries, *, algorithm: Algorithm,
-                         colors: Mapping[str, RGB] | None = None, series_description: str = "SepaReg auto-contours",
-                         interpreted_types: Mapping[str, str] | None = None) -> Path:
+def write_rtstruct_masks(path: str | Path, masks: Mapping[str, np.ndarray], ct: CtSeries, *,
+                         algorithm: Algorithm | None, colors: Mapping[str, RGB] | None = None,
+                         series_description: str = "SepaReg auto-contours",
+                         interpreted_types: Mapping[str, str] | None = None, generation: str | None = None,
+                         holes: str = "separate") -> Path:
     """Write possibly overlapping masks as an RTSTRUCT that references ``ct``, one ROI per non-empty mask.
 
     Args:
         path: the file to write (atomically).
         masks: ROI name -> bool ``(z, y, x)`` mask aligned with ``ct``'s array; written in this order.
         ct: the series.
-        algorithm: written as the contours' author.
+        algorithm: the model that made the contours; None: no model (MANUAL).
         colors: ROI name -> RGB; default: the registry colour of the name's TG-263 form.
         series_description: SeriesDescription and StructureSetName.
         interpreted_types: RT ROI Interpreted Type by ROI name (default: :func:`interpreted_type`).
+        generation, holes: as for :func:`write_rtstruct`.
 
     Raises:
-        InputError: a mask's shape is not the CT's.
+        InputError: a mask's shape is not the CT's; see :func:`write_rtstruct`.
     """
     rois = []
     for i, (name, mask) in enumerate(masks.items(), start=1):
@@ -510,7 +530,7 @@ def write_rtstruct_masks(path: str | Path, masks: Mapping[str, np.ndarray], ct: 
         tg263 = to_tg263(name) or ""
         color = tuple(colors[name]) if colors and name in colors else default_color(tg263, i)
         rois.append(_RoiOut(name, color, interpreted_type(name, tg263, interpreted_types), box, mask[box]))
-    return _write(Path(path), rois, ct, algorithm, series_description)
+    return _write(Path(path), rois, ct, algorithm, series_description, generation, holes)
 
 
 def _check_shape(array: np.ndarray, ct: CtSeries, what: str) -> None:
@@ -560,7 +580,17 @@ def _contour_data(values: np.ndarray):
     return RawDataElement(Tag(0x30060050), "DS", len(text), text, 0, False, True)
 
 
-def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, description: str) -> Path:
+def _notice(kind: str, algorithm: Algorithm | None) -> str | None:
+    """Who made the contours, for StructureSetDescription and ROIObservationDescription (None for manual ones)."""
+    if kind == "AUTOMATIC":
+        return f"Automatic contour by {_PROGRAM} model {algorithm.describe()}; not reviewed by a clinician"
+    if kind == "SEMIAUTOMATIC":
+        return f"Contour by {_PROGRAM} model {algorithm.describe()}, edited by a user"
+    return None
+
+
+def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm | None, description: str,
+           generation: str | None = None, holes: str = "separate") -> Path:
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.sequence import Sequence
@@ -570,28 +600,35 @@ def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, 
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InputError(f"ROI names {', '.join(duplicates)} are given twice; every ROI needs its own name")
+    if holes not in HOLE_CONVENTIONS:
+        raise InputError(f"unknown hole convention {holes!r}; choose from {', '.join(HOLE_CONVENTIONS)}")
+    kind = generation_type(algorithm, generation)
     now = datetime.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    author = f"Automatic contour by {_PROGRAM} model {algorithm.describe()}; not reviewed by a clinician"
+    author = _notice(kind, algorithm)
     matrix, origin = ct.index_to_lps()
 
     ds = pydicom.Dataset()
-    copy_patient_study(ct.header(), ds)
+    header = ct.header()
+    copy_patient_study(header, ds)
     ds.SOPClassUID = RTSTRUCT_SOP_CLASS
     ds.SOPInstanceUID = generate_uid()
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = ""
+    ds.SeriesNumber = RTSTRUCT_SERIES_NUMBER
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.SeriesDescription = description[:64]
     ds.OperatorsName = ""
+    # Frame of Reference module (the CT's): top level since the RT Structure Set IOD includes the module.
+    ds.FrameOfReferenceUID = ct.frame_of_reference_uid
+    ds.PositionReferenceIndicator = header.get("PositionReferenceIndicator", "") or ""
     ds.Manufacturer = _PROGRAM
-    ds.ManufacturerModelName = algorithm.name[:64]
-    ds.SoftwareVersions = algorithm.version[:64]
-    ds.StructureSetLabel = f"{_PROGRAM} auto"
+    ds.ManufacturerModelName = (algorithm.name if algorithm else "separeg")[:64]
+    ds.SoftwareVersions = (algorithm.version if algorithm else __version__)[:64]
+    ds.StructureSetLabel = {"AUTOMATIC": "SepaReg auto", "SEMIAUTOMATIC": "SepaReg edited"}.get(kind, "SepaReg export")
     ds.StructureSetName = description[:64]
-    ds.StructureSetDescription = author
+    ds.StructureSetDescription = f"{author + '. ' if author else ''}Contours: {HOLE_NOTES[holes]}."[:1024]
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.ApprovalStatus = "UNAPPROVED"
     images = Sequence([pydicom.Dataset() for _ in ct.sop_instance_uids])
@@ -611,8 +648,9 @@ def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, 
         item = pydicom.Dataset()
         item.ROINumber, item.ReferencedFrameOfReferenceUID = number, ct.frame_of_reference_uid
         item.ROIName = roi.name[:64]
-        item.ROIGenerationAlgorithm = "AUTOMATIC"
-        item.ROIGenerationDescription = f"{_PROGRAM} {algorithm.name} {algorithm.version}"[:64]
+        item.ROIGenerationAlgorithm = kind
+        if algorithm is not None:
+            item.ROIGenerationDescription = f"{_PROGRAM} {algorithm.name} {algorithm.version}"[:64]
         structure_set.append(item)
         contour = pydicom.Dataset()
         contour.ROIDisplayColor = [int(c) for c in roi.color]
@@ -620,10 +658,11 @@ def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, 
         roi_contours.append(contour)
         observation = pydicom.Dataset()
         observation.ObservationNumber, observation.ReferencedROINumber = number, number
-        observation.ROIObservationLabel = f"{_PROGRAM} auto"
-        observation.ROIObservationDescription = author
+        if author:
+            observation.ROIObservationLabel = f"{_PROGRAM} {'auto' if kind == 'AUTOMATIC' else 'edited'}"
+            observation.ROIObservationDescription = author
         observation.RTROIInterpretedType = roi.interpreted_type
-        observation.ROIInterpreter = _PROGRAM
+        observation.ROIInterpreter = ""  # Type 2: a person's name; none for a program's output
         observations.append(observation)
     ds.StructureSetROISequence = structure_set
     ds.ROIContourSequence = roi_contours
@@ -636,7 +675,7 @@ def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, 
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ensure_character_set(ds)  # before the contours: it reads every element, which would decode their raw data
     for roi, contour in zip(rois, roi_contours, strict=True):
-        contour.ContourSequence = _contour_items(roi, matrix, origin, ct)
+        contour.ContourSequence = _contour_items(roi, matrix, origin, ct, holes)
     if not rois:
         log.warning("%s lists no structure: the label map or masks are empty", path)
     with atomic_path(path, suffix=".dcm") as tmp:
@@ -645,7 +684,7 @@ def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm, 
     return path
 
 
-def _contour_items(roi: _RoiOut, matrix: np.ndarray, origin: np.ndarray, ct: CtSeries):
+def _contour_items(roi: _RoiOut, matrix: np.ndarray, origin: np.ndarray, ct: CtSeries, holes: str = "separate"):
     import pydicom
     from pydicom.sequence import Sequence
 
@@ -655,7 +694,8 @@ def _contour_items(roi: _RoiOut, matrix: np.ndarray, origin: np.ndarray, ct: CtS
         if not plane.any():
             continue
         k = z0 + dz
-        for xy in _slice_contours(plane):
+        contours = _slice_contours(plane)
+        for xy in keyhole(contours) if holes == "keyhole" and len(contours) > 1 else contours:
             index = np.column_stack([xy[:, 0] + x0, xy[:, 1] + y0, np.full(len(xy), k, float)])
             lps = index @ matrix.T + origin
             item = pydicom.Dataset()

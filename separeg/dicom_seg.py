@@ -3,8 +3,9 @@
 :func:`write_seg` writes one BINARY Segmentation with a segment per organ present in the label map, each with
 its coded category/type/laterality from :mod:`separeg.terminology`, named like the RTSTRUCT's ROIs (TG-263 name,
 else the label's own name; the own name also as SegmentDescription), the organ's colour (as CIELab), the segment
-algorithm (AUTOMATIC, family Artificial Intelligence, name, version and model bundle hash) and frames only for
-the slices that hold the organ. Patient and study attributes are copied from the CT by highdicom; series and
+algorithm (AUTOMATIC, family Artificial Intelligence, name, version and model bundle hash; MANUAL and no algorithm
+when no model made the contours, :func:`~separeg.dicom_ct.generation_type`) and frames only for the slices that
+hold the organ. Patient and study attributes are copied from the CT by highdicom; series and
 instance UIDs are new. :func:`read_seg` reads one back onto the CT it references.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path
-from .dicom_ct import copy_patient_study, ensure_character_set
+from .dicom_ct import copy_patient_study, ensure_character_set, generation_type
 from .errors import InputError
 from .labels import Label, LabelTable, to_tg263
 from .terminology import CodedConcept, Terminology, generic_terminology, terminology
@@ -60,8 +61,9 @@ def _coded(concept: CodedConcept):
     return hd.sr.CodedConcept(concept.value, concept.scheme, concept.meaning)
 
 
-def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtSeries, *, algorithm: Algorithm,
-              series_description: str = "SepaReg auto-contours") -> Path:
+def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtSeries, *,
+              algorithm: Algorithm | None, series_description: str = "SepaReg auto-contours",
+              generation: str | None = None) -> Path:
     """Write ``labelmap`` as a DICOM SEG referencing the CT series ``ct``.
 
     Args:
@@ -69,14 +71,16 @@ def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtS
         labelmap: (z, y, x) integer label map whose axis 0 follows ``ct.files``.
         table: the organs of the label map; values not in the map are left out (no empty segments).
         ct: the referenced CT series (:func:`separeg.dicom_ct.read_ct_series`).
-        algorithm: name, version and bundle hash recorded in each segment.
+        algorithm: name, version and bundle hash recorded in each segment; None: no model made the contours.
         series_description: the SEG series' description.
+        generation: Segment Algorithm Type (default AUTOMATIC with a model, MANUAL without).
 
     Returns:
         ``path``.
 
     Raises:
-        InputError: the label map is not on the CT's grid, has values the table lacks, or is empty.
+        InputError: the label map is not on the CT's grid, has values the table lacks, or is empty; a generation
+            type that needs a model without one.
     """
     import highdicom as hd
     import pydicom
@@ -86,10 +90,13 @@ def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtS
     labels = _check_labelmap(labelmap, table, ct)
     if not labels:
         raise InputError("the label map is empty (no organ voxels): there is nothing to write as DICOM SEG")
-    parameters = {"bundle_sha256": algorithm.bundle_hash} if algorithm.bundle_hash else None
-    identification = hd.AlgorithmIdentificationSequence(name=algorithm.name, version=algorithm.version,
-                                                        family=codes.cid7162.ArtificialIntelligence,
-                                                        source=MANUFACTURER, parameters=parameters)
+    kind = generation_type(algorithm, generation)
+    identification = None
+    if algorithm is not None and kind != "MANUAL":
+        parameters = {"bundle_sha256": algorithm.bundle_hash} if algorithm.bundle_hash else None
+        identification = hd.AlgorithmIdentificationSequence(name=algorithm.name, version=algorithm.version,
+                                                            family=codes.cid7162.ArtificialIntelligence,
+                                                            source=MANUFACTURER, parameters=parameters)
     descriptions = []
     for number, label in enumerate(labels, start=1):
         term = segment_terminology(label)
@@ -98,7 +105,7 @@ def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtS
         description = hd.seg.SegmentDescription(
             segment_number=number, segment_label=label.tg263 or label.name,
             segmented_property_category=_coded(term.category),
-            segmented_property_type=_coded(term.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            segmented_property_type=_coded(term.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues[kind],
             algorithm_identification=identification, display_color=hd.color.CIELabColor.from_rgb(*label.color))
         if term.modifier is not None:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
@@ -121,7 +128,8 @@ def write_seg(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtS
             series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="separeg",
             software_versions=__version__, device_serial_number="none", content_label="SEPAREG",
-            content_description="Automatic contours: review before clinical use", omit_empty_frames=True)
+            content_description=("Automatic contours: review before clinical use" if kind == "AUTOMATIC" else
+                                 f"{kind.capitalize()} contours"), omit_empty_frames=True)
     seg.SeriesDescription = series_description
     copy_patient_study(ct.header(), seg)  # also what highdicom leaves out (de-identification, study description)
     ensure_character_set(seg)  # organ names may need more than the CT's character set

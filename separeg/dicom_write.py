@@ -6,8 +6,12 @@ slice, PixelSpacing (row spacing first), SliceThickness and SpacingBetweenSlices
 :func:`separeg.volumes.read_volume` gives the same voxels and geometry (a left-handed grid, which DICOM readers
 cannot give back, is stored with its slices reversed: :func:`dicom_grid` says which grid comes back).
 
-UIDs (study, series, frame of reference, instances) are new, derived from the volume's content hash and the
-patient identifiers, so exporting the same CT again gives the same series and its RTSTRUCT/SEG stay valid.
+Deterministic: the UIDs (study, series, frame of reference, instances) are derived from everything the files hold
+(the volume's content hash, patient identifiers, descriptions, separeg version), and nothing in the files depends
+on the time of writing (a NIfTI/NRRD/MHA file carries no acquisition date, so StudyDate and StudyTime are written
+empty, Type 2, and no series, content or creation date is written). Writing the same CT again therefore gives
+byte-identical files under the same UIDs, never two different objects under one UID, and an RTSTRUCT/SEG that
+references the first copy stays valid. (The RTSTRUCT and SEG written on it are new objects with new UIDs each time.)
 The folder is written atomically: into a temporary folder beside it, then renamed.
 """
 
@@ -17,7 +21,6 @@ import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +38,7 @@ __all__ = ["CtWriteResult", "write_ct_series", "dicom_grid", "MANUFACTURER", "DE
 log = logging.getLogger(__name__)
 
 MANUFACTURER = "SepaReg"
-DEFAULT_PATIENT_NAME = "Anonymous"
+DEFAULT_PATIENT_NAME = "Anonymous^"  # family name component only (a one-word PN is the retired form)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _INT16 = (-32768, 32767)
 
@@ -113,7 +116,7 @@ def write_ct_series(image: sitk.Image, folder: str | Path, *, patient_name: str 
     Args:
         image: a 3D scalar volume in HU, any orientation.
         folder: the series folder to create.
-        patient_name: default "Anonymous".
+        patient_name: default "Anonymous^".
         patient_id: default "SEPAREG-" and the first 12 hex digits of the volume's content hash.
         series_description, study_description: written as they are.
 
@@ -142,13 +145,11 @@ def write_ct_series(image: sitk.Image, folder: str | Path, *, patient_name: str 
     digest = content_hash(image)
     patient_name = patient_name or DEFAULT_PATIENT_NAME
     patient_id = patient_id or f"SEPAREG-{digest[:12].upper()}"
-    seed = (digest, patient_name, patient_id)
+    seed = (digest, patient_name, patient_id, series_description, study_description, __version__)
     study_uid, series_uid, for_uid = (_uid(*seed, kind) for kind in ("study", "series", "frame-of-reference"))
     direction = np.array(image.GetDirection()).reshape(3, 3)
     orientation = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
     spacing = image.GetSpacing()
-    now = datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -160,14 +161,14 @@ def write_ct_series(image: sitk.Image, folder: str | Path, *, patient_name: str 
             ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop_uid
             ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "", ""
             ds.StudyInstanceUID, ds.StudyID, ds.AccessionNumber = study_uid, "1", ""
-            ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = date, time, ""
+            ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "", "", ""  # unknown; deterministic (above)
             ds.StudyDescription = study_description
             ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "CT", series_uid, 1
             ds.PatientPosition = ""  # not known from a NIfTI/NRRD file
-            ds.SeriesDate, ds.SeriesTime, ds.SeriesDescription = date, time, series_description
+            ds.SeriesDescription, ds.Laterality = series_description, ""  # Laterality: Type 2C, body part unknown
             ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = for_uid, ""
             ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, "separeg", __version__
-            ds.InstanceNumber, ds.ContentDate, ds.ContentTime = k + 1, date, time
+            ds.InstanceNumber = k + 1
             ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
             ds.ImagePositionPatient = [_ds(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))]
             ds.ImageOrientationPatient = orientation

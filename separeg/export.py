@@ -6,7 +6,14 @@ the exports reference that series, so a planning system gets images and structur
 map must be on the CT's grid. Organ names come from the ``segmentation.json`` that ``separeg contour`` writes
 beside the label map, or from a label table (``--labels``); the model identity (name, bundle hash) from
 ``segmentation.json``. Outputs, in OUT_DIR: ``rtstruct.dcm``, ``seg.dcm``, ``segmentation.nii.gz``, ``ct_dicom/``
-when written, and ``export.json`` listing them with the referenced series and the algorithm.
+when written, and ``export.json`` listing them with the referenced series, the algorithm, the generation type and
+the RTSTRUCT's hole convention.
+
+Generation type: a label map whose ``segmentation.json`` names a model is AUTOMATIC (model output, with the
+"review before clinical use" notice); without a model (a clinical RTSTRUCT imported and exported again, a label map
+drawn by hand) MANUAL, with no algorithm identification; ``generation`` overrides it (SEMIAUTOMATIC: a model's
+contours corrected by a person). Holes (RTSTRUCT): separate even-odd contours or keyhole cuts
+(:mod:`separeg.dicom_keyhole`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ RTSTRUCT_FILE, SEG_FILE, NIFTI_FILE = "rtstruct.dcm", "seg.dcm", "segmentation.n
 CT_DICOM_DIR, MANIFEST_FILE = "ct_dicom", "export.json"
 DESCRIPTION_FILE = "segmentation.json"  # written by `separeg contour` beside the label map
 SERIES_DESCRIPTION = "SepaReg auto-contours"
+SERIES_DESCRIPTIONS = {"AUTOMATIC": SERIES_DESCRIPTION, "SEMIAUTOMATIC": "SepaReg edited contours",
+                       "MANUAL": "Contours exported by SepaReg"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,9 @@ class ExportJob:
         formats: a subset of :data:`FORMATS`.
         patient_name, patient_id: for a CT that is not DICOM (default "Anonymous" and an ID from its content).
         series_uid: which series of a DICOM folder holding several.
+        generation: "automatic", "semiautomatic" or "manual"; default: automatic when ``segmentation.json`` names
+            the model that made the label map, else manual.
+        holes: RTSTRUCT hole convention, "separate" (even-odd) or "keyhole".
     """
 
     labelmap: Path
@@ -64,13 +76,23 @@ class ExportJob:
     patient_name: str | None = None
     patient_id: str | None = None
     series_uid: str | None = None
+    generation: str | None = None
+    holes: str = "separate"
 
     def __post_init__(self) -> None:
+        from .dicom_ct import GENERATIONS
+        from .dicom_keyhole import HOLE_CONVENTIONS
+
         formats = tuple(dict.fromkeys(self.formats)) or FORMATS
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise InputError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
         object.__setattr__(self, "formats", formats)
+        if self.generation is not None and self.generation.upper() not in GENERATIONS:
+            raise InputError(f"unknown --generation {self.generation!r}; choose from "
+                             f"{', '.join(g.lower() for g in GENERATIONS)}")
+        if self.holes not in HOLE_CONVENTIONS:
+            raise InputError(f"unknown --holes {self.holes!r}; choose from {', '.join(HOLE_CONVENTIONS)}")
 
 
 @dataclass
@@ -80,16 +102,18 @@ class ExportResult:
     outputs: dict[str, Path]
     manifest: Path
     series_instance_uid: str | None
-    algorithm: Algorithm
+    algorithm: Algorithm | None
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def algorithm_from_description(description: dict | None) -> Algorithm:
-    """The model identity recorded by ``separeg contour`` (``model`` in ``segmentation.json``), else SepaReg's."""
+def algorithm_from_description(description: dict | None) -> Algorithm | None:
+    """The model identity recorded by ``separeg contour`` (``model`` in ``segmentation.json``); None without one."""
     from .dicom_ct import Algorithm
 
     model = (description or {}).get("model") or {}
+    if not model:
+        return None
     name = str(model.get("name") or (Path(model["path"]).stem if model.get("path") else "") or "SepaReg")
     version = str((description or {}).get("separeg_version") or __version__)
     return Algorithm(name=name, version=version, bundle_hash=str(model.get("sha256") or ""))
@@ -124,9 +148,10 @@ def _mismatch(what: str, labelmap: Geometry, ct: Geometry) -> InputError:
 
 
 def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, out_dir: Path, *,
-                    formats: tuple[str, ...] = FORMATS, algorithm: Algorithm, series_uid: str | None = None,
+                    formats: tuple[str, ...] = FORMATS, algorithm: Algorithm | None, series_uid: str | None = None,
                     patient_name: str | None = None, patient_id: str | None = None, source: str = "the label map",
-                    events: Events | None = None) -> ExportResult:
+                    events: Events | None = None, generation: str | None = None,
+                    holes: str = "separate") -> ExportResult:
     """Write ``labelmap`` (on ``ct_source``'s grid) in ``formats`` to ``out_dir``, and ``export.json``.
 
     Args:
@@ -135,11 +160,13 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
         ct_source: DICOM series folder or CT volume file.
         out_dir: output folder.
         formats: subset of :data:`FORMATS`.
-        algorithm: recorded in RTSTRUCT, SEG and the manifest.
+        algorithm: the model that made the label map, recorded in RTSTRUCT, SEG and the manifest; None: no model.
         series_uid: the series of a DICOM folder holding several.
         patient_name, patient_id: for a CT file (not allowed with a DICOM series, whose own are kept).
         source: how messages name the label map.
         events: progress and warnings.
+        generation: contour generation type (default AUTOMATIC with a model, MANUAL without).
+        holes: RTSTRUCT hole convention ("separate" or "keyhole").
 
     Returns:
         the outputs; SEG is skipped (with a warning) for an empty label map.
@@ -148,11 +175,15 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
         InputError: label map and CT on different grids, unknown label values, patient identifiers with a DICOM CT;
             VolumeReadError, SeriesError: unreadable CT.
     """
-    from .dicom_ct import read_ct_series
+    from .dicom_ct import generation_type, read_ct_series
+    from .dicom_rt import HOLE_NOTES
     from .dicom_seg import segment_terminology
     from .dicom_write import dicom_grid, write_ct_series
 
     events = events or Events()
+    kind = generation_type(algorithm, generation)
+    algorithm = algorithm if kind != "MANUAL" else None  # manual contours name no algorithm
+    description = SERIES_DESCRIPTIONS[kind]
     ct_source, out_dir = Path(ct_source), Path(out_dir)
     if not ct_source.exists():
         raise InputError(f"the CT {ct_source} does not exist; give the CT the label map was made on (a DICOM series "
@@ -210,16 +241,18 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
             from .dicom_seg import write_seg
 
             outputs[fmt] = write_seg(out_dir / SEG_FILE, dicom_array, table, ct, algorithm=algorithm,
-                                     series_description=SERIES_DESCRIPTION)
+                                     series_description=description, generation=kind)
         else:
             from .dicom_rt import write_rtstruct
 
             outputs[fmt] = write_rtstruct(out_dir / RTSTRUCT_FILE, dicom_array, table, ct, algorithm=algorithm,
-                                          series_description=SERIES_DESCRIPTION)
+                                          series_description=description, generation=kind, holes=holes)
         seconds[fmt] = time.perf_counter() - start
         events.progress("export", step, steps, msg=fmt)
     manifest = {
-        "notice": "Automatic contours: review and correct every structure before clinical use.",
+        **({"notice": "Automatic contours: review and correct every structure before clinical use."}
+           if kind == "AUTOMATIC" else {}),
+        "generation": kind,
         "outputs": {name: path.name for name, path in outputs.items()},
         "skipped": skipped,
         "ct": str(ct_source),
@@ -227,7 +260,11 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
         "referenced_series_instance_uid": ct.series_instance_uid if ct else None,
         "study_instance_uid": ct.study_instance_uid if ct else None,
         "frame_of_reference_uid": ct.frame_of_reference_uid if ct else None,
-        "algorithm": {"name": algorithm.name, "version": algorithm.version, "bundle_sha256": algorithm.bundle_hash},
+        "algorithm": ({"name": algorithm.name, "version": algorithm.version, "bundle_sha256": algorithm.bundle_hash}
+                      if algorithm is not None else None),
+        "rtstruct_holes": {"convention": holes, "note": HOLE_NOTES[holes]} if "rtstruct" in outputs else None,
+        "ct_dicom_uids": ("deterministic: the same CT written again gives identical files under the same UIDs"
+                          if ct_written else None),
         "labels": [{**label.to_dict(), "present": label in present} for label in table],
         "seconds": {name: round(s, 3) for name, s in seconds.items()},
     }
@@ -268,7 +305,8 @@ def run_export(job: ExportJob, events: Events | None = None) -> ExportResult:
     labelmap = read_volume(labelmap_path)
     result = export_labelmap(labelmap, table, Path(job.ct), Path(job.out_dir), formats=job.formats,
                              algorithm=algorithm, series_uid=job.series_uid, patient_name=job.patient_name,
-                             patient_id=job.patient_id, source=str(labelmap_path), events=events)
+                             patient_id=job.patient_id, source=str(labelmap_path), events=events,
+                             generation=job.generation, holes=job.holes)
     written = ", ".join(path.name for path in result.outputs.values())
     events.done(f"wrote {written} in {job.out_dir}; manifest {result.manifest.name}")
     return result
