@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench clean slicer-test
+.PHONY: demo test bench clean slicer-test dicom-tools
 
 $(BIN)/separeg: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,19 @@ $(BIN)/separeg: pyproject.toml
 demo: $(BIN)/separeg
 	$(BIN)/separeg demo --out demo_output
 
-test: $(BIN)/separeg
+test: $(BIN)/separeg dicom-tools
 	$(BIN)/python -m pytest -q
+
+# dciodvfy (dicom3tools) and plastimatch for Testing/test_dicom_conformance.py, installed with apt-get where that is
+# possible (root or password-less sudo); without them those tests are skipped, so this step never fails.
+DICOM_TOOLS := dicom3tools plastimatch
+dicom-tools:
+	-@command -v dciodvfy >/dev/null && command -v plastimatch >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
+	  command -v apt-get >/dev/null && { $$SUDO apt-get install -y -q $(DICOM_TOOLS) >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q $(DICOM_TOOLS) >/dev/null 2>&1; }; }; \
+	  command -v dciodvfy >/dev/null || echo "dciodvfy/plastimatch not installed (apt-get install $(DICOM_TOOLS)):" \
+	    "the DICOM conformance tests are skipped"; }
 
 # The modules' self-tests inside a real Slicer (SLICER_EXECUTABLE=/path/to/Slicer).
 slicer-test: $(BIN)/separeg
