@@ -1,7 +1,8 @@
 """SepaRegSegment: Auto-contour, fine-tune, correct-and-learn, evaluate and export with SepaReg models.
 
-The module declares and mounts; the work is in SepaRegSegmentLib (Logic: tasks as ``separeg`` background
-processes; SceneIO: the only code that touches MRML) and in the ``separeg`` core.
+The module file declares the module and mounts the widget (SlicerNNUnet's shape); the work is in SepaRegSegmentLib
+(Widget: the panel; Logic: tasks as ``separeg`` background processes; SceneIO: the only code that touches MRML) and
+in the ``separeg`` core. ``Testing/test_slicer_real_*.py`` construct these classes against Slicer's real MRML.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import unittest
 from pathlib import Path
 
-import qt
 import slicer
-from SepaRegSegmentLib.Install import ensureRequirements
 from SepaRegSegmentLib.Logic import FinetuneRequest, SegmentLogic, TrainingCase
 from SepaRegSegmentLib.SceneIO import SceneIO
 from slicer.ScriptedLoadableModule import (
@@ -20,8 +19,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-
-SETTINGS = "SepaReg/Segment/"
 
 
 class SepaRegSegment(ScriptedLoadableModule):
@@ -44,274 +41,32 @@ class SepaRegSegmentWidget(ScriptedLoadableModuleWidget):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic: SepaRegSegmentLogic | None = None
-        self.timer = qt.QTimer()
-        self.timer.setInterval(100)
-        self.cases: list[TrainingCase] = []
-        self.channelSelectors: list = []  # volume selectors of a multichannel model's further channels
+        self.widget = None
 
     def setup(self):
+        from SepaRegSegmentLib.Widget import Widget
+
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SepaRegSegment.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SepaRegSegmentLogic()
-
-        self.fillDevices()
-        self.fillModels()
-        self.fillEncoders()
-        self.ui.exportFolderPathLineEdit.currentPath = qt.QSettings().value(SETTINGS + "exportFolder", "")
-
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
-        self.ui.exportModelButton.connect("clicked(bool)", self.onExportModel)
-        self.ui.autoContourButton.connect("clicked(bool)", self.onAutoContour)
-        self.ui.addToTrainingSetButton.connect("clicked(bool)", self.onAddToTrainingSet)
-        self.ui.updateModelButton.connect("clicked(bool)", self.onUpdateModel)
-        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
-        self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
-        self.ui.trainingSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTrainingSegmentation)
-        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
-        self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluate)
-        self.ui.exportButton.connect("clicked(bool)", self.onExport)
-        self.ui.stopButton.connect("clicked(bool)", self.logic.stop)
-        self.timer.connect("timeout()", self.logic.poll)
-        self.logic.progress.connect(self.onProgress)
-        self.logic.logMessage.connect(self.onLog)
-        self.logic.finished.connect(self.onFinished)
-        self.updateButtons()
+        self.widget = Widget(self.logic)
+        self.layout.addWidget(self.widget.uiWidget)
 
     def cleanup(self):
-        self.timer.stop()
-
-    # ------------------------------------------------------------------------------------------------- models
-    def fillDevices(self):
-        from separeg.devices import list_devices
-
-        for device, label in list_devices():
-            self.ui.deviceComboBox.addItem(label, device)
-
-    def fillEncoders(self):
-        """Shipped and installed encoders first (the default start for fine-tuning), then random initialisation."""
-        self.ui.initEncoderComboBox.clear()
-        for encoder in self.logic.encoders():
-            self.ui.initEncoderComboBox.addItem(encoder.name, encoder.name)
-            self.ui.initEncoderComboBox.setItemData(self.ui.initEncoderComboBox.count - 1, encoder.description,
-                                                    qt.Qt.ToolTipRole)
-        self.ui.initEncoderComboBox.addItem("Random initialisation", "")
-
-    def fillModels(self, select: str | None = None):
-        self.ui.modelComboBox.clear()
-        for model in self.logic.models():
-            self.ui.modelComboBox.addItem(model.name, model.name)
-        if select:
-            self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(select))
-        self.onModelChanged()
-
-    @property
-    def modelName(self) -> str | None:
-        return self.ui.modelComboBox.currentData
-
-    @property
-    def device(self) -> str:
-        return self.ui.deviceComboBox.currentData or "auto"
-
-    def onModelChanged(self, *_):
-        if not self.modelName:
-            self.ui.modelInfoLabel.text = "No model installed: import a .separeg file or fine-tune one."
-            self.updateChannelSelectors(["CT"])
-        else:
-            model = self.logic.model(self.modelName)
-            self.ui.modelInfoLabel.text = f"{model.description}: {', '.join(model.organNames)}"
-            self.updateChannelSelectors(model.channels)
-            self.ui.trainingSetLabel.text = f"{len(self.logic.trainingSet(self.modelName))} corrected case(s) stored"
-        self.updateButtons()
-
-    def updateChannelSelectors(self, channels: list[str]):
-        """One volume selector per input channel: the first is inputVolumeSelector, further ones are added below it."""
-        layout = self.ui.inputVolumeSelector.parentWidget().layout()
-        for selector in self.channelSelectors:
-            layout.removeRow(selector)
-        self.channelSelectors = []
-        self.ui.label_3.text = f"{channels[0]} volume:"
-        for row, name in enumerate(channels[1:], start=1):
-            selector = slicer.qMRMLNodeComboBox()
-            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-            selector.noneEnabled = False
-            selector.addEnabled = False
-            selector.removeEnabled = False
-            selector.setMRMLScene(slicer.mrmlScene)
-            selector.toolTip = f"The {name} volume, co-registered with the {channels[0]} volume"
-            layout.insertRow(row, f"{name} volume:", selector)
-            self.channelSelectors.append(selector)
-
-    def onImportModel(self):
-        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Import SepaReg model", "",
-                                              "SepaReg model (*.separeg)")
-        if not path:
-            return
-        with slicer.util.tryWithErrorDisplay("Could not import the model", waitCursor=True):
-            installed = self.logic.importModel(path)
-            self.fillModels(select=installed.stem)
-
-    def onExportModel(self):
-        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export SepaReg model",
-                                              f"{self.modelName}.separeg", "SepaReg model (*.separeg)")
-        if path:
-            with slicer.util.tryWithErrorDisplay("Could not export the model"):
-                self.logic.exportModel(self.modelName, path)
-
-    # -------------------------------------------------------------------------------------------------- tasks
-    def startTask(self, start):
-        """Run ``start()`` (which starts a background task) with the checks and displays every task shares."""
-        if not ensureRequirements():
-            return
-        self.ui.progressBar.value = 0
-        try:
-            start()
-        except (ValueError, RuntimeError, OSError) as exc:
-            slicer.util.errorDisplay(str(exc))
-            return
-        self.ui.statusLabel.text = f"{self.logic.task}: running..."
-        self.timer.start()
-        self.updateButtons()
-
-    def onAutoContour(self):
-        volume = self.ui.inputVolumeSelector.currentNode()
-        if volume is None or not self.modelName:
-            slicer.util.errorDisplay("Choose a CT volume and a model.")
-            return
-        extras = [selector.currentNode() for selector in self.channelSelectors]
-        if None in extras:
-            slicer.util.errorDisplay("Choose a volume for every input channel of the model.")
-            return
-        self.startTask(lambda: self.logic.autoContour(volume, self.modelName, self.device, extraVolumeNodes=extras))
-
-    def onAddToTrainingSet(self):
-        volume = self.ui.inputVolumeSelector.currentNode()
-        segmentation = self.ui.correctedSegmentationSelector.currentNode()
-        if volume is None or segmentation is None or not self.modelName:
-            slicer.util.errorDisplay("Choose the CT (Auto-contour section), its corrected segmentation and a model.")
-            return
-        with slicer.util.tryWithErrorDisplay("Could not add the case", waitCursor=True):
-            self.logic.addToTrainingSet(volume, segmentation, self.modelName)
-        self.onModelChanged()
-
-    def onUpdateModel(self):
-        self.startTask(lambda: self.logic.updateModel(self.modelName, self.ui.updateEpochsSpinBox.value, self.device))
-
-    def onAddCase(self):
-        volume = self.ui.trainingVolumeSelector.currentNode()
-        segmentation = self.ui.trainingSegmentationSelector.currentNode()
-        if volume is None or segmentation is None:
-            slicer.util.errorDisplay("Choose a volume and its segmentation.")
-            return
-        self.cases.append(TrainingCase(volume.GetName(), volume, segmentation))
-        self.showCases()
-
-    def onRemoveCase(self):
-        row = self.ui.casesTable.currentRow()
-        if 0 <= row < len(self.cases):
-            del self.cases[row]
-            self.showCases()
-
-    def showCases(self):
-        self.ui.casesTable.setRowCount(len(self.cases))
-        for r, case in enumerate(self.cases):
-            for c, text in enumerate((case.name, case.volumeNode.GetName(), case.segmentationNode.GetName())):
-                self.ui.casesTable.setItem(r, c, qt.QTableWidgetItem(text))
-        self.updateButtons()
-
-    def onTrainingSegmentation(self, node):
-        if node is not None and not self.ui.organsLineEdit.text:
-            self.ui.organsLineEdit.text = ", ".join(name for _, name in self.logic.scene.segments(node))
-
-    def onFinetune(self):
-        folder = self.ui.finetuneOutputPathLineEdit.currentPath
-        if not folder:
-            slicer.util.errorDisplay("Choose an output folder for the fine-tuning run.")
-            return
-        dataFolder = self.ui.dataFolderPathLineEdit.currentPath
-        unlabelled = self.ui.unlabelledPathLineEdit.currentPath
-        init = self.ui.initPathLineEdit.currentPath or self.ui.initEncoderComboBox.currentData
-        request = FinetuneRequest(
-            outDir=Path(folder), modelName=self.ui.newModelNameLineEdit.text.strip(), cases=list(self.cases),
-            dataFolder=Path(dataFolder) if dataFolder and not self.cases else None,
-            organs=[o.strip() for o in self.ui.organsLineEdit.text.split(",") if o.strip()],
-            init=Path(init) if init else None, epochs=self.ui.epochsSpinBox.value, device=self.device,
-            unlabelled=Path(unlabelled) if unlabelled else None)
-        self.startTask(lambda: self.logic.finetune(request))
-
-    def onEvaluate(self):
-        nodes = (self.ui.predictionSegmentationSelector.currentNode(),
-                 self.ui.referenceSegmentationSelector.currentNode(), self.ui.evaluationVolumeSelector.currentNode())
-        if None in nodes:
-            slicer.util.errorDisplay("Choose the prediction, the reference and their CT volume.")
-            return
-        with slicer.util.tryWithErrorDisplay("Evaluation failed", waitCursor=True):
-            rows = self.logic.evaluate(*nodes)
-            table = self.ui.metricsTable
-            table.setRowCount(len(rows))
-            for r, row in enumerate(rows):
-                values = (row["organ"], row["dsc"], row["hd95_mm"], row["volume_pred_ml"], row["volume_ref_ml"])
-                for c, value in enumerate(values):
-                    text = value if isinstance(value, str) else ("n/a" if value is None else f"{value:.1f}")
-                    table.setItem(r, c, qt.QTableWidgetItem(text))
-            table.resizeColumnsToContents()
-
-    def onExport(self):
-        segmentation = self.ui.exportSegmentationSelector.currentNode()
-        volume = self.ui.exportVolumeSelector.currentNode()
-        folder = self.ui.exportFolderPathLineEdit.currentPath
-        if segmentation is None or volume is None or not folder:
-            slicer.util.errorDisplay("Choose the segmentation, its CT volume and an output folder.")
-            return
-        qt.QSettings().setValue(SETTINGS + "exportFolder", folder)
-        formats = {"rtstruct": self.ui.rtstructCheckBox.checked, "seg": self.ui.segCheckBox.checked,
-                   "nifti": self.ui.niftiCheckBox.checked}
-        self.startTask(lambda: self.logic.export(segmentation, volume, folder, **formats))
-
-    # ------------------------------------------------------------------------------------------------ updates
-    def onProgress(self, stage, step, total, eta):
-        self.ui.progressBar.value = int(100 * step / total) if total else 0
-        self.ui.statusLabel.text = (f"{self.logic.task}: {stage} {step}/{total}"
-                                    + (f", {eta / 60:.1f} min left" if eta else ""))
-
-    def onLog(self, message, level):
-        self.ui.logTextEdit.appendPlainText(message if level in ("info", "output") else f"{level.upper()}: {message}")
-
-    def onFinished(self, result):
-        self.timer.stop()
-        self.ui.statusLabel.text = f"{result.task}: {result.state.value}: {result.message}"
-        if result.state.value == "done":
-            self.ui.progressBar.value = 100
-            node = result.outputs.get("segmentationNode")
-            if node is not None:
-                self.ui.correctedSegmentationSelector.setCurrentNode(node)
-                self.ui.predictionSegmentationSelector.setCurrentNode(node)
-                self.ui.exportSegmentationSelector.setCurrentNode(node)
-                slicer.util.setSliceViewerLayers(background=self.ui.inputVolumeSelector.currentNode())
-            if "model" in result.outputs:
-                self.fillModels(select=Path(result.outputs["model"]).stem)
-        elif result.state.value == "failed":
-            slicer.util.errorDisplay(f"{result.task} failed: {result.message}")
-        self.updateButtons()
-
-    def updateButtons(self):
-        running = self.logic is not None and self.logic.isRunning
-        hasModel = bool(self.modelName)
-        for button in (self.ui.autoContourButton, self.ui.addToTrainingSetButton, self.ui.updateModelButton,
-                       self.ui.exportModelButton):
-            button.enabled = hasModel and not running
-        for button in (self.ui.finetuneButton, self.ui.exportButton, self.ui.importModelButton):
-            button.enabled = not running
-        self.ui.stopButton.enabled = running
+        if self.widget is not None:
+            self.widget.cleanup()
 
 
-class SepaRegSegmentLogic(ScriptedLoadableModuleLogic, SegmentLogic):
+class SepaRegSegmentLogic(SegmentLogic, ScriptedLoadableModuleLogic):
+    """The module's logic: :class:`SegmentLogic` on the real scene, plus Slicer's parameter node.
+
+    Our base comes first and each ``__init__`` is called once, explicitly: ``ScriptedLoadableModuleLogic.__init__``
+    calls ``super().__init__()`` (Slicer >= 5.0), which after it in this order is ``object.__init__``. The other
+    order ran ``SegmentLogic.__init__()`` without its arguments (TypeError: the module did not open).
+    """
+
     def __init__(self):
-        ScriptedLoadableModuleLogic.__init__(self)
         SegmentLogic.__init__(self, SceneIO(), workDir=Path(slicer.app.temporaryPath) / "SepaReg")
+        ScriptedLoadableModuleLogic.__init__(self)
 
 
 class SepaRegSegmentTest(ScriptedLoadableModuleTest):

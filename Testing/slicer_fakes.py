@@ -36,6 +36,9 @@ class FakeSegment:
     def GetName(self) -> str:
         return self.name
 
+    def SetName(self, name: str) -> None:
+        self.name = name
+
     def SetTerminology(self, entry: str) -> None:
         self.terminology = entry
 

@@ -1,8 +1,9 @@
 """Stand-in for Slicer's ``slicer.ScriptedLoadableModule`` (absent from the slicer-core wheels), for the real-MRML tier.
 
 Written from Slicer's source, ``Base/Python/slicer/ScriptedLoadableModule.py`` in github:Slicer/Slicer at commit
-583e9b37d50ead7daf7b783dce465ccaecec8809 (2026-08-21; the file last changed in ff1bfd66c1e0793552e6f10dbab352ce5788b73a),
-keeping what decides how Slicer *constructs* module classes, and nothing that needs the Qt application:
+583e9b37d50ead7daf7b783dce465ccaecec8809 (2026-08-21; the file last changed in
+ff1bfd66c1e0793552e6f10dbab352ce5788b73a), keeping what decides how Slicer *constructs* module classes, and nothing
+that needs the Qt application:
 
 - Since Slicer 5.0 (commit 917c02e00b "BUG: Fix broken multiple inheritance in ScriptedLoadableModule classes",
   2022-03-07) every base ``__init__`` calls ``super().__init__()`` with no arguments, cooperatively. A class such as
@@ -46,9 +47,7 @@ class ScriptedLoadableModule:
         parent.contributors = ["Andras Lasso (PerkLab, Queen's University), Steve Pieper (Isomics)"]
         parent.helpText = "This module was created from a template and the help section has not yet been updated."
         parent.acknowledgementText = "This work is supported by NA-MIC, NAC, BIRN, NCIGT, and the Slicer Community."
-        try:
-            slicer.selfTests
-        except AttributeError:
+        if not hasattr(slicer, "selfTests"):
             slicer.selfTests = {}
         slicer.selfTests[self.moduleName] = self.runTest
 

@@ -13,8 +13,8 @@ Real (Slicer's code, from the wheel):
   (``AddArchetypeVolume``, ``LoadSegmentationFromFile``) and writers (``WriteData``).
 
 Stand-ins (what the wheel lacks; each as small as the module code needs):
-  - ``slicer.app``: ``temporaryPath``, ``coreIOManager()`` / ``ioManager()`` (:class:`CoreIOManager`), ``processEvents``,
-    ``applicationLogic()``, ``mrmlScene()``, ``testingEnabled()``.
+  - ``slicer.app``: ``temporaryPath``, ``coreIOManager()`` / ``ioManager()`` (:class:`CoreIOManager`),
+    ``processEvents``, ``applicationLogic()``, ``mrmlScene()``, ``testingEnabled()``.
   - :class:`CoreIOManager`: ``qSlicerCoreIOManager``'s dispatch only (file type by extension, volume / segmentation
     readers, ``exportNodes`` as in ``Base/QTCore/qSlicerCoreIOManager.cxx``); the reading and writing are the real
     logics' and storage nodes'.

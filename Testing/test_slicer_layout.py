@@ -29,7 +29,7 @@ def ui_widgets(module: str) -> tuple[dict[str, str], ET.Element]:
 
 
 def used_ui_names(module: str) -> set[str]:
-    tree = ast.parse((REPO / module / f"{module}.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO / module / f"{module}Lib" / "Widget.py").read_text(encoding="utf-8"))
     return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
             and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
@@ -40,7 +40,7 @@ def test_ui_has_every_widget_the_module_uses(module: str) -> None:
     widgets, root = ui_widgets(module)
     used = used_ui_names(module)
     assert used, "no self.ui.<name> found: the AST scan is broken"
-    assert not used - set(widgets), f"used in {module}.py but missing from the .ui: {sorted(used - set(widgets))}"
+    assert not used - set(widgets), f"used in Widget.py but missing from the .ui: {sorted(used - set(widgets))}"
     for name, cls in widgets.items():
         suffix = next((s for s in sorted(CLASS_BY_SUFFIX, key=len, reverse=True) if name.endswith(s)), None)
         if suffix and not name.startswith("label_") and name != module:
@@ -65,12 +65,21 @@ def test_module_file_has_slicer_anatomy(module: str) -> None:
     classes = {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
     assert classes[module] == ["ScriptedLoadableModule"]
     assert classes[f"{module}Widget"] == ["ScriptedLoadableModuleWidget"]
-    assert "ScriptedLoadableModuleLogic" in classes[f"{module}Logic"]
+    # our base first: ScriptedLoadableModuleLogic.__init__ calls super().__init__() (constructed for real in
+    # test_slicer_real_modules.py)
+    assert classes[f"{module}Logic"][-1] == "ScriptedLoadableModuleLogic"
     assert classes[f"{module}Test"] == ["ScriptedLoadableModuleTest"]
     for attribute in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
         assert f"self.parent.{attribute} = " in source  # the generic module test checks they are set
-    assert f'self.resourcePath("UI/{module}.ui")' in source
+    # SlicerNNUnet's shape: the module file mounts the widget of <M>Lib/Widget.py and holds no UI code
+    assert f"from {module}Lib.Widget import Widget" in source and "self.ui." not in source
+    widget = (REPO / module / f"{module}Lib" / "Widget.py").read_text(encoding="utf-8")
+    assert f'UI_FILE = Path(__file__).resolve().parent.parent / "Resources" / "UI" / "{module}.ui"' in widget
     assert (REPO / module / "Resources" / "Icons" / f"{module}.png").is_file()
+    # neither module imports the other
+    other = next(m for m in MODULES if m != module)
+    for path in (REPO / module).rglob("*.py"):
+        assert f"{other}Lib" not in path.read_text(encoding="utf-8"), f"{path} imports {other}'s code"
     # the core is never re-implemented in the module: no torch, no numpy maths in the Slicer layer
     assert not re.search(r"^\s*import torch|^\s*from torch", source, re.M)
 
@@ -122,7 +131,7 @@ def test_a_missing_listed_file_fails_the_configure(tmp_path: Path) -> None:
 def test_install_requirements_never_touch_slicers_packages() -> None:
     from importlib import metadata
 
-    from SepaRegSegmentLib.Install import PROTECTED, REQUIREMENTS, constraints, missingRequirements, satisfies
+    from separeg.requirements import PROTECTED, REQUIREMENTS, constraints, missing_requirements, satisfies
 
     pyproject = (REPO / "pyproject.toml").read_text()
     for requirement in REQUIREMENTS:
@@ -136,12 +145,12 @@ def test_install_requirements_never_touch_slicers_packages() -> None:
             raise metadata.PackageNotFoundError(name)
         return installed[name]
 
-    assert missingRequirements(lookup) == []
+    assert missing_requirements(lookup) == []
     installed["monai"] = "1.3.0"  # too old -> reinstalled within the range
     del installed["highdicom"]
-    assert missingRequirements(lookup) == ["monai>=1.4,<1.7", "highdicom>=0.23,<0.28"]
+    assert missing_requirements(lookup) == ["monai>=1.4,<1.7", "highdicom>=0.23,<0.28"]
     installed["pydicom"] = "2.0.0"  # Slicer's own, outside our range: kept, never replaced
-    assert "pydicom>=2.4,<4" not in missingRequirements(lookup)
+    assert "pydicom>=2.4,<4" not in missing_requirements(lookup)
     pins = constraints(lookup)
     for name in PROTECTED:
         assert f"{name}=={installed[name]}" in pins

@@ -23,6 +23,8 @@ from separeg.events import Event, EventType
 
 STOP_FILE = "STOP"
 TRAINING_SET_LABELS = "labels.json"
+# Slicer's name for the segment of value v when it loads a label map without a table (loadSegmentation).
+SEGMENT_BY_VALUE = re.compile(r"Segment_(\d+)")
 
 
 @dataclass
@@ -106,6 +108,33 @@ def matchSegments(segmentNames: Sequence[str], organs: Sequence[str]) -> dict[st
     return matched
 
 
+def labelNamesByValue(table) -> dict[int, str]:
+    """Organ name (TG-263 when known) by label value, from a label table file (labels.json, CSV; the core's
+    formats) or from a list of labels as in a model (``[{"value", "name", "tg263"}, ...]``)."""
+    if isinstance(table, str | os.PathLike):
+        from separeg.labels import load_label_table
+
+        table = [label.to_dict() for label in load_label_table(table)]
+    return {int(lb["value"]): lb.get("tg263") or lb["name"] for lb in table}
+
+
+def labelTableBeside(path: str | os.PathLike) -> Path | None:
+    """``labels.json`` in the folder of a label map file, when there is one."""
+    candidate = Path(path).parent / TRAINING_SET_LABELS
+    return candidate if candidate.is_file() else None
+
+
+def unnamedSegmentsHint(names: Sequence[str]) -> str:
+    """What to do when segments carry Slicer's ``Segment_<value>`` names ("" when they do not)."""
+    unnamed = [n for n in names if SEGMENT_BY_VALUE.fullmatch(n)]
+    if not unnamed:
+        return ""
+    return (f". Segments named {', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''} are the values of a "
+            "label map Slicer loaded without a label table: select the model whose label table those values follow "
+            "(SepaReg then names them from it), put a labels.json beside the file before loading it, or rename the "
+            "segments in Segment Editor to organ names (TG-263, e.g. Parotid_L)")
+
+
 def labelTable(organs: Sequence[str]) -> dict:
     """A label table (values 1..N in the given order) in the core's JSON format."""
     from separeg.labels import LabelTable
@@ -151,6 +180,37 @@ class SegmentLogic:
     def encoders(self) -> list[ModelInfo]:
         """Pretrained encoders in the model folders (the shipped ``separeg-encoder-hn-ct`` first of all)."""
         return self._bundles("encoder")
+
+    # ------------------------------------------------------------------------------------- segment names
+    def nameSegmentsByValue(self, segmentationNode, table) -> dict[str, str]:
+        """Rename ``Segment_<v>`` segments to the organ of value v in ``table`` (see :func:`labelNamesByValue`).
+
+        Slicer's ``loadSegmentation`` names the segments of a label map ``Segment_1``, ``Segment_2``, ...; with a
+        table they get organ names that fine-tuning and evaluation can match. Returns ``{old name: new name}``.
+        """
+        names = labelNamesByValue(table)
+        taken = {name for _, name in self.scene.segments(segmentationNode)}
+        renamed = {}
+        for segmentId, name in self.scene.segments(segmentationNode):
+            match = SEGMENT_BY_VALUE.fullmatch(name)
+            organ = names.get(int(match.group(1))) if match else None
+            if organ and organ not in taken:
+                self.scene.renameSegment(segmentationNode, segmentId, organ)
+                taken.add(organ)
+                renamed[name] = organ
+        if renamed:
+            self.logMessage.emit(f"{segmentationNode.GetName()}: segments named by value: "
+                                 + ", ".join(f"{a} -> {b}" for a, b in renamed.items()), "info")
+        return renamed
+
+    def loadSegmentation(self, path: str | os.PathLike, table=None):
+        """Load a segmentation or label map file; ``Segment_<v>`` segments are named from ``table`` or, when none is
+        given, from ``labels.json`` beside the file."""
+        node = self.scene.loadSegmentationFile(path)
+        table = table if table is not None else labelTableBeside(path)
+        if table is not None:
+            self.nameSegmentsByValue(node, table)
+        return node
 
     def _bundles(self, kind: str) -> list[ModelInfo]:
         from separeg.bundle import read_bundle_info
@@ -293,8 +353,10 @@ class SegmentLogic:
         segments = self.scene.segments(case.segmentationNode)
         matched = matchSegments([name for _, name in segments], organs)
         if not matched:
+            names = [n for _, n in segments]
             raise ValueError(f"case {case.name}: no segment matches the organs {', '.join(organs)} (segments: "
-                             f"{', '.join(n for _, n in segments) or 'none'}); rename the segments or pick organs")
+                             f"{', '.join(names) or 'none'}); rename the segments or pick organs"
+                             + unnamedSegmentsHint(names))
         values = {organ: i + 1 for i, organ in enumerate(organs)}
         stem = safeName(case.name)
         self.scene.exportVolume(case.volumeNode, folder / f"{stem}_ct.nii.gz")
@@ -341,6 +403,7 @@ class SegmentLogic:
     def addToTrainingSet(self, volumeNode, segmentationNode, modelName: str) -> Path:
         """Store a corrected case for "Update model" (beside the per-user models; case names must be unique)."""
         model = self.model(modelName)
+        self.nameSegmentsByValue(segmentationNode, model.labels)  # a label map loaded without names: the model's
         folder = self.trainingSetDir(modelName)
         folder.mkdir(parents=True, exist_ok=True)
         name = safeName(volumeNode.GetName())
@@ -359,7 +422,8 @@ class SegmentLogic:
         folder = self.trainingSetDir(modelName)
         return sorted(folder.glob("*_ct.nii.gz")) if folder.is_dir() else []
 
-    def updateModel(self, modelName: str, epochs: int = 10, device: str = "auto") -> BackgroundRun:
+    def updateModel(self, modelName: str, epochs: int = 10, device: str = "auto",
+                    extraArgs: Sequence[str] = ()) -> BackgroundRun:
         """A short fine-tune of the model on its stored corrected cases; the model is replaced when it succeeds."""
         model = self.model(modelName)
         cases = self.trainingSet(modelName)
@@ -370,15 +434,23 @@ class SegmentLogic:
         shutil.copyfile(model.path, backup)
         request = FinetuneRequest(outDir=self._taskDir("update"), modelName=modelName,
                                   dataFolder=self.trainingSetDir(modelName), init=model.path, epochs=epochs,
-                                  device=device)
+                                  device=device, extraArgs=tuple(extraArgs))
         self.logMessage.emit(f"previous version kept as {backup}", "info")
         return self.finetune(request)
 
     # ------------------------------------------------------------------------------------------------ evaluate
-    def evaluate(self, predictionNode, referenceNode, volumeNode) -> list[dict]:
-        """DSC (%), HD95 (mm) and volumes per organ present in both segmentations (matched by name)."""
+    def evaluate(self, predictionNode, referenceNode, volumeNode, labels=None) -> list[dict]:
+        """DSC (%), HD95 (mm) and volumes per organ present in both segmentations (matched by name).
+
+        ``labels`` (a label table, e.g. the selected model's labels) names ``Segment_<v>`` segments of either
+        segmentation first (:meth:`nameSegmentsByValue`).
+        """
         from separeg.labels import to_tg263
         from separeg.metrics import organ_metrics
+
+        if labels is not None:
+            for node in (predictionNode, referenceNode):
+                self.nameSegmentsByValue(node, labels)
 
         pred = self.scene.segmentArrays(predictionNode, volumeNode)
         ref = self.scene.segmentArrays(referenceNode, volumeNode)
@@ -396,7 +468,7 @@ class SegmentLogic:
                          "volume_pred_ml": result.volume_pred_ml, "volume_ref_ml": result.volume_ref_ml})
         if not rows:
             raise ValueError("no segment name matches between the two segmentations; rename them (TG-263 names, "
-                             "e.g. Parotid_L) so they can be paired")
+                             "e.g. Parotid_L) so they can be paired" + unnamedSegmentsHint([*pred, *ref]))
         return rows
 
     # -------------------------------------------------------------------------------------------------- export

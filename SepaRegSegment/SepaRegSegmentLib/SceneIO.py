@@ -1,7 +1,8 @@
 """The only place SepaRegSegment touches the MRML scene: volumes and segmentations to files and back.
 
-Everything else in the module works on files and is tested without Slicer; this adapter is tested against small
-fakes of the ``slicer`` API (Testing/slicer_fakes.py) and, for real, by the module's self-test in Slicer.
+Everything else in the module works on files. This adapter runs against Slicer's real MRML, module logics and
+``slicer.util`` in the test tier (Testing/test_slicer_real_scene.py, PyPI slicer-core) and in the module's self-test
+in Slicer; Testing/slicer_fakes.py keeps small fakes for the logic tests that do not need a scene.
 API references (Slicer 5.10+): ``slicer/util.py`` (exportNode, arrayFromSegmentBinaryLabelmap,
 updateSegmentBinaryLabelmapFromArray, loadLabelVolume), ``vtkSegmentation::AddEmptySegment``,
 ``vtkSegment::SetTerminology`` (SLICER_NOTES §5).
@@ -64,6 +65,16 @@ class SceneIO:
         segmentation = segmentationNode.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
         return [(sid, segmentation.GetSegment(sid).GetName()) for sid in ids]
+
+    def renameSegment(self, segmentationNode, segmentId: str, name: str) -> None:
+        segmentationNode.GetSegmentation().GetSegment(segmentId).SetName(name)
+
+    def loadSegmentationFile(self, path: Path):
+        """A segmentation node from a file (``.seg.nrrd``, or a label map: Slicer names its segments
+        ``Segment_<value>``)."""
+        import slicer
+
+        return slicer.util.loadSegmentation(str(path))
 
     def segmentArrays(self, segmentationNode, referenceVolumeNode) -> dict[str, np.ndarray]:
         """Segment name -> boolean mask (K, J, I) on the reference volume's grid."""
