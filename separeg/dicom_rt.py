@@ -42,7 +42,7 @@ from .atomic import atomic_path
 from .dicom_ct import Algorithm, CtSeries, copy_patient_study, ensure_character_set, generation_type, read_ct_series
 from .dicom_keyhole import HOLE_CONVENTIONS, keyhole
 from .errors import InputError, read_text_table
-from .labels import RGB, LabelTable, default_color, to_tg263
+from .labels import RGB, LabelTable, default_color, normalise_name, to_tg263
 from .volumes import IMAGE_MODALITIES, _first_line, _referenced_series, index_dicom_files
 
 __all__ = [
@@ -715,7 +715,8 @@ def _contour_items(roi: _RoiOut, matrix: np.ndarray, origin: np.ndarray, ct: CtS
 
 
 def _normalise(name: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", str(name).lower())
+    """See :func:`separeg.labels.normalise_name` (every script kept); a name of punctuation alone stays itself."""
+    return normalise_name(name) or str(name)
 
 
 def load_synonyms(path: str | Path) -> dict[str, str]:
@@ -755,8 +756,14 @@ def load_synonyms(path: str | Path) -> dict[str, str]:
         if not theirs or not target:
             raise InputError(f"synonym table {path}: an entry has an empty name ({theirs!r} -> {target!r})")
         target = to_tg263(target) or target
-        if synonyms.setdefault(theirs, target) != target:
-            raise InputError(f"synonym table {path} maps {theirs!r} to both {synonyms[theirs]!r} and {target!r}")
+        if not normalise_name(theirs):
+            raise InputError(f"synonym table {path}: the name {theirs!r} has no letter or digit; names are matched "
+                             "ignoring case, spaces and punctuation, so it would match nothing")
+        same = next((k for k in synonyms if _normalise(k) == _normalise(theirs)), theirs)
+        if synonyms.setdefault(same, target) != target:
+            also = f" ({same!r} and {theirs!r} are the same name ignoring case and punctuation)" if same != theirs \
+                else ""
+            raise InputError(f"synonym table {path} maps {theirs!r} to both {synonyms[same]!r} and {target!r}{also}")
     return synonyms
 
 

@@ -16,6 +16,7 @@ import colorsys
 import csv
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "to_tg263",
     "default_color",
     "load_label_table",
+    "normalise_name",
     "CodedConcept",
     "Terminology",
     "terminology",
@@ -88,13 +90,23 @@ _PAIRED: tuple[tuple[str, RGB, tuple[str, ...]], ...] = (
 )
 _SIDES = {"L": ("l", "lt", "left"), "R": ("r", "rt", "right")}
 _RIGHT_SHADE = 0.75
+# A bracketed part without Latin letters or digits: a translation or note in another script, "(腮腺)".
+_TRANSLATION = re.compile(r"[(\[（【][^()\[\]（）【】A-Za-z0-9]*[)\]）】]")
 # Numbered or dose-suffixed targets (GTV-1, PTV_5040, CTV2), normalised.
 _NUMBERED_TARGET = re.compile(r"^(gtv|ctv|itv|ptv)\d+$")
 
 
-def _normalise(name: str) -> str:
-    """Lower case without spaces, underscores, hyphens or other punctuation: "Parotid L" -> "parotidl"."""
-    return re.sub(r"[^0-9a-z]", "", name.lower())
+def normalise_name(name: str) -> str:
+    """A structure name as compared: NFKC, case-folded, letters, marks and digits of every script kept, spaces and
+    punctuation dropped: "Parotid L" -> "parotidl", "Спинной мозг" -> "спинноймозг", "脊髓" -> "脊髓".
+
+    "" only for a name of punctuation, symbols or spaces alone; such a name matches nothing.
+    """
+    folded = unicodedata.normalize("NFKC", str(name)).casefold()
+    return "".join(ch for ch in folded if unicodedata.category(ch)[0] in "LMN")
+
+
+_normalise = normalise_name
 
 
 def _build_registry() -> tuple[dict[str, RGB], dict[str, str]]:
@@ -132,9 +144,10 @@ SYNONYMS: Mapping[str, str] = MappingProxyType(_SYNONYMS)
 def to_tg263(name: str, *, merge_numbered_targets: bool = False) -> str | None:
     """The TG-263 name of an organ or target name as written in a TPS, a data set or an RTSTRUCT.
 
-    Matching ignores case, spaces, underscores, hyphens and other punctuation: "Parotid L", "L_Parotid",
-    "parotid_lt", "LeftParotid" all give "Parotid_L"; "Mandible" gives "Bone_Mandible"; "Spinal-Cord" and "Cord"
-    give "SpinalCord".
+    Matching ignores case, spaces, underscores, hyphens and other punctuation (:func:`normalise_name`; letters of
+    every script count): "Parotid L", "L_Parotid", "parotid_lt", "LeftParotid" all give "Parotid_L", and so does
+    "Parotid L (腮腺)" (a bracketed part without Latin letters or digits is a translation); "Mandible" gives
+    "Bone_Mandible"; "Spinal-Cord" and "Cord" give "SpinalCord"; "Parotid L (PRV)" and "Спинной мозг" give None.
 
     Numbered targets ("GTV-1", "PTV_5040") are distinct structures of one patient (two GTVs, two dose levels), so
     by default they have no registry name and this returns None; the label keeps its own name. With
@@ -149,6 +162,8 @@ def to_tg263(name: str, *, merge_numbered_targets: bool = False) -> str | None:
         The TG-263 name, or None when the name is not in the registry.
     """
     key = _normalise(name)
+    if key not in _SYNONYMS:  # "Parotid L (腮腺)": a bracketed translation does not hide the registry name
+        key = _normalise(_TRANSLATION.sub(" ", str(name))) or key
     if key in _SYNONYMS:
         return _SYNONYMS[key]
     if merge_numbered_targets and (match := _NUMBERED_TARGET.match(key)):
@@ -221,6 +236,9 @@ class LabelTable:
         object.__setattr__(self, "labels", labels)
         _refuse_duplicates(labels, "value", lambda label: label.value)
         _refuse_duplicates(labels, "name", lambda label: label.name)
+        # Names are matched ignoring case and punctuation (by_name, RTSTRUCT and SEG import): no two may look alike.
+        _refuse_duplicates([label for label in labels if normalise_name(label.name)],
+                           "name ignoring case, spaces and punctuation", lambda label: normalise_name(label.name))
         _refuse_duplicates([label for label in labels if label.tg263], "TG-263 name", lambda label: label.tg263)
         object.__setattr__(self, "_by_value", {label.value: label for label in labels})
 
@@ -265,15 +283,25 @@ class LabelTable:
             raise KeyError(f"no label with value {value}; the table has {_format_values(self.values)}") from None
 
     def by_name(self, name: str) -> Label | None:
-        """The label whose name or TG-263 name is ``name`` or a synonym of it (see :func:`to_tg263`), else None."""
+        """The label whose name or TG-263 name is ``name`` or a synonym of it (see :func:`to_tg263`), else None.
+
+        A label whose own name matches is preferred to one that matches through TG-263 names.
+
+        Raises:
+            InputError: the name matches two labels (one by its name, the other by its TG-263 name).
+        """
         key = _normalise(name)
         if not key:
             return None
         tg263 = to_tg263(name)
-        for label in self.labels:
-            if key in (_normalise(label.name), _normalise(label.tg263)) or (tg263 and label.tg263 == tg263):
-                return label
-        return None
+        found = [label for label in self.labels
+                 if key in (_normalise(label.name), _normalise(label.tg263)) or (tg263 and label.tg263 == tg263)]
+        exact = [label for label in found if _normalise(label.name) == key]
+        if len(found) > 1 and len(exact) != 1:
+            listed = ", ".join(f"{lb.value} {lb.name!r}" for lb in found)
+            raise InputError(f"the name {name!r} matches the labels {listed}; rename one of them, or map the name "
+                             "with a synonym table")
+        return (exact or found or [None])[0]
 
     def to_dict(self) -> dict:
         """JSON-friendly form, as stored in model bundles: ``{"schema": 1, "labels": [{value, name, tg263, color}]}``"""
