@@ -26,6 +26,7 @@ from .volumes import (
     _sorted_slices,
     index_dicom_files,
     unreadable_series,
+    usable_image_series,
 )
 
 if TYPE_CHECKING:
@@ -248,6 +249,12 @@ def _choose_series(folder: Path, series_uid: str | None) -> DicomSeries:
         damaged = f" ({len(problems)} damaged DICOM files, e.g. {problems[0][0].name}: {problems[0][1]})" \
             if problems else ""
         raise SeriesError(f"{folder} holds no CT image series{other}{damaged}. Give the folder of the CT series")
+    usable, ignored = usable_image_series(images)
+    if len(usable) == 1:  # a PACS export: the CT with a topogram beside it
+        log.warning("%s: using the %s series %s; ignored: %s", folder, usable[0].modality, usable[0].series_uid,
+                    "; ".join(ignored))
+        return usable[0]
+    images = usable or images
     cts = [s for s in images if s.modality == "CT"]
     if len(cts) == 1:
         log.info("%s: using the CT series %s (the folder also holds %s)", folder, cts[0].series_uid,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import struct
 import zlib
@@ -24,6 +25,8 @@ from .errors import SeriesError, VolumeReadError
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "VOLUME_SUFFIXES",
     "MIN_SLICES",
@@ -36,6 +39,7 @@ __all__ = [
     "CANONICAL_ORIENTATION",
     "read_dicom_series",
     "index_dicom_files",
+    "usable_image_series",
     "write_volume",
     "content_hash",
     "check_volume",
@@ -362,6 +366,7 @@ class DicomSeries:
     study_uid: str | None = None
     description: str = ""
     referenced_series_uids: set[str] = field(default_factory=set)  # RTSTRUCT / SEG: the image series they annotate
+    localizer: bool = False  # ImageType says LOCALIZER (a topogram or scout view)
 
     @property
     def folder(self) -> Path:
@@ -421,6 +426,9 @@ def index_dicom_files(paths: Iterable[Path]) -> tuple[dict[str, DicomSeries], li
                 study_uid=str(ds.get("StudyInstanceUID", "")) or None,
                 description=str(ds.get("SeriesDescription", "")),
             )
+        image_type = ds.get("ImageType", "") or ""
+        if "LOCALIZER" in [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]:
+            entry.localizer = True
         entry.files.append(path)
         if entry.modality in ("RTSTRUCT", "SEG"):
             entry.referenced_series_uids |= _referenced_series(ds)
@@ -428,6 +436,25 @@ def index_dicom_files(paths: Iterable[Path]) -> tuple[dict[str, DicomSeries], li
                 for ref_for in ds.get("ReferencedFrameOfReferenceSequence", []):
                     entry.frame_of_reference_uid = str(ref_for.get("FrameOfReferenceUID", "")) or None
     return series, problems
+
+
+def usable_image_series(images: Iterable[DicomSeries]) -> tuple[list[DicomSeries], list[str]]:
+    """Split image series into those a volume can be read from and the others, each with why it is not usable.
+
+    Not usable: a localizer (topogram, scout: ImageType LOCALIZER) and a series of fewer than :data:`MIN_SLICES`
+    files (a single projection or a screenshot), which a normal PACS export puts beside the CT.
+    """
+    usable, ignored = [], []
+    for series in images:
+        if series.localizer:
+            ignored.append(f"{series.modality} {series.series_uid} ({len(series.files)} files): a localizer "
+                           "(topogram or scout view)")
+        elif len(series.files) < MIN_SLICES:
+            ignored.append(f"{series.modality} {series.series_uid}: {len(series.files)} slice(s), too few for a "
+                           f"volume (at least {MIN_SLICES})")
+        else:
+            usable.append(series)
+    return usable, ignored
 
 
 def _sorted_slices(series: DicomSeries) -> list[Path]:
@@ -497,6 +524,10 @@ def read_dicom_series(source: str | Path | DicomSeries, *, series_uid: str | Non
             series = found[series_uid]
         elif len(images) == 1:
             series = next(iter(images.values()))
+        elif len(usable := usable_image_series(images.values())[0]) == 1:
+            series = usable[0]
+            log.warning("%s: using the %s series %s; ignored: %s", folder, series.modality, series.series_uid,
+                        "; ".join(usable_image_series(images.values())[1]))
         elif not files:
             raise SeriesError(f"{folder} is empty; give the folder that holds the DICOM series, or a volume file")
         elif not images:
