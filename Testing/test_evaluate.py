@@ -203,6 +203,51 @@ def test_bad_inputs(openkbp: Path, tmp_path: Path):
     with pytest.raises(InputError, match="index_to_name"):
         read_labels(bad)
     assert read_labels(openkbp / "labels.json")[3] == "Parotid_R"
+    bad.unlink()  # else it is found beside the maps below
     soft = write_image(np.full((4, 4, 4), 0.5, np.float32), tmp_path / "soft.nii.gz")
     with pytest.raises(InputError, match="non-integer"):
         run_evaluate(EvaluateJob(soft, soft, tmp_path / "out"))
+
+
+def _save(array: np.ndarray, like, path: Path) -> Path:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(like)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_label_tables_of_every_form_and_unknown_values(pt1, openkbp: Path, tmp_path: Path) -> None:
+    """A CSV table beside the reference names the organs; a 255 "ignore" region is refused or left out, never a
+    missed organ at DSC 0 (before: organs were label_1..7 and the 255 lowered the all-organ DSC)."""
+    image, ref = pt1
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pred").mkdir()
+    marked = ref.copy()
+    marked[60:70, 40:60, 40:60] = np.where(ref[60:70, 40:60, 40:60] == 0, 255, ref[60:70, 40:60, 40:60])
+    _save(marked, image, tmp_path / "ref" / "pt_1.nii.gz")
+    _save(ref, image, tmp_path / "pred" / "pt_1.nii.gz")
+    (tmp_path / "ref" / "labels.json").write_text(json.dumps(  # the table form finetune writes and reads
+        {"schema": 1, "labels": [{"value": v, "name": n} for v, n in
+                                 [(1, "Brainstem"), (2, "SpinalCord"), (3, "RightParotid"), (4, "LeftParotid"),
+                                  (5, "Esophagus"), (6, "Larynx"), (7, "Mandible")]]}))
+    with pytest.raises(InputError, match="255 are not in the label table .*--unknown-labels ignore"):
+        run_evaluate(EvaluateJob(tmp_path / "pred" / "pt_1.nii.gz", tmp_path / "ref" / "pt_1.nii.gz",
+                                 tmp_path / "out"))
+    sink = ListSink()
+    result = run_evaluate(EvaluateJob(tmp_path / "pred", tmp_path / "ref", tmp_path / "out", unknown="ignore"),
+                          Events(sink))
+    tg263 = ["Brainstem", "SpinalCord", "Parotid_R", "Parotid_L", "Esophagus", "Larynx", "Bone_Mandible"]
+    assert len(result.organs) >= 4 and [o.name for o in result.organs] == [tg263[o.organ - 1] for o in result.organs]
+    assert result.overall.dsc_mean_percent == pytest.approx(100.0)  # the 255 region is no missed organ
+    assert any("left out" in e.msg and e.level == "warning" for e in sink.of_type(EventType.LOG))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["labels"].endswith("labels.json") and summary["unknown_labels"] == "ignore"
+    # A CSV table given with --labels works the same way (evaluate used to read OpenKBP JSON only).
+    (tmp_path / "table.csv").write_text("value,name\n" + "".join(f"{v},organ {v}\n" for v in range(1, 8)))
+    result = run_evaluate(EvaluateJob(tmp_path / "pred", tmp_path / "ref", tmp_path / "out2", tmp_path / "table.csv",
+                                      unknown="ignore"))
+    assert result.organs[0].name == "organ 1"
+    with pytest.raises(InputError, match="unknown-label policy"):
+        EvaluateJob(tmp_path, tmp_path, tmp_path, unknown="organ")

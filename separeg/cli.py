@@ -234,7 +234,8 @@ def _run_export(args: argparse.Namespace, events: Events) -> int:
 def _run_evaluate(args: argparse.Namespace, events: Events) -> int:
     from .evaluate import EvaluateJob, run_evaluate
 
-    run_evaluate(EvaluateJob(pred=args.pred, ref=args.ref, out_dir=args.out, labels=args.labels), events)
+    run_evaluate(EvaluateJob(pred=args.pred, ref=args.ref, out_dir=args.out, labels=args.labels,
+                             unknown=args.unknown_labels), events)
     events.done(f"metrics in {args.out / 'metrics.csv'}, summary in {args.out / 'summary.md'}")
     return 0
 
@@ -376,7 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pred", type=_existing_path, help="predicted label map, or a folder of them")
     evaluate.add_argument("ref", type=_existing_path, help="reference label map, or a folder with the same names")
     evaluate.add_argument("--out", type=Path, required=True, help="output folder (metrics.csv, summary.md, ...)")
-    evaluate.add_argument("--labels", type=_existing_path, default=None, help="label table for organ names")
+    evaluate.add_argument("--labels", type=_existing_path, default=None,
+                          help="label table for organ names (any form finetune reads: segmentation.json, labels.json, "
+                          "CSV); default: segmentation.json or labels.json beside the reference, then the prediction")
+    evaluate.add_argument("--unknown-labels", choices=("error", "ignore"), default="error",
+                          help="values the label table does not list (e.g. 255): refuse (default), or leave those "
+                          "voxels out of every organ in both maps")
     _add_common(evaluate)
     evaluate.set_defaults(handler=_run_evaluate)
 

@@ -6,6 +6,15 @@ compared with ``ref/pt_1.nii.gz``; the extensions may differ). A case with only 
 files or mismatched grids is listed as an error in the summary and skipped; the other cases are still evaluated.
 The empty-mask policy and the HD95 convention are those of :mod:`separeg.metrics`.
 
+Organ names come from a label table in any form ``finetune`` and ``export`` read
+(:func:`separeg.labels.load_label_table`: ``segmentation.json`` of ``separeg contour``, ``labels.json``, OpenKBP's
+``index_to_name``, CSV): ``--labels``, else
+``segmentation.json`` or ``labels.json`` beside the reference, else beside the prediction; with none, organs are
+``label_<n>``. Values the table does not list (255 is often "ignore") follow an explicit policy, ``unknown``:
+``error`` (default: refused, as ``finetune`` refuses them) or ``ignore`` (voxels holding such a value in either map
+are left out of every organ: background in both maps; the count is reported). Without a table every non-zero
+value is an organ.
+
 Outputs in ``out_dir``: ``metrics.csv`` (a row per case and organ), ``summary.md`` and ``summary.json`` (per organ
 mean ± standard error over cases, as in the paper's tables), ``boxplots.png`` (DSC % and HD95 mm per organ).
 """
@@ -13,7 +22,6 @@ mean ± standard error over cases, as in the paper's tables), ``boxplots.png`` (
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -22,6 +30,7 @@ import numpy as np
 from .atomic import atomic_path, write_json
 from .errors import InputError
 from .events import Events
+from .labels import load_label_table
 from .metrics import (
     EMPTY_MASK_POLICY,
     HD95_CONVENTION,
@@ -34,7 +43,12 @@ from .metrics import (
 from .volumes import VOLUME_SUFFIXES, Geometry, is_volume_file, read_volume
 
 __all__ = ["EvaluateJob", "CaseError", "OrganSummary", "EvaluationResult", "case_name", "read_labels",
-           "match_cases", "read_label_pair", "summarise", "run_evaluate"]
+           "find_label_table", "match_cases", "read_label_pair", "summarise", "run_evaluate", "UNKNOWN_POLICIES",
+           "LABEL_TABLE_NAMES"]
+
+UNKNOWN_POLICIES = ("error", "ignore")
+#: Label tables looked for beside the reference, then the prediction, when none is given.
+LABEL_TABLE_NAMES = ("segmentation.json", "labels.json")
 
 
 @dataclass(frozen=True)
@@ -45,14 +59,20 @@ class EvaluateJob:
         pred: predicted label map, or a folder of them.
         ref: reference label map, or a folder of them (the same kind as ``pred``).
         out_dir: where the CSV, summaries and plot are written (created if missing).
-        labels: optional JSON with ``{"index_to_name": {"1": "Brainstem", ...}}`` and optionally
-            ``"index_to_tg263"`` (preferred when present); without it organs are named ``label_<n>``.
+        labels: a label table (any form of :func:`~separeg.labels.load_label_table`); default: one of
+            :data:`LABEL_TABLE_NAMES` beside the reference or the prediction; none: organs are ``label_<n>``.
+        unknown: what to do with values the table does not list, one of :data:`UNKNOWN_POLICIES` (module doc).
     """
 
     pred: Path
     ref: Path
     out_dir: Path
     labels: Path | None = None
+    unknown: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.unknown not in UNKNOWN_POLICIES:
+            raise InputError(f"unknown-label policy {self.unknown!r}: choose {' or '.join(UNKNOWN_POLICIES)}")
 
 
 @dataclass(frozen=True)
@@ -106,29 +126,42 @@ def case_name(path: Path) -> str:
 
 
 def read_labels(path: Path) -> dict[int, str]:
-    """Organ names from a labels JSON (``index_to_tg263`` preferred over ``index_to_name``), background left out.
+    """Organ names (TG-263 name where known, else the table's name) by value from any label table form.
 
     Raises:
-        InputError: unreadable file, or neither mapping in it, or keys that are not label values.
+        InputError: see :func:`~separeg.labels.load_label_table`.
     """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"labels file {path} could not be read as JSON: {exc}") from exc
-    if not isinstance(data, dict) or not any(isinstance(data.get(k), dict) for k in ("index_to_name",
-                                                                                       "index_to_tg263")):
-        raise InputError(f'labels file {path} needs {{"index_to_name": {{"1": "Brainstem", ...}}}} '
-                         '(and optionally "index_to_tg263")')
-    names: dict[int, str] = {}
-    for key in ("index_to_name", "index_to_tg263"):  # TG-263 names override the plain ones
-        for index, name in (data.get(key) or {}).items():
-            try:
-                value = int(index)
-            except ValueError as exc:
-                raise InputError(f"labels file {path}: {key} key {index!r} is not a label value") from exc
-            if value > 0:
-                names[value] = str(name)
-    return names
+    return {label.value: label.tg263 or label.name for label in load_label_table(path)}
+
+
+def find_label_table(pred: Path, ref: Path) -> Path | None:
+    """The first of :data:`LABEL_TABLE_NAMES` beside the reference, then beside the prediction (file or folder)."""
+    for path in (Path(ref), Path(pred)):
+        folder = path if path.is_dir() else path.parent
+        for name in LABEL_TABLE_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _apply_policy(pred: np.ndarray, ref: np.ndarray, names: dict[int, str], policy: str, case: str,
+                  table: Path) -> int:
+    """Values of ``pred``/``ref`` not in ``names``: refused (``error``) or set to background in both maps where
+    either holds one (``ignore``; returns the number of voxels left out). Arrays are changed in place."""
+    known = np.zeros(max(int(pred.max(initial=0)), int(ref.max(initial=0)), max(names, default=0)) + 1, bool)
+    known[0] = True
+    known[list(names)] = True
+    bad = ~known[pred] | ~known[ref]
+    if not bad.any():
+        return 0
+    values = sorted(set(np.unique(ref[bad]).tolist() + np.unique(pred[bad]).tolist()) - set(names) - {0})
+    if policy == "error":
+        raise InputError(f"{case}: label value(s) {', '.join(map(str, values))} are not in the label table {table} "
+                         f"({', '.join(f'{v} {n}' for v, n in sorted(names.items()))}); give the table the maps were "
+                         "made with, or --unknown-labels ignore to leave those voxels out (e.g. 255 = ignore)")
+    pred[bad] = 0
+    ref[bad] = 0
+    return int(bad.sum())
 
 
 def _volume_files(folder: Path) -> tuple[dict[str, Path], list[CaseError]]:
@@ -342,8 +375,11 @@ def run_evaluate(job: EvaluateJob, events: Events | None = None) -> EvaluationRe
             map, grids differ); for folders, no case could be evaluated.
     """
     events = events or Events()
-    names = read_labels(job.labels) if job.labels else {}
     pairs, errors = match_cases(Path(job.pred), Path(job.ref))
+    table = Path(job.labels) if job.labels else find_label_table(Path(job.pred), Path(job.ref))
+    names = read_labels(table) if table else {}
+    if table and not job.labels:
+        events.log(f"organ names from {table}", stage="evaluate")
     single = Path(job.ref).is_file()
     for error in errors:
         events.warning(f"{error.case} skipped: {error.message}", stage="evaluate")
@@ -360,11 +396,21 @@ def run_evaluate(job: EvaluateJob, events: Events | None = None) -> EvaluationRe
             events.warning(f"{case} skipped: {exc}", stage="evaluate")
             events.progress("evaluate", i, len(pairs))
             continue
+        if names:
+            try:
+                left_out = _apply_policy(pred, ref, names, job.unknown, case, table)
+            except InputError as exc:
+                if single:
+                    raise
+                errors.append(CaseError(case, str(exc)))
+                events.warning(f"{case} skipped: {exc}", stage="evaluate")
+                events.progress("evaluate", i, len(pairs))
+                continue
+            if left_out:
+                events.warning(f"{case}: {left_out} voxels hold values not in {table}; left out (--unknown-labels "
+                               "ignore)", stage="evaluate")
         present = set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())
         labels = {v: names.get(v, f"label_{v}") for v in (set(names) | present) - {0}}
-        unknown = sorted(present - set(names) - {0}) if names else []
-        if unknown:
-            events.warning(f"{case}: label(s) {unknown} not in {job.labels}; reported as label_<n>", stage="evaluate")
         results += organ_metrics(pred, ref, spacing, labels, case=case)
         cases.append(case)
         events.progress("evaluate", i, len(pairs))
@@ -380,7 +426,8 @@ def run_evaluate(job: EvaluateJob, events: Events | None = None) -> EvaluationRe
     with atomic_path(summary_md) as tmp:
         tmp.write_text(_markdown(job, cases, organs, overall, errors), encoding="utf-8")
     summary_json = write_json({
-        "pred": str(job.pred), "ref": str(job.ref), "labels": str(job.labels) if job.labels else None,
+        "pred": str(job.pred), "ref": str(job.ref), "labels": str(table) if table else None,
+        "unknown_labels": job.unknown if table else "no label table: every non-zero value is an organ",
         "cases": cases, "errors": [asdict(e) for e in errors], "empty_mask_policy": EMPTY_MASK_POLICY,
         "hd95": HD95_CONVENTION, "organs": [asdict(o) for o in organs], "all_organs": asdict(overall),
     }, out / "summary.json")
