@@ -31,6 +31,7 @@ from .atomic import write_json
 from .errors import InputError
 from .events import Events
 from .labels import LabelTable, load_label_table
+from .outdir import check_output_folder, output_folder
 from .volumes import Geometry, read_volume, write_volume
 
 if TYPE_CHECKING:
@@ -284,7 +285,9 @@ def run_export(job: ExportJob, events: Events | None = None) -> ExportResult:
     """Export ``job.labelmap`` on ``job.ct``; see the module docstring.
 
     Raises:
-        InputError: missing inputs, no label table, unknown label values, a label map on another grid;
+        InputError: missing inputs, no label table, unknown label values, a label map on another grid; an output
+            folder that is a file or cannot be written (checked before anything is read);
+        RunLockedError: another run is writing into the output folder;
             VolumeReadError, SeriesError: unreadable label map or CT.
     """
     events = events or Events()
@@ -302,11 +305,13 @@ def run_export(job: ExportJob, events: Events | None = None) -> ExportResult:
     if not (description or {}).get("model") and beside.is_file():
         description = _read_description(beside)
     algorithm = algorithm_from_description(description)
+    check_output_folder(job.out_dir)
     labelmap = read_volume(labelmap_path)
-    result = export_labelmap(labelmap, table, Path(job.ct), Path(job.out_dir), formats=job.formats,
-                             algorithm=algorithm, series_uid=job.series_uid, patient_name=job.patient_name,
-                             patient_id=job.patient_id, source=str(labelmap_path), events=events,
-                             generation=job.generation, holes=job.holes)
+    with output_folder(job.out_dir):  # checked up front, locked while written, removed again if left empty
+        result = export_labelmap(labelmap, table, Path(job.ct), Path(job.out_dir), formats=job.formats,
+                                 algorithm=algorithm, series_uid=job.series_uid, patient_name=job.patient_name,
+                                 patient_id=job.patient_id, source=str(labelmap_path), events=events,
+                                 generation=job.generation, holes=job.holes)
     written = ", ".join(path.name for path in result.outputs.values())
     events.done(f"wrote {written} in {job.out_dir}; manifest {result.manifest.name}")
     return result
