@@ -20,6 +20,19 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
+def removeNode(node, colorNode: bool = False) -> None:
+    """Remove a temporary node with its display and storage nodes, which ``RemoveNode`` leaves in the scene, and
+    (``colorNode``) the colour table ``ExportSegmentsToLabelmapNode`` made for it, as ``slicer.util`` does."""
+    import slicer
+
+    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    storages = [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    colors = [d.GetColorNode() for d in displays if d is not None] if colorNode else []
+    for other in [node, *displays, *storages, *colors]:
+        if other is not None:
+            slicer.mrmlScene.RemoveNode(other)
+
+
 def terminologyEntry(label: dict) -> str | None:
     """Slicer's ``~``-separated terminology entry for a label of ``segmentation.json`` (core registry codes)."""
     from separeg.terminology import terminology
@@ -50,15 +63,34 @@ class SceneIO:
         shape = slicer.util.arrayFromVolume(referenceVolumeNode).shape
         labels = np.zeros(shape, dtype=np.uint8)
         for segmentId, value in valueBySegmentId.items():
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode)
-            labels[mask > 0] = value
+            labels[self.segmentArray(segmentationNode, segmentId, referenceVolumeNode)] = value
         labelNode = slicer.modules.volumes.logic().CreateAndAddLabelVolume(referenceVolumeNode, "SepaRegExport")
         try:
             slicer.util.updateVolumeFromArray(labelNode, labels)
             self.exportVolume(labelNode, path)
         finally:
-            slicer.mrmlScene.RemoveNode(labelNode)
+            removeNode(labelNode)
         return Path(path)
+
+    def segmentArray(self, segmentationNode, segmentId: str, referenceVolumeNode) -> np.ndarray:
+        """One segment as a boolean mask (K, J, I) on the reference volume's grid.
+
+        As ``slicer.util.arrayFromSegmentBinaryLabelmap``, whose temporary label map leaves its display node in
+        the scene (seen against real MRML in Testing/test_slicer_real_scene.py); this one removes it too.
+        """
+        import slicer
+        import vtk
+
+        labelNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SepaRegSegment")
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentationNode, ids, labelNode,
+                                                                                  referenceVolumeNode):
+                raise RuntimeError(f"could not export segment {segmentId} of {segmentationNode.GetName()}")
+            return slicer.util.arrayFromVolume(labelNode) > 0
+        finally:
+            removeNode(labelNode, colorNode=True)
 
     def segments(self, segmentationNode) -> list[tuple[str, str]]:
         """``[(segment id, name)]`` in the segmentation's order."""
@@ -78,9 +110,7 @@ class SceneIO:
 
     def segmentArrays(self, segmentationNode, referenceVolumeNode) -> dict[str, np.ndarray]:
         """Segment name -> boolean mask (K, J, I) on the reference volume's grid."""
-        import slicer
-
-        return {name: slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, sid, referenceVolumeNode) > 0
+        return {name: self.segmentArray(segmentationNode, sid, referenceVolumeNode)
                 for sid, name in self.segments(segmentationNode)}
 
     def spacing(self, volumeNode) -> tuple[float, float, float]:
@@ -121,7 +151,7 @@ class SceneIO:
                     else:
                         segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
         finally:
-            slicer.mrmlScene.RemoveNode(labelNode)
+            removeNode(labelNode)
         segNode.CreateClosedSurfaceRepresentation()
         return segNode
 

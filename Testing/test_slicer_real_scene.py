@@ -1,0 +1,266 @@
+"""Real-MRML tier: SepaReg Segment's tasks on Slicer's real scene, module logics and ``slicer.util`` (slicer-core).
+
+The module's own ``SepaRegSegmentLogic`` (constructed as the widget does) drives real background ``separeg`` runs;
+volumes and segmentations are real MRML nodes, read and written by Slicer's real readers, writers and logics
+(Testing/slicer_tier.py lists the few stand-ins). Checked against the core's own results voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer_tier
+from SepaRegSegmentLib.Logic import TrainingCase
+
+from separeg.background import RunState
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "Resources" / "SampleData"
+TINY = ("--steps-per-epoch", "2", "--batch-size", "2")
+HN_OAR_7 = ["Brainstem", "SpinalCord", "Parotid_R", "Parotid_L", "Esophagus", "Larynx", "Bone_Mandible"]
+TYPE_CODES = {"Brainstem": "119238007", "SpinalCord": "2748008", "Parotid_R": "45289007", "Parotid_L": "45289007",
+              "Esophagus": "32849002", "Larynx": "4596009", "Bone_Mandible": "91609006"}
+
+
+@pytest.fixture()
+def real_slicer(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("SEPAREG_MODELS", str(tmp_path / "models"))
+    return slicer_tier.install(monkeypatch, tmp_path)
+
+
+@pytest.fixture()
+def logic(real_slicer, monkeypatch):
+    python, _ = slicer_tier.loadScriptedModule(monkeypatch, "SepaRegSegment")
+    return python.SepaRegSegmentLogic()
+
+
+def run(logic, start) -> object:
+    results = []
+    logic.finished.connect(results.append)
+    start()
+    deadline = time.monotonic() + 600
+    while not results:
+        logic.poll()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    [result] = results
+    assert result.state is RunState.DONE, result.message
+    return result
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def core_ijk_to_ras(image: sitk.Image) -> np.ndarray:
+    """The core's (SimpleITK, LPS) geometry as Slicer's IJK-to-RAS: diag(-1, -1, 1) x (direction x spacing, origin)."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
+
+
+def nodes_of(scene, cls: str) -> list:
+    return [scene.GetNthNodeByClass(i, cls) for i in range(scene.GetNumberOfNodesByClass(cls))]
+
+
+def segments(node) -> dict:
+    segmentation = node.GetSegmentation()
+    return {segmentation.GetNthSegmentID(i): segmentation.GetNthSegment(i)
+            for i in range(segmentation.GetNumberOfSegments())}
+
+
+def test_volumes_load_with_the_core_geometry(real_slicer, logic, lung1_subset: Path, tmp_path: Path) -> None:
+    """NIfTI, a DICOM series (non-zero origin) read by Slicer's reader, and a rotated copy: IJK-to-RAS and voxels
+    as the core reads them; a volume written by the module (``exportNode``) reads back identically in the core."""
+    from separeg.volumes import read_dicom_series, read_volume
+
+    slicer = real_slicer
+    dicom = read_dicom_series(lung1_subset)
+    rotated = sitk.Image(dicom)
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    rotated.SetDirection(tuple((rotation @ np.array(dicom.GetDirection()).reshape(3, 3)).ravel()))
+    sitk.WriteImage(rotated, str(tmp_path / "rotated.nrrd"))
+    files = sorted(str(p) for p in lung1_subset.glob("*.dcm"))
+    loaded = {
+        "nifti": (slicer.util.loadVolume(str(SAMPLES / "pt_1_ct.nii.gz")), read_volume(SAMPLES / "pt_1_ct.nii.gz")),
+        "dicom": (slicer.util.loadVolume(files[0], {"fileNames": files}), dicom),
+        "rotated": (slicer.util.loadVolume(str(tmp_path / "rotated.nrrd")), rotated),
+    }
+    assert np.abs(np.array(dicom.GetOrigin())).min() > 1  # a real patient position, not the origin
+    for name, (node, image) in loaded.items():
+        assert node.IsA("vtkMRMLScalarVolumeNode"), name
+        np.testing.assert_allclose(ijk_to_ras(node), core_ijk_to_ras(image), atol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), sitk.GetArrayFromImage(image), name)
+        written = read_volume(logic.scene.exportVolume(node, tmp_path / f"{name}_export.nii.gz"))
+        np.testing.assert_allclose(core_ijk_to_ras(written), core_ijk_to_ras(image), atol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(image), name)
+
+
+def test_auto_contour_with_hn_oar_7_then_evaluate(real_slicer, logic, tmp_path: Path) -> None:
+    import vtk
+
+    slicer = real_slicer
+    volume = slicer.util.loadVolume(str(SAMPLES / "pt_203_ct.nii.gz"))
+    before = {cls: len(nodes_of(slicer.mrmlScene, cls)) for cls in ("vtkMRMLLabelMapVolumeNode",
+                                                                      "vtkMRMLScalarVolumeNode")}
+    result = run(logic, lambda: logic.autoContour(volume, "hn-oar-7", device="cpu"))
+    node = result.outputs["segmentationNode"]
+    assert node.IsA("vtkMRMLSegmentationNode") and node.GetDisplayNode() is not None
+    assert node.GetNodeReference("referenceImageGeometryRef") is volume
+    assert {cls: len(nodes_of(slicer.mrmlScene, cls)) for cls in before} == before  # the label map node is gone
+    labels = logic.model("hn-oar-7").labels
+    found = segments(node)
+    assert [s.GetName() for s in found.values()] == HN_OAR_7 == [lb["tg263"] for lb in labels]
+    for segment, label in zip(found.values(), labels, strict=True):
+        np.testing.assert_allclose(segment.GetColor(), [c / 255 for c in label["color"]], atol=1e-6)
+    assert node.GetSegmentation().ContainsRepresentation("Closed surface")
+
+    # terminology: parsed by Slicer's terminology logic and found in Slicer's DICOM master table (the type meaning
+    # is blanked first; the table fills it back in)
+    terminologies = slicer.modules.terminologies.logic()
+    for segment in found.values():
+        serialized = segment.GetTerminology()
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert terminologies.DeserializeTerminologyEntry(serialized, entry), serialized
+        assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
+        assert entry.GetTypeObject().GetCodeValue() == TYPE_CODES[segment.GetName()]
+        meaning = entry.GetTypeObject().GetCodeMeaning()
+        entry.GetTypeObject().SetCodeMeaning("?")
+        assert terminologies.UpdateEntryFromLoadedTerminologies(entry, [], [])
+        assert entry.GetTypeObject().GetCodeMeaning() == meaning, segment.GetName()
+    sides = {s.GetName(): slicer.vtkSlicerTerminologyEntry() for s in found.values() if "Parotid" in s.GetName()}
+    for segment in found.values():
+        if segment.GetName() in sides:
+            terminologies.DeserializeTerminologyEntry(segment.GetTerminology(), sides[segment.GetName()])
+    assert {n: e.GetTypeModifierObject().GetCodeMeaning() for n, e in sides.items()} == {
+        "Parotid_R": "Right", "Parotid_L": "Left"}
+
+    # the segments are the core's label map, voxel for voxel, on the CT's grid; organs not found are empty
+    core = sitk.ReadImage(str(result.outputs["folder"] / "segmentation.nii.gz"))
+    written = sitk.GetArrayFromImage(core)
+    reference = volume.GetImageData().GetDimensions()
+    for sid, segment in found.items():
+        value = HN_OAR_7.index(segment.GetName()) + 1
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, sid, volume)
+        assert mask.shape == written.shape == tuple(reversed(reference))
+        np.testing.assert_array_equal(mask > 0, written == value, segment.GetName())
+    empty = [s.GetName() for sid, s in found.items() if not slicer.util.arrayFromSegmentBinaryLabelmap(
+        node, sid, volume).any()]
+    assert empty == [lb["tg263"] for lb in result.outputs["labels"] if lb["volume_cc"] == 0] == ["Esophagus"]
+    for sid in found:  # the internal labelmaps lie on the CT's voxel grid (same IJK-to-RAS, extent inside it)
+        internal = node.GetSegmentation().GetSegment(sid).GetRepresentation("Binary labelmap")
+        assert internal.IsA("vtkOrientedImageData")
+        matrix = vtk.vtkMatrix4x4()
+        internal.GetImageToWorldMatrix(matrix)
+        np.testing.assert_allclose([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)],
+                                   ijk_to_ras(volume), atol=1e-6)
+        extent, full = internal.GetExtent(), volume.GetImageData().GetExtent()
+        assert all(full[2 * a] <= extent[2 * a] and extent[2 * a + 1] <= full[2 * a + 1] for a in range(3)) or \
+            extent[1] < extent[0], (extent, full)
+
+    # Evaluate against the reference label map as Slicer loads it (Segment_<value>), named from labels.json
+    raw = logic.scene.loadSegmentationFile(SAMPLES / "pt_203_oar.nii.gz")
+    with pytest.raises(ValueError, match="Segment_1, Segment_2.*select the model whose label table"):
+        logic.evaluate(node, raw, volume)
+    rows = {r["organ"]: r for r in logic.evaluate(node, raw, volume, labels=labels)}
+    reference_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "pt_203_oar.nii.gz")))
+    from separeg.metrics import organ_metrics
+
+    spacing = tuple(float(s) for s in volume.GetSpacing())
+    for organ, row in rows.items():
+        value = HN_OAR_7.index(organ) + 1
+        expected = organ_metrics((written == value).astype("uint8"), (reference_labels == value).astype("uint8"),
+                                 spacing, {1: organ})[0]
+        assert row["status"] == expected.status, organ
+        assert row["dsc"] == pytest.approx(None if expected.dsc is None else 100 * expected.dsc), organ
+    assert set(rows) == {HN_OAR_7[v - 1] for v in np.unique(reference_labels) if v}  # organs in the reference
+    assert max(row["dsc"] or 0 for row in rows.values()) > 50
+
+
+def test_label_maps_get_organ_names_by_value(real_slicer, logic, tmp_path: Path) -> None:
+    """Slicer names a label map's segments Segment_<value>; labels.json beside the file names them by organ."""
+    raw = logic.scene.loadSegmentationFile(SAMPLES / "pt_1_oar.nii.gz")
+    assert [name for _, name in logic.scene.segments(raw)] == ["Segment_1", "Segment_2", "Segment_3", "Segment_4",
+                                                               "Segment_7"]
+    named = logic.loadSegmentation(SAMPLES / "pt_1_oar.nii.gz")  # labels.json is beside it
+    assert [name for _, name in logic.scene.segments(named)] == ["Brainstem", "SpinalCord", "Parotid_R",
+                                                                 "Parotid_L", "Bone_Mandible"]
+    folder = tmp_path / "no table"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "pt_1_oar.nii.gz", folder / "pt_1_oar.nii.gz")
+    unnamed = logic.loadSegmentation(folder / "pt_1_oar.nii.gz")
+    assert logic.scene.segments(unnamed)[0][1] == "Segment_1"
+    with pytest.raises(ValueError, match="Segment_1, Segment_2, Segment_3, ... are the values of a label map"):
+        logic.writeCase(TrainingCase("pt_1", None, unnamed), ["Parotid_L"], tmp_path)
+
+
+def test_evaluate_pairs_planner_names_through_synonyms(real_slicer, logic) -> None:
+    slicer = real_slicer
+    volume = slicer.util.loadVolume(str(SAMPLES / "pt_1_ct.nii.gz"))
+    prediction = logic.loadSegmentation(SAMPLES / "pt_1_oar.nii.gz")  # TG-263 names from labels.json
+    reference = logic.scene.loadSegmentationFile(SAMPLES / "pt_1_oar.nii.gz")
+    logic.nameSegmentsByValue(reference, [{"value": 4, "name": "Lt Parotid"}, {"value": 7, "name": "Mandible"}])
+    slicer.mrmlScene.GetSubjectHierarchyNode()
+    count = slicer.mrmlScene.GetNumberOfNodes()
+    rows = {r["organ"]: r for r in logic.evaluate(prediction, reference, volume)}
+    assert slicer.mrmlScene.GetNumberOfNodes() == count  # no temporary node left behind
+    assert set(rows) == {"Parotid_L", "Bone_Mandible"}
+    assert rows["Parotid_L"]["reference"] == "Lt Parotid" and rows["Bone_Mandible"]["reference"] == "Mandible"
+    for row in rows.values():
+        assert row["dsc"] == pytest.approx(100.0) and row["hd95_mm"] == 0 and row["status"] == "ok"
+
+
+def test_export_from_scene_nodes_leaves_no_node_behind(real_slicer, logic, tmp_path: Path) -> None:
+    import pydicom
+
+    slicer = real_slicer
+    volume = slicer.util.loadVolume(str(SAMPLES / "pt_1_ct.nii.gz"))
+    segmentation = logic.loadSegmentation(SAMPLES / "pt_1_oar.nii.gz")
+    slicer.mrmlScene.GetSubjectHierarchyNode()  # Slicer's singleton, made on first use
+    count = slicer.mrmlScene.GetNumberOfNodes()
+    out = tmp_path / "export é"
+    run(logic, lambda: logic.export(segmentation, volume, out))
+    assert slicer.mrmlScene.GetNumberOfNodes() == count
+    rtstruct = pydicom.dcmread(out / "rtstruct.dcm")
+    assert [roi.ROIName for roi in rtstruct.StructureSetROISequence] == ["Brainstem", "SpinalCord", "Parotid_R",
+                                                                        "Parotid_L", "Bone_Mandible"]
+    assert pydicom.dcmread(out / "seg.dcm").Modality == "SEG"
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "pt_1_oar.nii.gz")))
+    np.testing.assert_array_equal(written == 5, source == 7)  # Bone_Mandible: 5th segment, value 7 in the file
+
+
+def test_correct_and_learn_on_real_nodes(real_slicer, logic, tmp_path: Path) -> None:
+    """Corrected cases (label maps as Slicer loads them: Segment_<value>) go into the model's training set named
+    by the model's table; Update model fine-tunes the installed model on them and keeps the previous version."""
+    from separeg.models import resolve_model
+
+    slicer = real_slicer
+    logic.importModel(resolve_model("hn-oar-7"), "hn-oar-7 local")
+    for name in ("pt_1", "pt_22"):
+        volume = slicer.util.loadVolume(str(SAMPLES / f"{name}_ct.nii.gz"))
+        segmentation = logic.scene.loadSegmentationFile(SAMPLES / f"{name}_oar.nii.gz")  # Segment_1 ...
+        logic.addToTrainingSet(volume, segmentation, "hn-oar-7 local")
+        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(logic.trainingSetDir("hn-oar-7 local")
+                                                           / f"{name}_ct_oar.nii.gz")))  # volume "pt_1_ct"
+        source = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / f"{name}_oar.nii.gz")))
+        np.testing.assert_array_equal(stored, source)  # same values: the model's table is the file's
+    table = json.loads((logic.trainingSetDir("hn-oar-7 local") / "labels.json").read_text())
+    assert [lb["tg263"] for lb in table["labels"]] == HN_OAR_7
+    model = logic.model("hn-oar-7 local")
+    before = model.path.read_bytes()
+    run(logic, lambda: logic.updateModel("hn-oar-7 local", epochs=1, device="cpu", extraArgs=TINY))
+    assert model.path.read_bytes() != before
+    assert model.path.with_name(f"{model.path.stem}.previous.separeg.bak").read_bytes() == before
