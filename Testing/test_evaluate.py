@@ -73,7 +73,7 @@ def test_against_itself(openkbp: Path, pt1, tmp_path: Path):
     assert result.boxplots.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = result.summary_md.read_text(encoding="utf-8")
     assert "DSC (%) mean ± SE" in md and "HD95 (mm) mean ± SE" in md
-    assert "| Parotid_L | 1 | 100.0 ± n/a | 0.00 ± n/a |" in md  # one case: no standard error
+    assert "| Parotid_L | 1 | 100.0 (one case: no SE) | 0.00 (one case: no SE) |" in md and "n/a" not in md
     assert "| Esophagus | 0 |" in md
     summary = json.loads(result.summary_json.read_text(encoding="utf-8"),
                          parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))  # NaN, Infinity
@@ -112,7 +112,8 @@ def test_known_damage_two_files(openkbp: Path, pt1, damaged: Path, tmp_path: Pat
     assert summary[PAROTID_L].hd95_mean_mm is None and summary[PAROTID_L].dsc_mean_percent == 0.0
     # all organs, this case: the mean over its 5 evaluated organs, the missed one counting 0
     assert result.overall.dsc_mean_percent == pytest.approx(100 * (expected_dsc + 3) / 5)
-    assert "| Parotid_L | 1 | 0.0 ± n/a | – | 0 | -100.0 ± n/a | 1 | 0 |" in result.summary_md.read_text("utf-8")
+    assert "| Parotid_L | 1 | 0.0 (one case: no SE) | – | 0 | -100.0 (one case: no SE) | 1 | 0 |" in \
+        result.summary_md.read_text("utf-8")
 
     progress = sink.of_type(EventType.PROGRESS)
     assert progress[-1].stage == "evaluate" and progress[-1].step == progress[-1].total == 1

@@ -30,6 +30,7 @@ import numpy as np
 from .atomic import atomic_path, write_json
 from .errors import InputError
 from .events import Events
+from .figures import SMALL_N_NOTE, box_or_points
 from .labels import load_label_table
 from .metrics import (
     EMPTY_MASK_POLICY,
@@ -304,7 +305,7 @@ def _write_csv(results: list[OrganResult], path: Path) -> Path:
 def _pm(mean: float | None, se: float | None, digits: int) -> str:
     if mean is None:
         return "–"
-    return f"{mean:.{digits}f} ± " + ("n/a" if se is None else f"{se:.{digits}f}")
+    return f"{mean:.{digits}f}" + (" (one case: no SE)" if se is None else f" ± {se:.{digits}f}")
 
 
 def _markdown(job: EvaluateJob, cases: list[str], organs: list[OrganSummary], overall: OrganSummary,
@@ -319,7 +320,7 @@ def _markdown(job: EvaluateJob, cases: list[str], organs: list[OrganSummary], ov
                      f"{_pm(s.hd95_mean_mm, s.hd95_se_mm, 2)} | {s.n_hd95} | "
                      f"{_pm(s.volume_diff_mean_percent, s.volume_diff_se_percent, 1)} | {s.n_missed} | "
                      f"{s.n_not_in_reference} |")
-    lines += ["", "SE: standard error over cases, std (ddof 1) / sqrt(n); n/a for n < 2. n: cases whose reference "
+    lines += ["", "SE: standard error over cases, std (ddof 1) / sqrt(n); none for one case. n: cases whose reference "
               "holds the organ. All organs: each case's mean over its evaluated organs, then mean ± SE over cases.",
               "", f"Empty masks: {EMPTY_MASK_POLICY}", "", HD95_CONVENTION, ""]
     if errors:
@@ -340,16 +341,14 @@ def _boxplots(results: list[OrganResult], organs: list[OrganSummary], path: Path
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.9 * len(organs) + 1.5), 7.0), squeeze=False)
     for ax, (title, value) in zip(axes[:, 0], panels, strict=True):
         data = [[v for r in results if r.organ == o.organ and (v := value(r)) is not None] for o in organs]
-        positions = [i + 1 for i, d in enumerate(data) if d]
-        if positions:
-            ax.boxplot([d for d in data if d], positions=positions, widths=0.6)
+        small = box_or_points(ax, data)
         ax.set_xticks(range(1, len(organs) + 1), [o.name for o in organs], rotation=30, ha="right")
         ax.set_xlim(0.4, len(organs) + 0.6)
         if title.startswith("DSC"):
             ax.set_ylim(-2, 102)
         else:
             ax.set_ylim(0, max(1.0, 1.08 * max((max(d) for d in data if d), default=0.0)))
-        ax.set_title(title)
+        ax.set_title(f"{title}; {SMALL_N_NOTE}" if small else title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:

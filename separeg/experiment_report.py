@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
+from .figures import SMALL_N_NOTE, box_or_points
 
 __all__ = ["collect", "summarise", "write_report"]
 
@@ -153,6 +154,7 @@ def _plots(cfg, out: Path, summaries: dict, organ_order: list[str]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     for size in sorted(cfg.train_sizes):
         methods = [m.name for m in cfg.methods if (m.name, size) in summaries]
@@ -160,31 +162,41 @@ def _plots(cfg, out: Path, summaries: dict, organ_order: list[str]) -> None:
             continue
         fig, axes = plt.subplots(2, (len(organ_order) + 1) // 2, figsize=(3 * ((len(organ_order) + 1) // 2), 6),
                                  squeeze=False)
+        small = False
         for ax, organ in zip(axes.flat, organ_order, strict=False):
             data = [summaries[(m, size)].get(organ, {}).get("dsc_values", []) for m in methods]
-            ax.boxplot([d if d else [np.nan] for d in data], showmeans=True)
+            small |= box_or_points(ax, data)
+            ax.set_xlim(0.4, len(methods) + 0.6)
             ax.set_xticks(range(1, len(methods) + 1), methods, rotation=45, ha="right", fontsize=7)
             ax.set_title(organ, fontsize=9)
             ax.set_ylim(0, 100)
         for ax in list(axes.flat)[len(organ_order):]:
             ax.axis("off")
-        fig.suptitle(f"{textwrap.shorten(cfg.name, 110)}\nDSC % per test patient, |X_tr| = {size} ({cfg.budget_text})",
-                     fontsize=9)
+        note = f"; {SMALL_N_NOTE}" if small else ""
+        fig.suptitle(f"{textwrap.shorten(cfg.name, 110)}\nDSC % per test patient, |X_tr| = {size} ({cfg.budget_text})"
+                     f"{note}", fontsize=9)
         fig.tight_layout()
         with atomic_path(out / f"boxplots_n{size}.png") as tmp:
             fig.savefig(tmp, dpi=100)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    no_se = False
     for m in cfg.methods:
         points = [(size, summaries[(m.name, size)][ALL]["dsc"]) for size in sorted(cfg.train_sizes)
                   if (m.name, size) in summaries]
         if points:
+            no_se |= any(p[1][1] is None for p in points)
             ax.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] or 0 for p in points],
                         marker="o", capsize=3, label=m.name)
     ax.set_xscale("log")
+    sizes = sorted(cfg.train_sizes)
+    ax.set_xticks(sizes, [str(size) for size in sizes])  # the sizes themselves, no fractional ticks
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("|X_tr| (labelled training CTs)")
     ax.set_ylabel("DSC % (all OARs)")
-    ax.set_title(textwrap.fill(f"{cfg.name} ({cfg.budget_text})", 70), fontsize=7)
+    ax.set_title(textwrap.fill(f"{cfg.name} ({cfg.budget_text})" + ("; no error bar: one test patient" if no_se
+                                                                      else "; error bars: SE over patients"), 70),
+                 fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(out / "learning_curve.png") as tmp:

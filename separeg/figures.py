@@ -1,4 +1,4 @@
-"""PNG figures a person can check by eye: superpixel regions over CT slices."""
+"""PNG figures a person can check by eye: superpixel regions over CT slices; box plots that say when n is small."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from scipy import ndimage
 from .atomic import atomic_path
 from .regions import RegionMaps, window_hu
 
-__all__ = ["region_overlay", "save_png", "pick_slices"]
+__all__ = ["region_overlay", "save_png", "pick_slices", "box_or_points", "MIN_BOX", "SMALL_N_NOTE"]
+
+#: Fewer values than this are drawn as points: a box of one or two values shows nothing but looks like a result.
+MIN_BOX = 3
+SMALL_N_NOTE = f"points: fewer than {MIN_BOX} values, no box"
 
 # Distinct colours for reference organ outlines (RGB 0-255), label value 1 first.
 ORGAN_COLOURS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -90,3 +94,20 @@ def save_png(rgb: np.ndarray, path: str | Path) -> Path:
     with atomic_path(path, suffix=".png") as tmp:
         sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(rgb), isVector=True), str(tmp))
     return Path(path)
+
+
+def box_or_points(ax, data: Sequence[Sequence[float]], positions: Sequence[float] | None = None) -> bool:
+    """Draw each group of ``data`` as a box plot (mean marked) when it has at least :data:`MIN_BOX` values, else
+    as its values (points). Empty groups are left blank.
+
+    Returns:
+        True when some group was drawn as points (say so in the title: :data:`SMALL_N_NOTE`).
+    """
+    positions = list(positions) if positions is not None else list(range(1, len(data) + 1))
+    boxes = [(x, list(d)) for x, d in zip(positions, data, strict=True) if len(d) >= MIN_BOX]
+    if boxes:
+        ax.boxplot([d for _, d in boxes], positions=[x for x, _ in boxes], widths=0.6, showmeans=True)
+    small = [(x, list(d)) for x, d in zip(positions, data, strict=True) if 0 < len(d) < MIN_BOX]
+    for x, values in small:
+        ax.plot([x] * len(values), values, "o", color="black", markersize=5)
+    return bool(small)
