@@ -89,7 +89,7 @@ class SepaRegPretrainTest(ScriptedLoadableModuleTest):
             shutil.copy(SAMPLE_DATA / name, archive / name)
         logic = SepaRegPretrainLogic()
         request = PretrainRequest(archive=archive, out_dir=work / "run", encoder="resnet18", iterations=2,
-                                  batch_size=4, clusters=2, device="cpu")
+                                  batch_size=4, clusters=2, device="cpu", extraArgs=("--crop-size", "32"))
         self.delayDisplay("Tiny pretraining")
         run = logic.start(request)
         self.assertEqual(run.wait(timeout=900), RunState.DONE, run.message)

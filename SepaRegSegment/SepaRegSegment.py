@@ -70,7 +70,8 @@ class SepaRegSegmentLogic(SegmentLogic, ScriptedLoadableModuleLogic):
 
 
 class SepaRegSegmentTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (``make slicer-test``): tiny fine-tune on two sample CTs, Auto-contour, segments checked."""
+    """Runs in Slicer (``make slicer-test``) and in the real-MRML tier: label maps loaded as Slicer loads them (named
+    from labels.json), a tiny fine-tune from the loaded pairs, Auto-contour, segments checked, evaluation."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -90,25 +91,26 @@ class SepaRegSegmentTest(ScriptedLoadableModuleTest):
         cases = []
         for name in ("pt_1", "pt_22"):
             volume = slicer.util.loadVolume(str(SAMPLE_DATA / f"{name}_ct.nii.gz"))
-            segmentation = slicer.util.loadSegmentation(str(SAMPLE_DATA / f"{name}_oar.nii.gz"))
+            segmentation = logic.loadSegmentation(SAMPLE_DATA / f"{name}_oar.nii.gz")  # labels.json is beside it
             cases.append(TrainingCase(name, volume, segmentation))
         organs = [name for _, name in logic.scene.segments(cases[0].segmentationNode)]
+        self.assertIn("Bone_Mandible", organs)  # named by value from labels.json, not Segment_7
         self.delayDisplay("Tiny fine-tune")
         request = FinetuneRequest(outDir=work / "finetune", modelName="SepaRegSelfTest", cases=cases, organs=organs,
                                   epochs=1, device="cpu",
-                                  extraArgs=["--encoder", "resnet18", "--steps-per-epoch", "2", "--batch-size", "2"])
+                                  extraArgs=["--encoder", "resnet18-slim", "--steps-per-epoch", "2", "--batch-size", "2"])
         run = logic.finetune(request)
         self.assertEqual(run.wait(timeout=900), RunState.DONE, run.message)
+        self.assertEqual(logic.model("SepaRegSelfTest").organNames, organs)
         results = []
         logic.finished.connect(results.append)
         self.delayDisplay("Auto-contour")
         run = logic.autoContour(cases[0].volumeNode, "SepaRegSelfTest", device="cpu")
         self.assertEqual(run.wait(timeout=900), RunState.DONE, run.message)
         node = results[-1].outputs["segmentationNode"]
-        names = [name for _, name in logic.scene.segments(node)]
-        self.assertEqual(len(names), len(organs))
+        self.assertEqual([name for _, name in logic.scene.segments(node)], organs)
         rows = logic.evaluate(node, cases[0].segmentationNode, cases[0].volumeNode)
-        self.assertTrue(rows)
+        self.assertEqual([row["organ"] for row in rows], organs)
         self.delayDisplay("Test passed")
 
 

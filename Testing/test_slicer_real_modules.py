@@ -51,3 +51,10 @@ def test_module_logic_constructs_once_per_base(real_slicer, monkeypatch, module:
     node = logic.getParameterNode()  # Slicer's singleton parameter node, in the real scene
     assert node.IsA("vtkMRMLScriptedModuleNode") and node.GetAttribute("ModuleName") == module
     assert logic.getParameterNode() is node or logic.getParameterNode().GetID() == node.GetID()
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_self_test_passes(real_slicer, monkeypatch, module: str) -> None:
+    """``<M>.runTest()``, as Slicer's Reload & Test and ``make slicer-test`` call it, on the real scene."""
+    slicer_tier.loadScriptedModule(monkeypatch, module)
+    real_slicer.selfTests[module]()

@@ -206,7 +206,8 @@ def test_label_maps_get_organ_names_by_value(real_slicer, logic, tmp_path: Path)
         logic.writeCase(TrainingCase("pt_1", None, unnamed), ["Parotid_L"], tmp_path)
 
 
-def test_evaluate_pairs_planner_names_through_synonyms(real_slicer, logic) -> None:
+def test_planner_segment_names_are_matched_through_synonyms(real_slicer, logic, tmp_path: Path) -> None:
+    """Evaluate and the training-case writer pair "Lt Parotid" / "Mandible" with Parotid_L / Bone_Mandible."""
     slicer = real_slicer
     volume = slicer.util.loadVolume(str(SAMPLES / "pt_1_ct.nii.gz"))
     prediction = logic.loadSegmentation(SAMPLES / "pt_1_oar.nii.gz")  # TG-263 names from labels.json
@@ -220,6 +221,13 @@ def test_evaluate_pairs_planner_names_through_synonyms(real_slicer, logic) -> No
     assert rows["Parotid_L"]["reference"] == "Lt Parotid" and rows["Bone_Mandible"]["reference"] == "Mandible"
     for row in rows.values():
         assert row["dsc"] == pytest.approx(100.0) and row["hd95_mm"] == 0 and row["status"] == "ok"
+    annotated = logic.writeCase(TrainingCase("pt_1", volume, reference), ["Parotid_L", "Parotid_R", "Bone_Mandible"],
+                                tmp_path)
+    assert annotated == ["Bone_Mandible", "Parotid_L"]  # Segment_3 (the right parotid) has no organ name here
+    oar = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pt_1_oar.nii.gz")))
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "pt_1_oar.nii.gz")))
+    np.testing.assert_array_equal(oar, np.select([source == 4, source == 7], [1, 3], 0))  # values of the organ list
+    assert slicer.mrmlScene.GetNumberOfNodes() == count
 
 
 def test_export_from_scene_nodes_leaves_no_node_behind(real_slicer, logic, tmp_path: Path) -> None:
@@ -236,6 +244,10 @@ def test_export_from_scene_nodes_leaves_no_node_behind(real_slicer, logic, tmp_p
     rtstruct = pydicom.dcmread(out / "rtstruct.dcm")
     assert [roi.ROIName for roi in rtstruct.StructureSetROISequence] == ["Brainstem", "SpinalCord", "Parotid_R",
                                                                         "Parotid_L", "Bone_Mandible"]
+    ct_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (out / "ct_dicom").rglob("*.dcm")}
+    referenced = {item.ReferencedSOPInstanceUID for roi in rtstruct.ROIContourSequence for contour in
+                  roi.ContourSequence for item in contour.ContourImageSequence}
+    assert referenced and referenced <= ct_uids  # the volume had no DICOM: written as a new series first
     assert pydicom.dcmread(out / "seg.dcm").Modality == "SEG"
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "pt_1_oar.nii.gz")))
@@ -257,6 +269,9 @@ def test_correct_and_learn_on_real_nodes(real_slicer, logic, tmp_path: Path) -> 
                                                            / f"{name}_ct_oar.nii.gz")))  # volume "pt_1_ct"
         source = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / f"{name}_oar.nii.gz")))
         np.testing.assert_array_equal(stored, source)  # same values: the model's table is the file's
+    logic.addToTrainingSet(volume, segmentation, "hn-oar-7 local")  # the same name again: stored as a new case
+    assert [p.name for p in logic.trainingSet("hn-oar-7 local")] == ["pt_1_ct_ct.nii.gz", "pt_22_ct_2_ct.nii.gz",
+                                                                     "pt_22_ct_ct.nii.gz"]
     table = json.loads((logic.trainingSetDir("hn-oar-7 local") / "labels.json").read_text())
     assert [lb["tg263"] for lb in table["labels"]] == HN_OAR_7
     model = logic.model("hn-oar-7 local")
