@@ -142,23 +142,45 @@ def _smaller_batch(batch: int, runtime: Runtime, events: Events) -> int:
 
 
 def _warnings(image, data: dict) -> list[str]:
-    """Differences from the training data worth a look; contouring goes on."""
+    """Input checks that matter for a model trained on ``data`` (the bundle's training-data summary); contouring
+    goes on.
+
+    One format, ``"<what>: <found> (training data: <range>); <why it matters>"``. Checked: the modality (the DICOM
+    Modality tag that :func:`~separeg.volumes.read_dicom_series` keeps), the intensity range, the field of view,
+    and in-plane voxels coarser than every training scan. Finer voxels (a 1 mm clinical CT) are resampled to the
+    model's grid, so they are not reported.
+    """
     import SimpleITK as sitk
 
+    from .volumes import MODALITY_TAG
+
+    def number(value: float) -> str:  # -1000, 3000, 0.997: never "0 to 0" for a CT scaled 0-1
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
     notes = []
-    spacing = np.array(image.GetSpacing())
-    lo, hi = np.array(data.get("spacing_min", spacing)), np.array(data.get("spacing_max", spacing))
-    if np.any(spacing < 0.5 * lo) or np.any(spacing > 2.0 * hi):
-        notes.append(f"voxel spacing {np.round(spacing, 3).tolist()} mm is far from the training data's "
-                     f"{np.round(lo, 3).tolist()} to {np.round(hi, 3).tolist()} mm")
-    extent = np.array(image.GetSize()) * spacing
-    if np.any(extent < 0.5 * np.array(data.get("extent_mm_min", extent))):
-        notes.append(f"the field of view {np.round(extent).tolist()} mm is much smaller than the training scans'")
+    trained = str(data.get("modality") or "CT")
+    modality = image.GetMetaData(MODALITY_TAG).strip() if image.HasMetaDataKey(MODALITY_TAG) else ""
+    if modality and modality != trained:
+        notes.append(f"modality: the series is {modality} (DICOM Modality tag) (training data: {trained}); this "
+                     f"model's contours on {modality} images are not meaningful")
     hu = sitk.GetArrayViewFromImage(image)
-    p01, p99 = np.percentile(hu, [1, 99])
-    if "hu_p01" in data and (abs(p01 - data["hu_p01"]) > 500 or abs(p99 - data["hu_p99"]) > 1000):
-        notes.append(f"intensity range (1st-99th percentile {p01:.0f} to {p99:.0f}) differs from the training CTs' "
-                     f"({data['hu_p01']:.0f} to {data['hu_p99']:.0f}); is this a CT in HU?")
+    p01, p99 = (float(v) for v in np.percentile(hu, [1, 99]))
+    if not notes and "hu_p01" in data and (abs(p01 - data["hu_p01"]) > 500 or abs(p99 - data["hu_p99"]) > 1000):
+        notes.append(f"intensities: 1st-99th percentile {number(p01)} to {number(p99)} (training data: "
+                     f"{number(data['hu_p01'])} to {number(data['hu_p99'])} HU); is this a CT in HU?")
+    spacing = np.array(image.GetSpacing(), float)
+    extent = np.array(image.GetSize()) * spacing
+    if "extent_mm_min" in data and np.any(extent < 0.5 * np.array(data["extent_mm_min"])):
+        notes.append(f"field of view: {' x '.join(number(e) for e in extent)} mm (training data: at least "
+                     f"{' x '.join(number(e) for e in data['extent_mm_min'])} mm); organs outside it are missed")
+    elif "extent_mm_max" in data and np.any(extent > 2.0 * np.array(data["extent_mm_max"])):
+        notes.append(f"field of view: {' x '.join(number(e) for e in extent)} mm (training data: at most "
+                     f"{' x '.join(number(e) for e in data['extent_mm_max'])} mm); contours far outside the "
+                     "trained region are unreliable")
+    if "spacing_max" in data and np.any(spacing[:2] > 2.0 * np.array(data["spacing_max"])[:2]):
+        notes.append(f"voxel size: {' x '.join(number(v) for v in spacing[:2])} mm in-plane (training data: at most "
+                     f"{' x '.join(number(v) for v in data['spacing_max'][:2])} mm); detail finer than these voxels "
+                     "is lost and resampling cannot restore it")
     return notes
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "read_dicom_series",
     "index_dicom_files",
     "usable_image_series",
+    "MODALITY_TAG",
     "write_volume",
     "content_hash",
     "check_volume",
@@ -51,6 +52,8 @@ MIN_SLICES = 3
 # Relative tolerance on the gap between consecutive DICOM slices before the series is refused.
 SLICE_GAP_TOLERANCE = 0.01
 IMAGE_MODALITIES = ("CT", "MR", "PT")
+#: Metadata key of the DICOM Modality that :func:`read_dicom_series` sets on the image it returns.
+MODALITY_TAG = "0008|0060"
 # Voxel sizes below this are micro-CT at most: a clinical volume this fine has its spacing in metres, not mm.
 MIN_SPACING_MM = 0.01
 # No patient is longer than this along any axis (whole-body CT is about 2 m): a larger field of view is a bad header.
@@ -551,9 +554,12 @@ def read_dicom_series(source: str | Path | DicomSeries, *, series_uid: str | Non
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise VolumeReadError(unreadable_series(series.series_uid, series.folder, files, exc)) from exc
+    if series.modality:  # what the series says it is, for input checks (contour warns of an MR given to a CT model)
+        image.SetMetaData(MODALITY_TAG, series.modality)
+    return image
 
 
 def unreadable_series(series_uid: str, folder: Path, files: Iterable[Path], exc: BaseException) -> str:
