@@ -68,6 +68,13 @@ class SepaRegSegmentLogic(SegmentLogic, ScriptedLoadableModuleLogic):
         SegmentLogic.__init__(self, SceneIO(), workDir=Path(slicer.app.temporaryPath) / "SepaReg")
         ScriptedLoadableModuleLogic.__init__(self)
 
+    def getParameters(self):
+        """The parameter node wrapped as :class:`SepaRegSegmentLib.Parameters.SegmentParameters` (the widget binds
+        it to the node selectors)."""
+        from SepaRegSegmentLib.Parameters import SegmentParameters
+
+        return SegmentParameters(self.getParameterNode())
+
 
 class SepaRegSegmentTest(ScriptedLoadableModuleTest):
     """Runs in Slicer (``make slicer-test``) and in the real-MRML tier: label maps loaded as Slicer loads them (named
@@ -97,8 +104,8 @@ class SepaRegSegmentTest(ScriptedLoadableModuleTest):
         self.assertIn("Bone_Mandible", organs)  # named by value from labels.json, not Segment_7
         self.delayDisplay("Tiny fine-tune")
         request = FinetuneRequest(outDir=work / "finetune", modelName="SepaRegSelfTest", cases=cases, organs=organs,
-                                  epochs=1, device="cpu",
-                                  extraArgs=["--encoder", "resnet18-slim", "--steps-per-epoch", "2", "--batch-size", "2"])
+                                  epochs=1, device="cpu", extraArgs=["--encoder", "resnet18-slim",
+                                                                     "--steps-per-epoch", "2", "--batch-size", "2"])
         run = logic.finetune(request)
         self.assertEqual(run.wait(timeout=900), RunState.DONE, run.message)
         self.assertEqual(logic.model("SepaRegSelfTest").organNames, organs)

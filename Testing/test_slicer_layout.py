@@ -84,6 +84,23 @@ def test_module_file_has_slicer_anatomy(module: str) -> None:
     assert not re.search(r"^\s*import torch|^\s*from torch", source, re.M)
 
 
+def test_ui_parameter_names_are_fields_of_the_parameter_node() -> None:
+    """Each widget with a ``SlicerParameterName`` binds (``connectGui``) to a field of the node's class and type."""
+    _, root = ui_widgets("SepaRegSegment")
+    bound = {}
+    for widget in root.iter("widget"):
+        name = widget.find("property[@name='SlicerParameterName']/string")
+        if name is not None:
+            bound[name.text] = [s.text for s in widget.find("property[@name='nodeTypes']").iter("string")]
+    tree = ast.parse((REPO / "SepaRegSegment" / "SepaRegSegmentLib" / "Parameters.py").read_text(encoding="utf-8"))
+    [cls] = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert [ast.unparse(d) for d in cls.decorator_list] == ["parameterNodeWrapper"]
+    fields = {node.target.id: ast.unparse(node.annotation) for node in cls.body if isinstance(node, ast.AnnAssign)}
+    assert set(bound) == set(fields) and len(bound) == 9
+    for name, types in bound.items():
+        assert types == [fields[name].removeprefix("Optional[").removesuffix("]")], name
+
+
 def module_and_core_files() -> set[str]:
     files = set()
     for module in MODULES:

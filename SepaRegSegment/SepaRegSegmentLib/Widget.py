@@ -28,6 +28,9 @@ class Widget:
         self.timer.setInterval(100)
         self.cases: list[TrainingCase] = []
         self.channelSelectors: list = []  # volume selectors of a multichannel model's further channels
+        self.parameters = None  # the scene's choices (Parameters.SegmentParameters), bound to the node selectors
+        self.parameterGuiTag = None
+        self.sceneObservers: list[int] = []
         self.setup()
 
     def setup(self) -> None:
@@ -57,10 +60,31 @@ class Widget:
         self.logic.progress.connect(self.onProgress)
         self.logic.logMessage.connect(self.onLog)
         self.logic.finished.connect(self.onFinished)
+        self.connectParameters()
+        scene = slicer.mrmlScene
+        self.sceneObservers = [scene.AddObserver(scene.StartCloseEvent, self.disconnectParameters),
+                               scene.AddObserver(scene.EndCloseEvent, self.connectParameters)]
         self.updateButtons()
 
     def cleanup(self):
         self.timer.stop()
+        self.disconnectParameters()
+        for tag in self.sceneObservers:
+            slicer.mrmlScene.RemoveObserver(tag)
+        self.sceneObservers = []
+
+    # --------------------------------------------------------------------------------------------- parameters
+    def connectParameters(self, *_):
+        """Bind the node selectors to the scene's parameter node (again after the scene was closed)."""
+        self.disconnectParameters()
+        if hasattr(self.logic, "getParameters"):
+            self.parameters = self.logic.getParameters()
+            self.parameterGuiTag = self.parameters.connectGui(self.ui)
+
+    def disconnectParameters(self, *_):
+        if self.parameters is not None and self.parameterGuiTag is not None:
+            self.parameters.disconnectGui(self.parameterGuiTag)
+        self.parameters = self.parameterGuiTag = None
 
     # ------------------------------------------------------------------------------------------------- models
     def fillDevices(self):
@@ -201,6 +225,8 @@ class Widget:
         self.updateButtons()
 
     def onTrainingSegmentation(self, node):
+        if node is not None and self.modelName:  # a label map loaded without names: the selected model's table
+            self.logic.nameSegmentsByValue(node, self.logic.model(self.modelName).labels)
         if node is not None and not self.ui.organsLineEdit.text:
             self.ui.organsLineEdit.text = ", ".join(name for _, name in self.logic.scene.segments(node))
 
@@ -227,7 +253,8 @@ class Widget:
             slicer.util.errorDisplay("Choose the prediction, the reference and their CT volume.")
             return
         with slicer.util.tryWithErrorDisplay("Evaluation failed", waitCursor=True):
-            rows = self.logic.evaluate(*nodes)
+            labels = self.logic.model(self.modelName).labels if self.modelName else None  # names Segment_<v>
+            rows = self.logic.evaluate(*nodes, labels=labels)
             table = self.ui.metricsTable
             table.setRowCount(len(rows))
             for r, row in enumerate(rows):
