@@ -1,12 +1,16 @@
 """Archive scan: find every usable volume under a folder and say why the rest was skipped.
 
 The scan never stops on one bad item: each file or series becomes a :class:`ManifestEntry` with a
-status (``ok``, ``skipped`` or ``error``) and a reason. The manifest is saved as JSON and printed as a
-table; its hash (over the usable volumes' content hashes) identifies the data a model was trained on.
+status (``ok``, ``skipped`` or ``error``) and a reason. Symbolic links are listed too: a link to a file is scanned
+like the file, a broken link or a link loop is an error, a link to a folder is listed and not followed (it could
+lead back into the archive). The same volume reached twice (a copy, a symlinked file) is used once: the others are
+skipped as duplicates of it (same content hash), so it is not pretrained twice. The manifest is saved as JSON and
+printed as a table; its hash (over the usable volumes' content hashes) identifies the data a model was trained on.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,7 +49,7 @@ class ManifestEntry:
     """One item found by the scan. ``path`` is relative to the scanned root; sizes are x, y, z."""
 
     path: str
-    kind: str  # volume | dicom-series | rtstruct | seg | labelmap | other
+    kind: str  # volume | dicom-series | rtstruct | seg | labelmap | link | other
     status: str  # ok | skipped | error
     reason: str = ""
     modality: str | None = None
@@ -204,6 +208,47 @@ def _pair_annotations(entries: list[ManifestEntry]) -> None:
             ann.status, ann.reason = "skipped", f"annotation of {', '.join(ann.references)}"
 
 
+def _link_entries(links: list[Path], root: Path) -> list[ManifestEntry]:
+    """Entries for symbolic links that are not files: broken, looping, or to a folder (not followed)."""
+    entries = []
+    for link in links:
+        rel = link.relative_to(root).as_posix()
+        target = os.readlink(link)
+        try:
+            resolved = link.resolve(strict=True)
+        except RuntimeError:  # Python 3.11 reports a loop this way
+            resolved = None
+            reason = f"symbolic link loop ({rel} -> {target} leads back to itself)"
+        except OSError as exc:
+            resolved = None
+            reason = (f"symbolic link loop ({rel} -> {target} leads back to itself)" if exc.errno == errno.ELOOP
+                      else f"broken symbolic link: {rel} -> {target} does not exist")
+        if resolved is None:
+            entries.append(ManifestEntry(path=rel, kind="link", status="error", reason=reason))
+        elif resolved.is_dir():
+            inside = resolved == root.resolve() or root.resolve() in resolved.parents
+            reason = (f"symbolic link to {target}, a folder of this archive (scanned already): not followed" if inside
+                      else f"symbolic link to the folder {resolved}: not followed (scan that folder itself)")
+            entries.append(ManifestEntry(path=rel, kind="link", status="skipped", reason=reason))
+        else:
+            entries.append(ManifestEntry(path=rel, kind="link", status="skipped",
+                                         reason=f"symbolic link to {target}, not a regular file"))
+    return entries
+
+
+def _skip_duplicates(entries: list[ManifestEntry], root: Path) -> None:
+    """Keep one usable entry per content hash (a real file before a symlink, then the first path); skip the rest."""
+    first: dict[str, ManifestEntry] = {}
+
+    def order(entry: ManifestEntry) -> tuple[bool, str]:
+        return (root / entry.path.split(" [", 1)[0]).is_symlink(), entry.path
+
+    for entry in sorted((e for e in entries if e.usable and e.content_hash), key=order):
+        kept = first.setdefault(entry.content_hash, entry)
+        if kept is not entry:
+            entry.status, entry.reason = "skipped", f"duplicate of {kept.path} (the same volume, by content hash)"
+
+
 def scan_archive(root: str | Path, *, modality: str = "CT", events: Events | None = None,
                  workers: int | None = None) -> Manifest:
     """Scan ``root`` recursively for volume files and DICOM series.
@@ -225,9 +270,10 @@ def scan_archive(root: str | Path, *, modality: str = "CT", events: Events | Non
     if not root.is_dir():
         raise ArchiveError(f"{root} is not a folder; give the folder that holds the scans")
     events = events or Events()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".")
-                                                                           for part in p.relative_to(root).parts))
-    if not files:
+    found = sorted(p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = [p for p in found if p.is_file()]
+    links = _link_entries([p for p in found if p.is_symlink() and not p.is_file()], root)
+    if not files and not links:
         raise ArchiveError(f"{root} is empty: put NIfTI/NRRD/MHA volumes or DICOM series in it")
 
     def rel(p: Path) -> str:
@@ -257,6 +303,8 @@ def scan_archive(root: str | Path, *, modality: str = "CT", events: Events | Non
         if s.modality in ("RTSTRUCT", "SEG"):
             by_uid[s.series_uid].references = sorted(s.referenced_series_uids)
     _pair_annotations(entries)
+    _skip_duplicates(entries, root)
+    entries += links
     entries += [ManifestEntry(path=rel(p), kind="other", status="error", reason=reason) for p, reason in problems]
     entries += [ManifestEntry(path=rel(p), kind="other", status="skipped",
                               reason="not an image (unsupported file type)") for p in others]
