@@ -1,7 +1,9 @@
-"""Small fakes of the ``slicer`` API: exactly what SepaRegSegmentLib.SceneIO calls, backed by SimpleITK images.
+"""Small fakes of the ``slicer`` API for the logic tests that need no scene (test_slicer_segment.py).
 
-Signatures follow Slicer's ``slicer/util.py`` and the MRML classes (SLICER_NOTES §5); arrays are (K, J, I) like
-``arrayFromVolume``. ``install()`` puts the fake module in ``sys.modules`` as ``slicer``.
+Everything that touches MRML is tested against Slicer's real MRML instead (slicer_tier.py, test_slicer_real_*.py);
+these fakes only stand in for volume export and node names there, backed by SimpleITK images. Signatures follow
+Slicer's ``slicer/util.py`` and the MRML classes (SLICER_NOTES §5); arrays are (K, J, I) like ``arrayFromVolume``.
+``install()`` puts the fake module in ``sys.modules`` as ``slicer``.
 """
 
 from __future__ import annotations
