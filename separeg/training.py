@@ -258,6 +258,9 @@ class StopRequest:
     def _handle(self, signum: int, frame: object) -> None:
         self.signalled = signal.Signals(signum).name
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        # Acknowledged at once (a step can take a minute): stderr, so --json's stdout stays JSON lines.
+        again = "; Ctrl-C again interrupts at once" if signum == signal.SIGINT else ""
+        os.write(2, f"\n{self.signalled} received: stopping after this step, a checkpoint follows{again}\n".encode())
 
     @property
     def requested(self) -> str | None:
