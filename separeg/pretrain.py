@@ -76,6 +76,9 @@ def _run_stages(job: PretrainJob, run: RunDir, runtime: Runtime, events: Events)
         events.warning(f"running {cfg.iterations} iterations on a CPU will take very long (about 1-5 s per "
                        f"iteration); for a trial use --iterations 200 --encoder resnet18, and a GPU for the "
                        "paper's budget", stage="pretrain")
+    if runtime.is_main and cfg.sis.mode != "dense" and any(
+            s in job.stages and not run.done(s).exists() for s in ("inter", "intra", "distill")):
+        _announce_estimate(cfg, runtime, events)
     torch.manual_seed(cfg.seed)
     stages = {"sis": _stage_sis, "inter": _stage_inter, "cluster": _stage_cluster, "intra": _stage_intra,
               "distill": _stage_distill, "export": _stage_export}
@@ -102,6 +105,19 @@ def _run_stages(job: PretrainJob, run: RunDir, runtime: Runtime, events: Events)
         write_report(run, events, regions=context.regions if run.clusters.exists() else None)
     events.done(f"pretraining finished: {run.encoder}" if run.encoder.exists() else "stages finished")
     return run.encoder
+
+
+def _announce_estimate(cfg, runtime: Runtime, events: Events) -> None:
+    """Time and disk up front (:mod:`separeg.pretrain_estimate`); on a CPU a warning at any budget."""
+    from .pretrain_estimate import estimate_pretraining
+
+    text = estimate_pretraining(cfg, runtime.device).describe()
+    if runtime.device.type != "cpu":
+        events.log(text, stage="pretrain")
+        return
+    hint = ("; --encoder resnet18-slim (the starter models' encoder) is several times faster on a CPU"
+            if cfg.encoder not in ("resnet18-slim",) else "")
+    events.warning(f"pretraining on a CPU: {text}{hint}", stage="pretrain")
 
 
 def _outputs_intact(ctx: _Context, stage: str) -> bool:
