@@ -1,123 +1,174 @@
-"""Auto-contour speed: seconds per 150-slice 512 x 512 CT, batched inference vs a naive per-slice loop.
+"""Auto-contour speed and memory on a CPU (issue 24): the path before issue 24 vs today's, in the same run.
 
-The CT is the LUNG1 series (512 x 512 x 134, 0.98 mm) repeated to 150 slices; the model is a FlexibleUNet
-with a ResNet-50 (and ResNet-18) encoder on a 0.98 mm grid, i.e. full-resolution 512 x 512 slices, random
-weights (speed does not depend on them). Measured in one run:
-- ``naive``: one slice at a time, fp32, logits copied back per slice;
-- ``batched``: ``separeg.contour``'s path: batches of 16 slices, logits resampled and argmaxed per batch;
-- ``batched_bf16``: the same under bf16 autocast (the CUDA default; optional on CPUs with bf16 units);
-- ``per_slice_bf16``: one slice at a time under bf16 (on a CPU, large batches of 512 x 512 activations
-  overflow the caches: ``separeg contour`` uses batches of 1 on a CPU and 16 on a GPU).
-On a CPU only ``--slices`` slices (default 16) are timed and the figure is scaled to 150 slices.
+Every measurement is a fresh ``separeg contour --device cpu`` process with the shipped model ``hn-oar-7``: the wall
+time includes the start-up (Python, torch, MONAI, reading the CT), and the peak RSS is the child's own
+(``wait4``). ``old`` is ``separeg.contour._run_contour_legacy`` (whole-volume windowing, one slice at a time,
+8-channel float logits resampled to every input slice, whole-volume post-processing, OpenMP's default wait
+policy); ``new`` is ``separeg contour`` as shipped. The two alternate, ``--repeats`` times each, on:
+- ``lung1``: the LUNG1 DICOM series (134 x 512 x 512, 0.98 mm pixels; the model works at 3.9 mm);
+- ``openkbp``: OpenKBP pt_209 (128^3 NIfTI at 3.9 mm, the model's own grid).
+Each run's seconds per stage come from the child's ``-v`` log; start-up = wall - their sum. The per-organ DSC
+between the two paths' label maps is recorded, and the load average before every run (the figures are only
+comparable within one run on a busy machine). ``--agreement`` also contours the 10 validation patients of
+``hn-oar-7`` and a copy of each resampled to 1 mm pixels with both paths (in-process) and records the per-organ
+DSC between them.
 
-Usage: ``python Testing/benchmarks/bench_contour.py [--out DIR] [--slices N] [--encoders resnet50,resnet18]``.
+Usage: ``python Testing/benchmarks/bench_contour.py [--out DIR] [--repeats N] [--cases lung1,openkbp]
+[--agreement]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import platform
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from separeg.atomic import write_json  # noqa: E402
-from separeg.segmodel import GridSpec, build_unet, from_model_grid, to_model_grid  # noqa: E402
 
-CT_SLICES = 150
-BATCH = 16
-
-
-def _ct(slices: int) -> tuple[np.ndarray, tuple[float, float]]:
-    data = Path(os.environ.get("SEPAREG_SHARED_DATA", REPO.parent / "shared" / "data")) / "lung1_dicom" / "ct"
-    if data.is_dir():
-        import SimpleITK as sitk
-
-        from separeg.volumes import read_volume
-
-        image = read_volume(data)
-        hu = sitk.GetArrayFromImage(image)
-        spacing = image.GetSpacing()[:2]
-    else:  # e.g. on a GPU machine without the shared data: a synthetic body-sized ellipse
-        yy, xx = np.mgrid[:512, :512]
-        hu = np.where(((yy - 256) / 200) ** 2 + ((xx - 256) / 240) ** 2 < 1, 40, -1000).astype(np.int16)[None]
-        spacing = (0.977, 0.977)
-    hu = np.concatenate([hu] * (slices // len(hu) + 1))[:slices]
-    return hu, spacing
+DATA = Path(os.environ.get("SEPAREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+CASES = {"lung1": DATA / "lung1_dicom" / "ct", "openkbp": DATA / "openkbp" / "pt_209_ct.nii.gz"}
+MODEL = "hn-oar-7"
+OLD = ("import sys; import separeg.contour as c; c.run_contour = c._run_contour_legacy; "
+       "from separeg.cli import main; sys.exit(main(sys.argv[1:]))")
+STAGES_LOG = "contour seconds per stage: "
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def time_path(model, hu, spacing, spec, device, *, batch: int, bf16: bool) -> float:
+def _run(path: str, volume: Path, out: Path) -> dict:
+    """One contour in a fresh process: wall seconds, peak RSS (MB), seconds per stage, load before."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    args = ["-v", "contour", str(volume), "--model", MODEL, "--out", str(out), "--device", "cpu"]
+    command = [sys.executable, "-c", OLD, *args] if path == "old" else [sys.executable, "-m", "separeg.cli", *args]
+    load = os.getloadavg()[0]
     start = time.perf_counter()
-    x = to_model_grid(hu, spacing, spec, device=device)
-    out = np.zeros(hu.shape, np.uint8)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    for i in range(0, len(x), batch):
-        with autocast:
-            logits = model(x[i:i + batch])
-        logits = from_model_grid(logits.float(), hu.shape[1:], spacing, spec)
-        out[i:i + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-    _sync(device)
-    return time.perf_counter() - start
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{path} contour of {volume} failed:\n{stderr[-2000:]}")
+    stages = next(ast.literal_eval(line.split(STAGES_LOG, 1)[1]) for line in stderr.splitlines() if STAGES_LOG in line)
+    stages["start-up (imports, parsing)"] = round(wall - sum(stages.values()), 2)
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "load_before": round(load, 2),
+            "stages_s": {k: round(v, 2) for k, v in stages.items()}}
+
+
+def _labels(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _dsc(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    from separeg.metrics import dice
+
+    return {str(v): round(float(dice(a == v, b == v)), 5) for v in range(1, 256) if (a == v).any() or (b == v).any()}
+
+
+def speed(cases: list[str], repeats: int, work: Path) -> dict:
+    results = {}
+    for case in cases:
+        runs: dict[str, list[dict]] = {"old": [], "new": []}
+        for i in range(repeats):
+            for path in ("old", "new"):
+                runs[path].append(_run(path, CASES[case], work / case / f"{path}{i}"))
+                print(f"{case:8s} {path}: {runs[path][-1]}", flush=True)
+        row = {path: {"wall_s_median": statistics.median(r["wall_s"] for r in rs),
+                      "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in rs),
+                      "stages_s_median": {k: statistics.median(r["stages_s"][k] for r in rs)
+                                          for k in rs[0]["stages_s"]},
+                      "runs": rs} for path, rs in runs.items()}
+        row["speedup_wall"] = round(row["old"]["wall_s_median"] / row["new"]["wall_s_median"], 2)
+        row["peak_rss_ratio"] = round(row["new"]["peak_rss_mb_median"] / row["old"]["peak_rss_mb_median"], 2)
+        row["dsc_old_vs_new"] = _dsc(_labels(work / case / "old0" / "segmentation.nii.gz"),
+                                     _labels(work / case / "new0" / "segmentation.nii.gz"))
+        results[case] = row
+    return results
+
+
+def _one_mm(volume: Path, out: Path) -> Path:
+    """``volume`` resampled to 1 mm pixels in plane (slices kept), like a clinical CT."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(volume))
+    size = [round(n * s) for n, s in zip(image.GetSize()[:2], image.GetSpacing()[:2], strict=True)]
+    image = sitk.Resample(image, [*size, image.GetSize()[2]], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                          (1.0, 1.0, image.GetSpacing()[2]), image.GetDirection(), -1000)
+    sitk.WriteImage(image, str(out))
+    return out
+
+
+def agreement(work: Path) -> dict:
+    """Per-organ DSC between the two paths on the validation patients of the model, native and at 1 mm."""
+    from separeg.bundle import load_bundle
+    from separeg.contour import ContourJob, _run_contour_legacy, run_contour
+    from separeg.events import Events
+    from separeg.models import resolve_model
+
+    patients = load_bundle(resolve_model(MODEL)).metadata["release"]["validation"]["patients"]
+    rows = {}
+    for patient in patients:
+        native = DATA / "openkbp" / f"{patient}_ct.nii.gz"
+        for name, volume in ((patient, native), (f"{patient}_1mm", None)):
+            volume = volume or _one_mm(native, work / f"{patient}_1mm.nii.gz")
+            labels = {}
+            for path, run in (("old", _run_contour_legacy), ("new", run_contour)):
+                result = run(ContourJob(volume=volume, model=MODEL, out_dir=work / "agreement" / name / path,
+                                        device="cpu"), Events())
+                labels[path] = _labels(result.segmentation)
+            rows[name] = _dsc(labels["old"], labels["new"])
+            print(f"{name:12s} DSC old vs new: {rows[name]}", flush=True)
+    scores = [v for row in rows.values() for v in row.values()]
+    return {"cases": rows, "min_dsc": min(scores), "mean_dsc": round(float(np.mean(scores)), 5)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "Testing" / "benchmarks" / "results")
-    parser.add_argument("--slices", type=int, default=None, help="slices timed (default: 150 on GPU, 16 on CPU)")
-    parser.add_argument("--encoders", default="resnet50,resnet18")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", default="lung1,openkbp")
+    parser.add_argument("--agreement", action="store_true", help="also the 10 validation patients, native and 1 mm")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    slices = args.slices or (CT_SLICES if device.type == "cuda" else BATCH)
-    hu, spacing = _ct(slices)
-    spec = GridSpec(spacing_xy=spacing)
-    torch.set_num_threads(os.cpu_count() or 1)
-    results = {}
-    for name in args.encoders.split(","):
-        model = build_unet(name, 8).to(device).eval()
-        time_path(model, hu[:2], spacing, spec, device, batch=2, bf16=False)  # warm-up
-        row = {}
-        for label, batch, bf16 in (("naive", 1, False), ("batched", BATCH, False), ("batched_bf16", BATCH, True),
-                                   ("per_slice_bf16", 1, True)):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds = time_path(model, hu, spacing, spec, device, batch=batch, bf16=bf16)
-            row[label] = {"seconds_timed": seconds, "seconds_per_150_slices": seconds * CT_SLICES / slices}
-            if device.type == "cuda":
-                row[label]["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            print(f"{name:9s} {label:13s} {row[label]['seconds_per_150_slices']:8.1f} s per 150-slice 512^2 CT",
-                  flush=True)
-        for label in ("batched", "batched_bf16", "per_slice_bf16"):
-            row[label]["speedup_vs_naive"] = row["naive"]["seconds_timed"] / row[label]["seconds_timed"]
-        results[name] = row
-    device_name = (torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda"
-                   else f"cpu-{os.cpu_count()}cores")
-    report = {"benchmark": "contour", "created": datetime.now(UTC).isoformat(timespec="seconds"),
-              "device": device_name, "platform": platform.platform(),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "setup": {"ct": f"LUNG1 512x512, {slices} slices timed, scaled to {CT_SLICES}", "batch": BATCH,
-                        "grid_spacing_mm": list(spacing), "model": "FlexibleUNet 2D, 8 classes, random weights"},
-              "encoders": results,
-              "notes": "includes windowing/resampling to the model grid, inference, resampling of the logits to the "
-                       "input grid and argmax; excludes reading the CT and post-processing."}
-    path = write_json(report, args.out / f"bench_contour_{device_name}.json")
+    cores = len(os.sched_getaffinity(0))
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = speed(args.cases.split(","), args.repeats, Path(tmp))
+        loads = [r["load_before"] for row in results.values() for p in ("old", "new") for r in row[p]["runs"]]
+        report = {"benchmark": "contour", "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                  "device": f"cpu-{cores}cores", "platform": platform.platform(),
+                  "versions": {"python": platform.python_version(), **_versions()},
+                  "setup": {"model": MODEL, "repeats": args.repeats, "cases": {k: str(CASES[k]) for k in results},
+                            "command": "separeg -v contour CASE --model hn-oar-7 --out DIR --device cpu"},
+                  "machine": {"cores": cores, "load_average_at_start": [round(x, 2) for x in load_start],
+                              "load_before_runs_max": max(loads), "load_before_runs_min": min(loads),
+                              "busy": max(loads) >= 0.5 * cores,
+                              "note": "busy = the 1-minute load average before some run was at least half the "
+                                      "cores: other jobs shared the CPU, so compare old and new of this run only"},
+                  "cases": results}
+        if args.agreement:
+            report["agreement"] = agreement(Path(tmp))
+    path = write_json(report, args.out / f"bench_contour_cpu-{cores}cores.json")
     print(f"wrote {path}")
     return 0
+
+
+def _versions() -> dict:
+    import torch
+
+    return {"torch": torch.__version__}
 
 
 if __name__ == "__main__":
