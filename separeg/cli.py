@@ -215,6 +215,18 @@ def _run_contour(args: argparse.Namespace, events: Events) -> int:
     return 0
 
 
+def _run_atlas(args: argparse.Namespace, events: Events) -> int:
+    from .atlas import AtlasJob, RegistrationConfig, run_atlas
+
+    cases = tuple(c.strip() for c in args.cases.split(",") if c.strip()) if args.cases else ()
+    registration = RegistrationConfig(bspline_mesh=0) if args.affine_only else RegistrationConfig()
+    run_atlas(AtlasJob(volume=args.volume, atlases=args.atlases, out_dir=args.out, cases=cases, labels=args.labels,
+                       fusion=args.fusion, registration=registration, threads=args.workers,
+                       largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
+                       series_uid=args.series_uid), events)
+    return 0
+
+
 def _add_patient(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("DICOM copy of a NIfTI/NRRD/MHA CT")
     group.add_argument("--patient-name", default=None, help="patient name of the new DICOM CT (default Anonymous)")
@@ -350,6 +362,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_patient(contour)
     _add_common(contour)
     contour.set_defaults(handler=_run_contour)
+
+    from .atlas import FUSIONS
+
+    atlas = sub.add_parser("atlas", help="multi-atlas contouring (register labelled CTs, fuse their organs): the "
+                           "classical baseline -> OUT/segmentation.nii.gz + segmentation.json")
+    atlas.add_argument("volume", type=_existing_path, help="the CT to contour (a volume file or a DICOM series folder)")
+    atlas.add_argument("--atlases", type=_existing_path, required=True,
+                       help="folder of labelled cases (<case>_ct + <case>_oar volumes, DICOM CT + RTSTRUCT, ...)")
+    atlas.add_argument("--cases", default=None, help="comma-separated atlas case names (default: every case)")
+    atlas.add_argument("--labels", type=_existing_path, default=None,
+                       help="label table (labels.json or CSV); default: labels.json in the atlas folder")
+    atlas.add_argument("--fusion", choices=FUSIONS, default="vote",
+                       help="per-organ majority vote or STAPLE over the atlases that annotate the organ (vote)")
+    atlas.add_argument("--affine-only", action="store_true", help="skip the B-spline (deformable) stage")
+    atlas.add_argument("--out", type=Path, required=True, help="output folder")
+    atlas.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")
+    atlas.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
+    atlas.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the contours")
+    _add_common(atlas)
+    atlas.set_defaults(handler=_run_atlas)
 
     export = sub.add_parser("export", help="label map -> RTSTRUCT, DICOM SEG, NIfTI referencing the CT (+ export.json)")
     export.add_argument("labelmap", type=Path, help="label map (NIfTI/NRRD/MHA) on the CT's grid")

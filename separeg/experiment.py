@@ -4,7 +4,10 @@ Protocol (paper, "Experimental Setup"): the pretraining set X_pre is the trainin
 a labelled training set X_tr of ``train_sizes`` cases is drawn from that pool with fixed seeds (several draws for
 small sizes); fixed validation cases pick the best checkpoint; the test cases are touched only at the end, by
 ``separeg contour`` + ``separeg evaluate``. A method is a config entry: pretraining settings (or none: random
-init) and fine-tuning settings; nothing else differs between methods. One ``budget`` factor scales the paper's
+init) and fine-tuning settings; nothing else differs between methods. An ``atlas`` method (``{"atlas": {"fusion":
+"vote"}}``, :mod:`separeg.atlas`) trains nothing: its X_tr cases are the atlases, and the test cases are contoured
+by ``separeg atlas`` instead of ``separeg contour``, then evaluated the same way. The seconds each test case took
+to contour are recorded (``seconds.json`` per run) and reported next to DSC. One ``budget`` factor scales the paper's
 100k pretraining iterations and 200 fine-tuning epochs, so the same config runs small on a CPU and in full on a GPU.
 
 Every run is resumable and skipped once its ``metrics.csv`` exists; the report (``results.md``, ``results.csv``,
@@ -17,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +42,13 @@ PAPER_FINETUNE_EPOCHS = 200
 class Method:
     """``pretrain``: keyword arguments of :class:`separeg.pretrain_config.PretrainConfig` (``separation`` sets
     ``sis.mode``) or None for random init; ``finetune``: of :class:`separeg.finetune.FinetuneConfig`;
-    ``unlabelled``: Mean Teacher reads the pretraining set."""
+    ``unlabelled``: Mean Teacher reads the pretraining set. ``atlas``: multi-atlas contouring instead of a model
+    (``fusion``, ``threads`` and :class:`separeg.atlas.RegistrationConfig` fields); X_tr is the atlas set."""
 
     name: str
     pretrain: dict[str, Any] | None = None
     finetune: dict[str, Any] = field(default_factory=dict)
+    atlas: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise InputError(f"experiment config {path} lacks {', '.join(missing)}")
     budget = raw.pop("budget", 1.0)
     budgets = budget if isinstance(budget, dict) else {"pretrain": budget, "finetune": budget}
-    methods = [Method(m["name"], m.get("pretrain"), m.get("finetune", {})) for m in raw.pop("methods")]
+    methods = [Method(m["name"], m.get("pretrain"), m.get("finetune", {}), m.get("atlas")) for m in raw.pop("methods")]
     data = Path(raw.pop("data"))
     cfg = ExperimentConfig(data=data if data.is_absolute() else (path.parent / data).resolve(), methods=methods,
                            budget_pretrain=float(budgets["pretrain"]), budget_finetune=float(budgets["finetune"]),
@@ -111,6 +118,9 @@ def _check(cfg: ExperimentConfig) -> None:
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names) or not names:
         raise InputError("experiment methods need distinct names (and at least one method)")
+    for m in cfg.methods:
+        if m.atlas is not None and (m.pretrain is not None or m.finetune):
+            raise InputError(f"method {m.name}: an atlas method trains no model; drop its pretrain/finetune settings")
     splits = {"train_pool": set(cfg.train_pool), "validation": set(cfg.validation), "test": set(cfg.test)}
     for a, b in (("train_pool", "validation"), ("train_pool", "test"), ("validation", "test")):
         if splits[a] & splits[b]:
@@ -218,16 +228,60 @@ def _device_name(device: str) -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
+def _atlas_contourer(run: RunSpec, data: Path, run_dir: Path, hidden: dict,
+                     events: Events) -> Callable[[Path, Path], Path]:
+    """The atlas method's "training": its X_tr cases (as partial as the protocol makes them) become the atlases."""
+    from .atlas import AtlasJob, RegistrationConfig, run_atlas
+
+    settings = dict(run.method.atlas or {})
+    fusion, threads = settings.pop("fusion", "vote"), settings.pop("threads", None)
+    registration = RegistrationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    write_json({"method": run.method.name, "size": run.size, "draw": run.draw, "cases": list(run.cases),
+                "hidden_organs": hidden, "atlas": run.method.atlas or {}, "device": _device_name("cpu")},
+               run_dir / "run.json")
+    return lambda ct, out_dir: run_atlas(AtlasJob(volume=ct, atlases=data, out_dir=out_dir, cases=run.cases,
+                                                  fusion=fusion, registration=registration, threads=threads),
+                                         events).segmentation
+
+
 def _finetune_and_test(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, out: Path,
                        events: Events) -> Path:
-    from .contour import ContourJob, run_contour
     from .evaluate import EvaluateJob, run_evaluate
-    from .finetune import FinetuneConfig, FinetuneJob, run_finetune
 
     run_dir = out / "runs" / run.method.name / f"n{run.size}_d{run.draw}"
-    data, validation = run_dir / "data", out / "validation"
+    data = run_dir / "data"
     hidden = {case: _prepare_case(cfg, case, data) for case in run.cases}
     shutil.copy(cfg.data / "labels.json", data / "labels.json")
+    contour = (_atlas_contourer(run, data, run_dir, hidden, events) if run.method.atlas is not None
+               else _model_contourer(cfg, run, encoder, out, run_dir, hidden, events))
+    predictions, references = run_dir / "predictions", out / "references"
+    seconds_path = run_dir / "seconds.json"
+    seconds = json.loads(seconds_path.read_text(encoding="utf-8")) if seconds_path.exists() else {}
+    for case in cfg.test:
+        _link(cfg.data / f"{case}_oar.nii.gz", references / f"{case}.nii.gz")
+        target = predictions / f"{case}.nii.gz"
+        if not target.exists():
+            start = time.perf_counter()
+            segmentation = contour(cfg.data / f"{case}_ct.nii.gz", run_dir / "contour" / case)
+            seconds[case] = round(time.perf_counter() - start, 2)
+            write_json(seconds, seconds_path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(segmentation, target)
+    evaluation = run_evaluate(EvaluateJob(pred=predictions, ref=references, out_dir=run_dir / "evaluation",
+                                          labels=cfg.data / "labels.json"), events)
+    metrics = run_dir / "metrics.csv"
+    with atomic_path(metrics) as tmp:  # written last: its presence marks the run complete
+        shutil.copy(evaluation.metrics_csv, tmp)
+    return metrics
+
+
+def _model_contourer(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, out: Path, run_dir: Path,
+                     hidden: dict, events: Events) -> Callable[[Path, Path], Path]:
+    """Fine-tune on X_tr (best checkpoint on the validation cases); test cases are contoured by its model."""
+    from .contour import ContourJob, run_contour
+    from .finetune import FinetuneConfig, FinetuneJob, run_finetune
+
+    data, validation = run_dir / "data", out / "validation"
     for case in cfg.validation:
         _link(cfg.data / f"{case}_ct.nii.gz", validation / f"{case}_ct.nii.gz")
         _link(cfg.data / f"{case}_oar.nii.gz", validation / f"{case}_oar.nii.gz")
@@ -241,21 +295,8 @@ def _finetune_and_test(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None
     model = run_finetune(FinetuneJob(data=data, out_dir=run_dir / "finetune", init=encoder, config=config,
                                      device=cfg.device, validation_data=validation,
                                      unlabelled=_archive(cfg, out) if config.mean_teacher else None), events)
-    predictions, references = run_dir / "predictions", out / "references"
-    for case in cfg.test:
-        _link(cfg.data / f"{case}_oar.nii.gz", references / f"{case}.nii.gz")
-        target = predictions / f"{case}.nii.gz"
-        if not target.exists():
-            result = run_contour(ContourJob(volume=cfg.data / f"{case}_ct.nii.gz", model=str(model),
-                                            out_dir=run_dir / "contour" / case, device=cfg.device), events)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(result.segmentation, target)
-    evaluation = run_evaluate(EvaluateJob(pred=predictions, ref=references, out_dir=run_dir / "evaluation",
-                                          labels=cfg.data / "labels.json"), events)
-    metrics = run_dir / "metrics.csv"
-    with atomic_path(metrics) as tmp:  # written last: its presence marks the run complete
-        shutil.copy(evaluation.metrics_csv, tmp)
-    return metrics
+    return lambda ct, out_dir: run_contour(ContourJob(volume=ct, model=str(model), out_dir=out_dir,
+                                                      device=cfg.device), events).segmentation
 
 
 def run_experiment(config_path: str | Path, out: str | Path, events: Events | None = None,

@@ -2,7 +2,8 @@
 
 Per method and training-set size: DSC (%) and HD95 (mm) per organ and over all organs, mean ± standard error
 over the test patients (a patient's value is first averaged over the draws of X_tr; a missed organ counts
-DSC 0 and has no HD95; an organ counts only in patients whose reference contours it). Written as
+DSC 0 and has no HD95; an organ counts only in patients whose reference contours it), and the seconds it took
+to contour a test case (``seconds.json`` of each run; mean ± standard error over the test cases). Written as
 ``results.md`` (the paper's table layout), ``results.csv``, ``boxplots_n<size>.png`` and ``learning_curve.png``.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 from .atomic import atomic_path
 from .figures import SMALL_N_NOTE, box_or_points
 
-__all__ = ["collect", "summarise", "write_report"]
+__all__ = ["collect", "seconds_per_case", "summarise", "write_report"]
 
 ALL = "All OARs"
 
@@ -73,6 +74,17 @@ def summarise(organs: dict[str, dict[str, list[tuple[float, float | None]]]]) ->
     return summary
 
 
+def seconds_per_case(out: Path, method: str, size: int) -> tuple[float | None, float | None, int]:
+    """Seconds to contour one test case (fine-tuned model or atlas): mean ± SE over the test cases of the finished
+    draws (a case's seconds averaged over the draws); ``(None, None, 0)`` for runs without ``seconds.json``."""
+    per_case: dict[str, list[float]] = defaultdict(list)
+    for path in sorted((out / "runs" / method).glob(f"n{size}_d*/seconds.json")):
+        if (path.parent / "metrics.csv").exists():
+            for case, seconds in json.loads(path.read_text(encoding="utf-8")).items():
+                per_case[case].append(float(seconds))
+    return _mean_se([float(np.mean(v)) for _, v in sorted(per_case.items())])
+
+
 def _cell(stat: tuple[float | None, float | None, int], digits: int = 1) -> str:
     mean, se, _ = stat
     if mean is None:
@@ -106,7 +118,8 @@ def write_report(cfg, out: Path) -> Path:
              f"Organ annotations hidden from training cases: {100 * cfg.hide_fraction:.0f} %." if cfg.hide_fraction
              else "", "DSC % and HD95 mm, mean ± standard error over test patients (each patient averaged over the "
              "draws of X_tr).", ""]
-    rows = [["method", "size", "organ", "n", "dsc_mean", "dsc_se", "hd95_mean", "hd95_se", "runs"]]
+    rows = [["method", "size", "organ", "n", "dsc_mean", "dsc_se", "hd95_mean", "hd95_se", "runs", "seconds_mean",
+             "seconds_se"]]
     for size in sorted(cfg.train_sizes):
         methods = [m.name for m in cfg.methods if (m.name, size) in summaries]
         if not methods:
@@ -122,12 +135,18 @@ def write_report(cfg, out: Path) -> Path:
                 n = max(summaries[(m, size)].get(organ, {}).get(metric, (None, None, 0))[2] for m in methods)
                 note = f"; hidden in {hidden[organ]}/{size} training cases" if organ in hidden else ""
                 lines.append(f"| {organ} (n={n}{note}) | " + " | ".join(cells) + " |")
+            if metric == "dsc":
+                seconds = [seconds_per_case(out, m, size) for m in methods]
+                lines.append(f"| seconds per test case (n={max(s[2] for s in seconds)}) | "
+                             + " | ".join(_cell(s) for s in seconds) + " |")
             lines.append("")
         for m in methods:
+            seconds = seconds_per_case(out, m, size)
             for organ in organ_order:
                 s = summaries[(m, size)].get(organ)
                 if s:
-                    rows.append([m, size, organ, s["dsc"][2], *s["dsc"][:2], *s["hd95"][:2], planned[(m, size)]])
+                    rows.append([m, size, organ, s["dsc"][2], *s["dsc"][:2], *s["hd95"][:2], planned[(m, size)],
+                                 *seconds[:2]])
     path = out / "results.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(line for line in lines if line is not None) + "\n", encoding="utf-8")
