@@ -127,7 +127,9 @@ def _run_pretrain(args: argparse.Namespace, events: Events) -> int:
 
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
     from .finetune import FinetuneConfig
+    from .finetune_config import POSTPROCESSING_MODES, SCHEDULES
     from .nets import ENCODER_DIMS
+    from .seg_augment import AUGMENTATIONS
 
     d = FinetuneConfig()
     group = parser.add_argument_group("fine-tuning")
@@ -147,6 +149,24 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
                        help="fixed validation cases (a folder or case list); then every case of DATA trains")
     group.add_argument("--channels", default=None, help=CHANNELS_HELP + "; default: those of --init, else CT")
     group.add_argument("--seed", type=int, default=d.seed)
+    recipe = parser.add_argument_group("recipe (defaults: nnU-Net-grade; see README)")
+    recipe.add_argument("--context-slices", type=int, default=d.context_slices,
+                        help="2.5D: neighbouring slices on each side as extra input channels (0 = 2D; %(default)s)")
+    recipe.add_argument("--augmentation", choices=AUGMENTATIONS, default=d.augmentation,
+                        help="nnunet (nnU-Net's set without mirroring), light (the earlier recipe) or none "
+                             "(%(default)s)")
+    recipe.add_argument("--no-deep-supervision", action="store_true", help="supervise the final output only")
+    recipe.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                        help="learning-rate decay after the warm-up (%(default)s)")
+    recipe.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                        help="linear warm-up steps, at most a tenth of the run (%(default)s)")
+    recipe.add_argument("--encoder-lr-scale", type=float, default=d.encoder_lr_scale,
+                        help="encoder learning rate relative to the decoder's (%(default)s)")
+    recipe.add_argument("--postprocessing", choices=POSTPROCESSING_MODES, default=d.postprocessing,
+                        help="per-organ largest component and hole filling: chosen on the validation cases, for "
+                             "every organ (all), or none (%(default)s)")
+    recipe.add_argument("--patch-mm", type=float, default=d.patch_mm,
+                        help="side of the square training patches in mm (%(default)s)")
     partial = parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher")
     partial.add_argument("--partial-labels", choices=["auto", "plseg", "marginal", "background"],
                          default=d.partial_labels,
@@ -177,7 +197,11 @@ def _run_finetune(args: argparse.Namespace, events: Events) -> int:
                             partial_labels=args.partial_labels, hardness=not args.no_hardness,
                             psd_weight=args.psd_weight, cocl_weight=args.cocl_weight,
                             mean_teacher=args.mean_teacher, ema_decay=args.ema_decay, consistency=args.consistency,
-                            channels=args.channels)
+                            channels=args.channels, context_slices=args.context_slices,
+                            augmentation=args.augmentation, deep_supervision=not args.no_deep_supervision,
+                            schedule=args.schedule, warmup_steps=args.warmup_steps,
+                            encoder_lr_scale=args.encoder_lr_scale, postprocessing=args.postprocessing,
+                            patch_mm=args.patch_mm)
     if args.unlabelled is not None and not args.mean_teacher:
         events.warning("--unlabelled is only used with --mean-teacher; ignored", stage="finetune")
     run_finetune(FinetuneJob(data=args.data, out_dir=args.out, labels=args.labels, init=args.init,

@@ -1,12 +1,13 @@
 """`separeg finetune`: a U-Net from a pretrained encoder, trained on a few annotated CTs (DESIGN §2.9).
 
-2D on axial slices as in the paper; Dice + CE, or PL-Seg's losses when cases annotate different organs (an organ
-a case does not annotate is unknown there; :mod:`separeg.finetune_objective`); optionally Mean Teacher on
-unlabelled scans (``--mean-teacher --unlabelled ARCHIVE``); class-balanced foreground sampling of square
-patches (an organ is drawn uniformly, then one of its pixels is the patch's centre: organs of a few hundred
-voxels are learnt as early as the mandible); light augmentation on the device (no left-right flips: they would
-swap Parotid_L and Parotid_R); validation by patient after every epoch, the best checkpoint by mean DSC
-kept, early stopping. Resumable like pretraining; writes ``OUT/model.separeg``.
+2D (or 2.5D: neighbouring slices as channels) on axial slices as in the paper; Dice + CE with deep supervision, or
+PL-Seg's losses when cases annotate different organs (an organ a case does not annotate is unknown there;
+:mod:`separeg.finetune_objective`); optionally Mean Teacher on unlabelled scans (``--mean-teacher --unlabelled
+ARCHIVE``); class-balanced foreground sampling of square patches (:mod:`separeg.finetune_data`); nnU-Net's
+augmentation without mirroring (:mod:`separeg.seg_augment`); validation by patient after every epoch, the best
+checkpoint by mean DSC kept, early stopping (:mod:`separeg.finetune_validation`); per-organ post-processing chosen
+on the validation cases. Settings: :mod:`separeg.finetune_config`. Resumable like pretraining; writes
+``OUT/model.separeg``.
 """
 
 from __future__ import annotations
@@ -14,217 +15,32 @@ from __future__ import annotations
 import json
 import math
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .atomic import write_json
-from .channels import check_channel_count, parse_channels
+from .channels import parse_channels
 from .errors import InputError
 from .events import Events, FileSink
-from .segmodel import (
-    GridSpec,
-    build_unet,
-    load_encoder_weights,
-    model_input,
-    to_canonical,
-    to_model_grid,
-    unet_architecture,
+from .finetune_config import OLD_RECIPE, FinetuneConfig, FinetuneJob
+from .finetune_data import SliceSet, sample_patches
+from .finetune_validation import EpochValidator, choose_postprocessing, predict_slices
+from .seg_augment import augment_batch
+from .segmodel import GridSpec, build_unet, load_encoder_weights, unet_architecture, unet_encoder
+from .training import (
+    Runtime,
+    StopRequest,
+    load_checkpoint,
+    setup_runtime,
+    step_seed,
+    train_steps,
+    warmup_lr,
 )
-from .training import Runtime, StopRequest, load_checkpoint, save_checkpoint, setup_runtime, step_seed, train_steps
 
-__all__ = ["FinetuneConfig", "FinetuneJob", "run_finetune", "SliceSet"]
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Training settings. Paper budget: 200 epochs; an epoch is one pass over the foreground slices."""
-
-    encoder: str = "resnet50"
-    epochs: int = 200
-    steps_per_epoch: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 30
-    foreground_fraction: float = 0.67
-    patch_mm: float = 256.0  # square training patches of this side (full slices are used when smaller)
-    validation_cases: int | None = None  # default: 20 % of the cases (at least 1 when there are 2 or more)
-    spacing_xy: tuple[float, float] | None = None  # default: median in-plane spacing of the training cases
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)
-    channels: str | None = None  # --channels, e.g. "T1,T2" (separeg.channels.parse_channels); None: one CT channel
-    seed: int = 0
-    partial_labels: str = "auto"  # auto | plseg | marginal | background (separeg.finetune_objective)
-    hardness: bool = True  # PL-Seg: HADFL's hardness weights
-    psd_weight: float = 0.1  # PL-Seg: progressive self-distillation weight at the end (0: off)
-    cocl_weight: float = 0.1  # PL-Seg: classwise orthogonal contrastive loss weight (0: off)
-    mean_teacher: bool = False  # needs FinetuneJob.unlabelled
-    ema_decay: float = 0.99
-    consistency: float = 0.1  # Mean Teacher consistency weight after the ramp-up
-    consistency_rampup: float = 0.4  # fraction of training
-    unlabelled_slices: int = 2048  # at most this many unlabelled slices held in memory
-
-    def __post_init__(self) -> None:
-        from .finetune_objective import PARTIAL_LABEL_MODES
-
-        for name in ("epochs", "batch_size", "patience", "unlabelled_slices"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be at least 1")
-        if not 0.0 <= self.foreground_fraction <= 1.0:
-            raise InputError("foreground fraction must be in [0, 1]")
-        if self.partial_labels not in PARTIAL_LABEL_MODES:
-            raise InputError(f"partial-labels must be one of {', '.join(PARTIAL_LABEL_MODES)}")
-        for name in ("psd_weight", "cocl_weight", "consistency"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name.replace('_', '-')} must not be negative")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise InputError("ema-decay must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class FinetuneJob:
-    data: Path  # a folder of <case>_ct / <case>_oar files, or a JSON/CSV case list
-    out_dir: Path
-    labels: Path | None = None  # label table; default: labels.json beside the data
-    init: Path | str | None = None  # encoder bundle (path or model name, e.g. a shipped one); random init without it
-    unlabelled: Path | None = None  # unlabelled scans for Mean Teacher (an archive folder)
-    validation_data: Path | None = None  # fixed validation cases (folder or case list); default: drawn from data
-    synonyms: Path | None = None  # ROI name -> TG-263 table for DICOM RTSTRUCT cases (separeg.dicom_rt.load_synonyms)
-    config: FinetuneConfig = field(default_factory=FinetuneConfig)
-    device: str = "auto"
-    restart: bool = False
-    resume: bool = False
-    stop_file: Path | None = None
-    checkpoint_minutes: float = 10.0
-
-
-class SliceSet:
-    """Slices and label maps of a list of cases on the model grid, on one device.
-
-    Attributes:
-        images: ``(N, C, H, W)`` float (C input channels); labels: ``(N, H, W)`` int64; annotated: ``(N, K)`` bool
-        per slice (its case's annotated organs, background always); case_of: ``(N,)`` case index per slice.
-    """
-
-    def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device) -> None:
-        import SimpleITK as sitk
-
-        images, labels, annotated, case_of = [], [], [], []
-        shape = None
-        for i, case in enumerate(cases):
-            check_channel_count(len(case.images), spec.input_channels, f"case {case.name}")
-            canonical = [to_canonical(image) for image in case.images]
-            lab = sitk.GetArrayFromImage(to_canonical(_label_image(case)))
-            spacing = canonical[0].GetSpacing()[:2]
-            x = model_input([sitk.GetArrayFromImage(c) for c in canonical], spacing, spec, device=device)
-            y = to_model_grid(lab, spacing, spec, labels=True, device=device)[:, 0]
-            if shape is not None and x.shape[-2:] != shape:
-                x, y = _fit(x, shape), _fit(y[:, None].float(), shape)[:, 0].long()
-            shape = tuple(x.shape[-2:])
-            mask = torch.zeros(n_classes, dtype=torch.bool)
-            mask[0] = True
-            mask[sorted(case.annotated)] = True
-            images.append(x)
-            labels.append(y)
-            annotated.append(mask.expand(len(x), -1))
-            case_of.append(torch.full((len(x),), i))
-        self.images = torch.cat(images)
-        self.labels = torch.cat(labels)
-        self.annotated = torch.cat(annotated).to(device)
-        self.case_of = torch.cat(case_of).numpy()
-        self.foreground = np.flatnonzero((self.labels > 0).flatten(1).any(1).cpu().numpy())
-        # (slice, y, x) of every voxel of each organ, for class-balanced patch centres.
-        labels_cpu = self.labels.cpu()
-        self.organ_voxels = {int(v): torch.nonzero(labels_cpu == v).numpy()
-                             for v in torch.unique(labels_cpu).tolist() if v > 0}
-        self.names = [c.name for c in cases]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def sample_patches(slices: SliceSet, batch: int, patch: int, foreground_fraction: float,
-                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A training batch of ``patch x patch`` crops: ``(images, labels, annotated)``.
-
-    A ``foreground_fraction`` of the batch is centred (with jitter of a quarter patch) on a voxel of an organ
-    drawn uniformly among the organs present; the rest is centred anywhere.
-    """
-    _, _, height, width = slices.images.shape
-    patch = min(patch, height, width)
-    organs = sorted(slices.organ_voxels)
-    n_fg = int(round(batch * foreground_fraction)) if organs else 0
-    centres = []
-    for i in range(batch):
-        if i < n_fg:
-            voxels = slices.organ_voxels[organs[rng.integers(len(organs))]]
-            k, y, x = voxels[rng.integers(len(voxels))]
-            y, x = y + rng.integers(-patch // 4, patch // 4 + 1), x + rng.integers(-patch // 4, patch // 4 + 1)
-        else:
-            k, y, x = rng.integers(len(slices)), rng.integers(height), rng.integers(width)
-        y0 = int(np.clip(y - patch // 2, 0, height - patch))
-        x0 = int(np.clip(x - patch // 2, 0, width - patch))
-        centres.append((int(k), y0, x0))
-    index = torch.as_tensor([c[0] for c in centres], device=slices.images.device)
-    images = torch.stack([slices.images[k, :, y0:y0 + patch, x0:x0 + patch] for k, y0, x0 in centres])
-    labels = torch.stack([slices.labels[k, y0:y0 + patch, x0:x0 + patch] for k, y0, x0 in centres])
-    return images, labels, slices.annotated[index]
-
-
-def _label_image(case):
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(case.labels.astype(np.uint8))
-    image.CopyInformation(case.image)
-    return image
-
-
-def _fit(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Zero-pad or crop ``(N, C, H, W)`` at the bottom/right to ``shape`` (cases of different extents)."""
-    h, w = shape
-    x = x[..., :h, :w]
-    return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
-
-
-def augment_pairs(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Light joint augmentation: rotation ±10°, scale 0.9-1.1, brightness/contrast ±10 %. No flips."""
-    batch = len(x)
-    u = torch.rand(batch, 4, generator=generator, device=generator.device).to(x.device)
-    angle = (u[:, 0] - 0.5) * math.radians(20)
-    scale = 0.9 + 0.2 * u[:, 1]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    x = (x - 0.5) * (0.9 + 0.2 * u[:, 2, None, None, None]) + 0.5 + 0.1 * (u[:, 3, None, None, None] - 0.5)
-    return x, y[:, 0].long()
-
-
-@torch.no_grad()
-def validate(model: torch.nn.Module, slices: SliceSet, runtime: Runtime, batch: int = 32) -> dict[str, float]:
-    """Mean DSC per organ over the validation cases (3D per case, annotated organs only) on the model grid."""
-    model.eval()
-    predictions = []
-    for start in range(0, len(slices), batch):
-        with runtime.autocast:
-            predictions.append(model(slices.images[start:start + batch]).argmax(1))
-    model.train()
-    prediction = torch.cat(predictions)
-    scores: dict[int, list[float]] = {}
-    for case in np.unique(slices.case_of):
-        rows = torch.as_tensor(np.flatnonzero(slices.case_of == case), device=prediction.device)
-        pred, ref = prediction[rows], slices.labels[rows]
-        for organ in torch.nonzero(slices.annotated[rows[0]]).flatten().tolist()[1:]:
-            p, r = pred == organ, ref == organ
-            total = int(p.sum() + r.sum())
-            if total:
-                scores.setdefault(organ, []).append(2.0 * float((p & r).sum()) / total)
-    return {str(k): float(np.mean(v)) for k, v in sorted(scores.items())}
+__all__ = ["FinetuneConfig", "FinetuneJob", "OLD_RECIPE", "run_finetune", "SliceSet"]
 
 
 def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
@@ -237,55 +53,118 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
         CancelledError: stopped; a checkpoint was saved.
     """
     with ExitStack() as cleanup:
-        return _run_finetune(job, events, cleanup)
+        return _run_finetune(job, events or Events(), cleanup)
 
 
-def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -> Path:
-    from .bundle import load_bundle, save_bundle
-    from .cases import load_case
-    from .labels import LabelTable, load_label_table
+@dataclass(frozen=True)
+class _Start:
+    """Where the network starts: a random ``encoder``, a pretrained encoder bundle or a segmentation model."""
 
-    events = events or Events()
+    encoder: str
+    bundle: object | None = None  # separeg.bundle.Bundle
+
+    @property
+    def model(self):
+        return self.bundle if self.bundle is not None and self.bundle.kind == "segmentation" else None
+
+
+def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
     if job.config.mean_teacher and job.unlabelled is None:
         raise InputError("--mean-teacher needs unlabelled scans: give --unlabelled ARCHIVE (a folder of CTs)")
     runtime = setup_runtime(job.device)
     out = Path(job.out_dir)
-    cfg = job.config
-    encoder_name, init_state, init_hash, init_model, init_bundle = cfg.encoder, None, None, None, None
-    if job.init is not None:
-        from .models import resolve_model
+    start = _resolve_init(job, events)
+    table, cfg = _resolve_label_table(job, start)
+    channels = _input_channels(cfg, start.bundle, job.init)
+    if len(channels) > 1 and cfg.mean_teacher:
+        raise InputError("--mean-teacher reads single-volume CT archives; it is not available with several input "
+                         "channels yet. Leave out --mean-teacher or train on one channel")
+    cases, train_cases, val_cases, synonyms = _load_cases(job, cfg, table, events)
+    spacing = cfg.spacing_xy or tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))
+    spec = GridSpec(cfg.hu_window, spacing, channels=channels, context_slices=cfg.context_slices)
+    identity = {"data": str(Path(job.data).resolve()),
+                "init": start.bundle.weights_sha256 if start.bundle is not None else None,
+                "config": json.loads(json.dumps(asdict(cfg))),
+                "cases": sorted(c.name for c in cases), "validation": sorted(c.name for c in val_cases),
+                "synonyms": synonyms,
+                "unlabelled": str(Path(job.unlabelled).resolve()) if cfg.mean_teacher else None}
+    _check_run(out, identity, job, runtime)
+    if runtime.is_main:
+        from .runlock import release_run_lock
 
-        bundle = init_bundle = load_bundle(resolve_model(job.init))
-        if bundle.kind == "segmentation":  # "Update model": continue from a fine-tuned model (same organs, grid)
-            init_model = bundle
-            encoder_name = bundle.architecture["backbone"]
-        elif bundle.kind == "encoder":
-            encoder_name = bundle.architecture["encoder"]
-        else:
-            raise InputError(f"--init {job.init} is a {bundle.kind} bundle; give an encoder from `separeg pretrain` "
-                             "or a segmentation model to continue training")
-        init_state, init_hash = bundle.state_dict, bundle.weights_sha256
-        if encoder_name != cfg.encoder:
-            events.log(f"using the bundle's architecture {encoder_name}", stage="finetune")
+        cleanup.callback(release_run_lock, out)
+        events.add_sink(FileSink(out / "events.jsonl"))
+    events.log(f"{len(train_cases)} training case(s), {len(val_cases)} validation case(s); encoder {start.encoder}"
+               f"{' from ' + str(job.init) if job.init else ' (random init)'}; grid {spacing[0]:.3g} x "
+               f"{spacing[1]:.3g} mm; {2 * cfg.context_slices + 1} slice(s) per input", stage="finetune")
+    if not val_cases:
+        events.warning("no validation case: the best epoch is chosen on the training cases' DSC, which overstates "
+                       "accuracy; add cases or give --validation", stage="finetune")
+    n_classes = max(table.values) + 1
+    train = SliceSet(train_cases, n_classes, spec, runtime.device)
+    val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
+    unet = _build_network(start, spec, n_classes, cfg, runtime)
+    objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
+    validator = _train(objective, train, val, spec, cfg, job, runtime, events)
+    if not runtime.is_main:
+        return out / "model.separeg"
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    objective.deployable.load_state_dict(best["model"])
+    postprocessing = _postprocessing(objective.deployable, val or train, val is None, table, cfg, runtime, events)
+    return _write_bundle(out, best, start, spec, n_classes, table, cfg, identity, objective, validator,
+                         postprocessing, train_cases, val_cases, events)
+
+
+def _resolve_init(job: FinetuneJob, events: Events) -> _Start:
+    """The bundle ``--init`` names, if any: an encoder to start from, or a segmentation model to continue."""
+    if job.init is None:
+        return _Start(job.config.encoder)
+    from .bundle import load_bundle
+    from .models import resolve_model
+
+    bundle = load_bundle(resolve_model(job.init))
+    if bundle.kind == "segmentation":  # "Update model": continue from a fine-tuned model (same organs, grid)
+        encoder = bundle.architecture["backbone"]
+    elif bundle.kind == "encoder":
+        encoder = bundle.architecture["encoder"]
+    else:
+        raise InputError(f"--init {job.init} is a {bundle.kind} bundle; give an encoder from `separeg pretrain` "
+                         "or a segmentation model to continue training")
+    if encoder != job.config.encoder:
+        events.log(f"using the bundle's architecture {encoder}", stage="finetune")
+    return _Start(encoder, bundle)
+
+
+def _resolve_label_table(job: FinetuneJob, start: _Start):
+    """The label table (``--labels``, ``labels.json`` beside the data, or a continued model's) and the config,
+    with a continued model's grid and 2.5D context."""
+    from .labels import LabelTable, load_label_table
+
+    cfg = job.config
     labels_path = job.labels or Path(job.data) / "labels.json"
-    if init_model is not None and job.labels is None and not Path(labels_path).exists():
-        table = LabelTable.from_dict(init_model.metadata["labels"], source=str(job.init))
+    model = start.model
+    if model is not None and job.labels is None and not Path(labels_path).exists():
+        table = LabelTable.from_dict(model.metadata["labels"], source=str(job.init))
     elif not Path(labels_path).exists():
         raise InputError(f"no label table: give --labels (a labels.json or CSV); {labels_path} does not exist")
     else:
         table = load_label_table(labels_path)
-    if init_model is not None:
-        model_table = LabelTable.from_dict(init_model.metadata["labels"], source=str(job.init))
+    if model is not None:
+        model_table = LabelTable.from_dict(model.metadata["labels"], source=str(job.init))
         if [(lb.value, lb.tg263 or lb.name) for lb in table] != [(lb.value, lb.tg263 or lb.name) for lb in model_table]:
             raise InputError(f"the label table of {labels_path} differs from the model's "
                              f"({', '.join(model_table.names)}); continue a model only with cases labelled like its "
                              "training cases")
-        cfg = replace(cfg, spacing_xy=tuple(init_model.metadata["inputs"]["spacing_xy"]),
-                      hu_window=tuple(init_model.metadata["inputs"]["hu_window"]))
-    channels = _input_channels(cfg, init_bundle, job.init)
-    if len(channels) > 1 and cfg.mean_teacher:
-        raise InputError("--mean-teacher reads single-volume CT archives; it is not available with several input "
-                         "channels yet. Leave out --mean-teacher or train on one channel")
+        inputs = GridSpec.from_dict(model.metadata["inputs"])
+        cfg = replace(cfg, spacing_xy=tuple(inputs.spacing_xy), hu_window=tuple(inputs.hu_window),
+                      context_slices=inputs.context_slices)
+    return table, cfg
+
+
+def _load_cases(job: FinetuneJob, cfg: FinetuneConfig, table, events: Events):
+    """All cases, the training and validation split, and the synonym table used to read DICOM cases."""
+    from .cases import load_case
+
     synonyms = None
     if job.synonyms is not None:
         from .dicom_rt import load_synonyms
@@ -301,103 +180,127 @@ def _run_finetune(job: FinetuneJob, events: Events | None, cleanup: ExitStack) -
                              "a validation case must be unseen in training")
     else:
         train_cases, val_cases = _split(cases, cfg)
-    spacing = cfg.spacing_xy or tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))
-    spec = GridSpec(cfg.hu_window, spacing, channels=channels)
-    for case in cases:
+    for case in cases + (val_cases if job.validation_data is not None else []):
         for note in case.warnings:
             events.warning(note, stage="finetune")
-    identity = {"data": str(Path(job.data).resolve()), "init": init_hash, "config": json.loads(json.dumps(asdict(cfg))),
-                "cases": sorted(c.name for c in cases), "validation": sorted(c.name for c in val_cases),
-                "synonyms": synonyms,
-                "unlabelled": str(Path(job.unlabelled).resolve()) if cfg.mean_teacher else None}
-    _check_run(out, identity, job, runtime)
-    if runtime.is_main:
-        from .runlock import release_run_lock
+    return cases, train_cases, val_cases, synonyms
 
-        cleanup.callback(release_run_lock, out)
-    if runtime.is_main:
-        events.add_sink(FileSink(out / "events.jsonl"))
-    events.log(f"{len(train_cases)} training case(s), {len(val_cases)} validation case(s); encoder {encoder_name}"
-               f"{' from ' + str(job.init) if job.init else ' (random init)'}; grid {spacing[0]:.3g} x "
-               f"{spacing[1]:.3g} mm", stage="finetune")
-    n_classes = max(table.values) + 1
-    train = SliceSet(train_cases, n_classes, spec, runtime.device)
-    val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
+
+def _build_network(start: _Start, spec: GridSpec, n_classes: int, cfg: FinetuneConfig,
+                   runtime: Runtime) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    unet = build_unet(encoder_name, n_classes, len(spec.input_channels)).to(runtime.device)
-    if init_model is not None:
-        unet.load_state_dict({k: v.to(runtime.device) for k, v in init_state.items()})
-    elif init_state is not None:
-        load_encoder_weights(unet, init_state)
-    objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
-    model = objective.deployable
-    optimizer = torch.optim.AdamW(objective.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    unet = build_unet(start.encoder, n_classes, spec.network_channels).to(runtime.device)
+    if start.model is not None:
+        unet.load_state_dict({k: v.to(runtime.device) for k, v in start.bundle.state_dict.items()})
+    elif start.bundle is not None:
+        load_encoder_weights(unet, _widen_input(start.bundle.state_dict, unet_encoder(unet).state_dict(), spec))
+    return unet
+
+
+def _widen_input(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                 spec: GridSpec) -> dict[str, torch.Tensor]:
+    """A pretrained encoder's weights for 2.5D input: each input convolution's kernel for channel ``c`` moves to the
+    centre slice of ``c``'s neighbours, the other slices start at 0, so the network starts by computing exactly the
+    pretrained features and learns what the neighbours add."""
+    k = spec.context_slices
+    if k == 0:
+        return state
+    widened = dict(state)
+    for key, weight in state.items():
+        wanted = target.get(key)
+        if wanted is None or weight.dim() != 4 or wanted.shape[1] != weight.shape[1] * (2 * k + 1):
+            continue
+        new = weight.new_zeros(wanted.shape)
+        for c in range(weight.shape[1]):
+            new[:, c * (2 * k + 1) + k] = weight[:, c]
+        widened[key] = new
+    return widened
+
+
+def _train(objective, train: SliceSet, val: SliceSet | None, spec: GridSpec, cfg: FinetuneConfig, job: FinetuneJob,
+           runtime: Runtime, events: Events) -> EpochValidator:
+    """The training loop: batches of augmented patches, warm-up + decay, validation at each epoch's end."""
+    out = Path(job.out_dir)
+    encoder_ids = {id(p) for p in unet_encoder(objective.unet).parameters()}
+    parameters = objective.trainable_parameters()
+    groups = [{"params": [p for p in parameters if id(p) in encoder_ids], "lr_scale": cfg.encoder_lr_scale},
+              {"params": [p for p in parameters if id(p) not in encoder_ids], "lr_scale": 1.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(max(len(train.foreground), 1) / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
-    history: dict = {"epochs": [], "best": None, "best_epoch": None, "stale": 0}
-    best_path = out / "checkpoints" / "best.pt"
-
-    patch = spec.multiple * max(1, round(cfg.patch_mm / min(spacing) / spec.multiple))
+    warmup = min(cfg.warmup_steps, total // 10)
+    patch = spec.multiple * max(1, round(cfg.patch_mm / min(spec.spacing_xy) / spec.multiple))
+    validator = EpochValidator(objective.deployable, val if val is not None else train, on_training_data=val is None,
+                               steps_per_epoch=steps_per_epoch, total=total, patience=cfg.patience,
+                               best_path=out / "checkpoints" / "best.pt", runtime=runtime, events=events)
 
     def step_loss(step: int) -> torch.Tensor:
         rng = np.random.default_rng(step_seed(cfg.seed, "finetune", step))
         x, y, annotated = sample_patches(train, cfg.batch_size, patch, cfg.foreground_fraction, rng)
         generator = torch.Generator(device=runtime.device).manual_seed(step_seed(cfg.seed, "augment", step))
-        x, y = augment_pairs(x, y, generator)
+        x, y = augment_batch(x, y, generator, cfg.augmentation)
         return objective(x, y, annotated, progress=step / total, rng=rng, generator=generator)
 
-    def on_step(step: int) -> bool:
-        if step % steps_per_epoch and step != total:
-            return False
-        epoch = math.ceil(step / steps_per_epoch)
-        scores = validate(model, val if val is not None else train, runtime)
-        mean = float(np.mean(list(scores.values()))) if scores else 0.0
-        history["epochs"].append({"epoch": epoch, "mean_dsc": mean, "dsc": scores})
-        if history["best"] is None or mean > history["best"]:
-            history.update(best=mean, best_epoch=epoch, stale=0)
-            if runtime.is_main:
-                save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "mean_dsc": mean})
-        else:
-            history["stale"] += 1
-        events.log(f"epoch {epoch}: {'validation' if val is not None else 'training'} mean DSC {100 * mean:.1f} % "
-                   f"(best {100 * history['best']:.1f} % at epoch {history['best_epoch']})", stage="finetune")
-        if history["stale"] >= cfg.patience:
-            events.log(f"early stop: no improvement for {cfg.patience} epochs", stage="finetune")
-            return True
-        return False
-
     def restore(saved: dict) -> None:
-        history.update(json.loads(saved["history"]))
+        validator.history.update(json.loads(saved["history"]))
 
     with StopRequest(job.stop_file) as stop:
         train_steps(stage="finetune", model=objective, optimizer=optimizer, total=total, base_lr=cfg.lr,
                     step_loss=step_loss, after_step=objective.after_step,
                     checkpoint=out / "checkpoints" / "finetune.pt",
-                    extra_state=lambda: {"history": json.dumps(history)}, runtime=runtime, events=events, stop=stop,
-                    checkpoint_seconds=job.checkpoint_minutes * 60, on_step=on_step, restore=restore)
-    if not runtime.is_main:
-        return out / "model.separeg"
-    best = load_checkpoint(best_path)
-    stats = _data_statistics(train_cases)
-    from . import __version__
+                    extra_state=lambda: {"history": json.dumps(validator.history)}, runtime=runtime, events=events,
+                    stop=stop, checkpoint_seconds=job.checkpoint_minutes * 60, on_step=validator, restore=restore,
+                    lr_at=lambda step: warmup_lr(cfg.lr, step, total, warmup=warmup, schedule=cfg.schedule))
+    return validator
 
+
+def _postprocessing(model: torch.nn.Module, slices: SliceSet, on_training_data: bool, table, cfg: FinetuneConfig,
+                    runtime: Runtime, events: Events) -> dict:
+    """Per organ, which post-processing steps contour applies: chosen on the validation cases by default."""
+    values = list(table.values)
+    if cfg.postprocessing == "none":
+        return {"largest_component": [], "fill_holes": [], "chosen_on": "none"}
+    if cfg.postprocessing == "all":
+        return {"largest_component": values, "fill_holes": values, "chosen_on": "all"}
+    chosen = choose_postprocessing(predict_slices(model, slices, runtime), slices, values)
+    names = {lb.value: lb.tg263 or lb.name for lb in table}
+    off = [names[v] for v in values if v not in chosen["largest_component"]]
+    events.log("post-processing: largest connected component for "
+               + (", ".join(names[v] for v in chosen["largest_component"]) or "no organ")
+               + (f" (not for {', '.join(off)}: it lowered their DSC)" if off else ""), stage="finetune")
+    return {**chosen, "chosen_on": "training" if on_training_data else "validation"}
+
+
+def _write_bundle(out: Path, best: dict, start: _Start, spec: GridSpec, n_classes: int, table,
+                  cfg: FinetuneConfig, identity: dict, objective, validator: EpochValidator, postprocessing: dict,
+                  train_cases: list, val_cases: list, events: Events) -> Path:
+    from . import __version__
+    from .bundle import save_bundle
+
+    history = validator.history
+    what = validator.what
     path = save_bundle(
         out / "model.separeg", kind="segmentation",
-        architecture=unet_architecture(encoder_name, len(spec.input_channels), n_classes),
+        architecture=unet_architecture(start.encoder, spec.network_channels, n_classes),
         state_dict=best["model"],
         metadata={"inputs": {**spec.to_dict(), "orientation": "LPS"},
                   "labels": table.to_dict(),
-                  "training": {"init_encoder_sha256": init_hash, "training_cases": len(train_cases),
+                  "training": {"init_encoder_sha256": identity["init"], "training_cases": len(train_cases),
                                "validation_cases": len(val_cases), "epochs_run": len(history["epochs"]),
                                "best_epoch": history["best_epoch"], "config": identity["config"],
                                "partial_labels": objective.mode, "mean_teacher": cfg.mean_teacher,
                                "separeg": __version__},
-                  "validation": {"mean_dsc": history["best"], "per_organ_dsc": history["epochs"][
-                      history["best_epoch"] - 1]["dsc"] if history["epochs"] else {}},
-                  "data": stats})
+                  "validation": {"mean_dsc": history["best"], "per_organ_dsc": validator.best_scores,
+                                 "on_training_data": validator.on_training_data},
+                  "postprocessing": postprocessing,
+                  "data": _data_statistics(train_cases)})
     write_json(history, out / "history.json")
-    events.done(f"model written to {path} (best {'validation' if val else 'training'} mean DSC "
-                f"{100 * (history['best'] or 0):.1f} % at epoch {history['best_epoch']})")
+    best_dsc = history["best"] or 0.0
+    if best_dsc == 0.0:
+        events.warning(f"the best {what} DSC is 0 %: this model found none of the organs; do not use it. Train "
+                       "longer (--epochs), on more cases, or from a pretrained encoder (--init)", stage="finetune")
+    events.done(f"model written to {path} (best {what} mean DSC {100 * best_dsc:.1f} % at epoch "
+                f"{history['best_epoch']})")
     return path
 
 
@@ -414,7 +317,8 @@ def _input_channels(cfg: FinetuneConfig, init, source) -> tuple:
     inputs = init.metadata.get("inputs") or {}
     from_bundle = channels_from_metadata({"hu_window": cfg.hu_window, **inputs}) if inputs.get("channels") else \
         parse_channels(None, cfg.hu_window)
-    taken = int(init.architecture.get("in_channels", 1))
+    # Volumes per case: a 2.5D model's network channels are each volume at 2k + 1 slices.
+    taken = int(init.architecture.get("in_channels", 1)) // (2 * int(inputs.get("context_slices", 0)) + 1)
     if cfg.channels is None:
         if len(from_bundle) != taken:  # an encoder that records only its channel count
             from_bundle = tuple(parse_channels(",".join(f"channel{i + 1}" for i in range(taken))))
@@ -465,7 +369,8 @@ def _objective(unet: torch.nn.Module, cfg: FinetuneConfig, job: FinetuneJob, tab
         teacher = MeanTeacher(unet, unlabelled, decay=cfg.ema_decay, consistency=cfg.consistency,
                               rampup=cfg.consistency_rampup)
     return Objective(unet, mode, max(table.values) + 1, hardness=cfg.hardness, psd_weight=cfg.psd_weight,
-                     cocl_weight=cfg.cocl_weight, mean_teacher=teacher).to(runtime.device)
+                     cocl_weight=cfg.cocl_weight, cocl_source=cfg.cocl_source,
+                     deep_supervision=cfg.deep_supervision, mean_teacher=teacher).to(runtime.device)
 
 
 def _data_statistics(cases: list) -> dict:

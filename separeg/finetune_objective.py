@@ -19,7 +19,7 @@ from torch import nn
 from .errors import InputError
 from .events import Events
 from .mean_teacher import MeanTeacher
-from .plseg import DeepSupervision, PLSegLoss
+from .plseg import DeepSupervision, PLSegLoss, resize_labels
 from .seg_losses import marginal_dice_ce
 
 __all__ = ["PARTIAL_LABEL_MODES", "choose_partial_label_mode", "Objective"]
@@ -59,21 +59,28 @@ class Objective(nn.Module):
     Args:
         unet: the segmentation U-Net (the deployed model).
         mode: a resolved partial-label mode (not ``auto``).
-        hardness, psd_weight, cocl_weight: PL-Seg's switches (see :class:`separeg.plseg.PLSegLoss`).
+        hardness, psd_weight, cocl_weight, cocl_source: PL-Seg's switches (see :class:`separeg.plseg.PLSegLoss`).
+        deep_supervision: in the ``marginal`` and ``background`` modes, also supervise the 3 coarser decoder
+            scales through 1x1 heads, weighted 1, 1/2, 1/4, 1/8 (normalised), as nnU-Net does (PL-Seg supervises
+            every scale whenever PSD is on).
         mean_teacher: the Mean Teacher built on ``unet``, or None.
     """
 
     def __init__(self, unet: nn.Module, mode: str, n_classes: int, *, hardness: bool = True,
-                 psd_weight: float = 0.1, cocl_weight: float = 0.1, mean_teacher: MeanTeacher | None = None) -> None:
+                 psd_weight: float = 0.1, cocl_weight: float = 0.1, cocl_source: str = "probabilities",
+                 deep_supervision: bool = False, mean_teacher: MeanTeacher | None = None) -> None:
         super().__init__()
         if mode not in PARTIAL_LABEL_MODES[1:]:
             raise InputError(f"partial-label mode must be one of {', '.join(PARTIAL_LABEL_MODES[1:])}, got {mode!r}")
         self.mode = mode
         self.unet = unet
-        self.plseg = (PLSegLoss(n_classes, hardness=hardness, psd_peak=psd_weight, cocl_weight=cocl_weight)
-                      if mode == "plseg" else None)
-        self.net = (DeepSupervision(unet, n_classes, extra_scales=3 if psd_weight > 0 else 0)
-                    if self.plseg is not None else None)
+        self.plseg = (PLSegLoss(n_classes, hardness=hardness, psd_peak=psd_weight, cocl_weight=cocl_weight,
+                                cocl_source=cocl_source) if mode == "plseg" else None)
+        if self.plseg is not None:
+            scales = 3 if psd_weight > 0 else 0
+        else:
+            scales = 3 if deep_supervision else 0
+        self.net = DeepSupervision(unet, n_classes, extra_scales=scales) if self.plseg is not None or scales else None
         self.mean_teacher = mean_teacher
 
     @property
@@ -88,10 +95,12 @@ class Objective(nn.Module):
                 rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
         if self.plseg is not None:
             loss = self.plseg(self.net(x), target, annotated, progress)
-        elif self.mode == "marginal":
-            loss = marginal_dice_ce(self.unet(x), target, annotated)
         else:
-            loss = marginal_dice_ce(self.unet(x), target, torch.ones_like(annotated))
+            known = annotated if self.mode == "marginal" else torch.ones_like(annotated)
+            scales = self.net(x).logits if self.net is not None else [self.unet(x)]
+            weights = [0.5 ** i for i in range(len(scales))]
+            loss = sum(w * marginal_dice_ce(logits, resize_labels(target, logits.shape[-2:]), known)
+                       for w, logits in zip(weights, scales, strict=True)) / sum(weights)
         if self.mean_teacher is not None:
             loss = loss + self.mean_teacher.loss(self.unet, len(x), x.shape[-1], progress, rng, generator)
         return loss

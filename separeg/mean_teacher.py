@@ -20,7 +20,7 @@ from torch import nn
 from .errors import InputError
 from .events import Events
 from .plseg import gaussian_rampup
-from .segmodel import GridSpec, to_canonical, to_model_grid
+from .segmodel import GridSpec, neighbour_index, to_canonical, to_model_grid
 
 __all__ = ["ema_update", "UnlabelledSlices", "MeanTeacher"]
 
@@ -72,13 +72,16 @@ class UnlabelledSlices:
             image = to_canonical(entry.read(manifest.root))
             hu = sitk.GetArrayViewFromImage(image)
             keep = np.unique(np.linspace(0, len(hu) - 1, min(per_volume, len(hu))).round().astype(int))
-            x = to_model_grid(np.ascontiguousarray(hu[keep]), image.GetSpacing()[:2], spec, device=device)
+            # 2.5D: each kept slice with its neighbours, as the network's input channels (segmodel.with_context).
+            rows = neighbour_index(len(hu), spec.context_slices)[keep].numpy()
+            x = to_model_grid(np.ascontiguousarray(hu[rows.ravel()]), image.GetSpacing()[:2], spec, device=device)
+            x = x.reshape(len(keep), rows.shape[1], *x.shape[-2:])
             slices.append(x.to(torch.float16))
             names.append(entry.path)
         return cls(slices, names)
 
     def sample(self, batch: int, patch: int, rng: np.random.Generator) -> torch.Tensor:
-        """``(batch, 1, patch, patch)`` float32 crops of random slices (zero-padded where a slice is smaller)."""
+        """``(batch, 2k + 1, patch, patch)`` float32 crops of random slices (zero-padded where a slice is smaller)."""
         volumes = rng.choice(len(self.slices), size=batch, p=self._sizes / self._sizes.sum())
         crops = []
         for v in volumes:

@@ -7,10 +7,14 @@ there, not background, so nothing may push it towards background. Three parts, e
 - **HADFL**, the hardness-aware decoupled foreground loss: each annotated organ ``c`` is its own binary problem,
   ``p_c`` against ``1 - p_c`` (Dice + cross entropy), so the voxels of an unannotated organ only learn "not
   ``c``", never "background". Each organ's loss is weighted by ``w_c = max(D_c / mean(D), 0.5)``, ``D_c`` its
-  Dice loss averaged over the last 50 batches: organs that stay hard get more weight.
-- **COCL**, the classwise orthogonal contrastive loss: a prototype per class (decoder features averaged under the
-  predicted class probabilities); cross entropy of their cosine-affinity matrix against the identity, minus its
-  value for orthogonal prototypes, so 0 means orthogonal. Keeps organs apart where no label says so.
+  Dice loss averaged over the last 50 batches *in which the organ was present* (as the authors' code counts only
+  classes present in the target: a batch without the organ says nothing about how hard it is, and its Dice of 0
+  would pin rare organs at the floor): organs that stay hard get more weight.
+- **COCL**, the classwise orthogonal contrastive loss: per sample, each class's softmax probability map flattened
+  and L2-normalised (the authors' ``CO_Contrastive``: a spatial mutual-exclusion constraint; ``cocl_source=
+  "features"`` uses decoder-feature prototypes instead); cross entropy of their cosine-affinity matrix against the
+  identity, minus its value for orthogonal maps, so 0 means no two classes claim the same pixels. Keeps organs apart
+  where no label says so.
 - **PSD**, progressive self-distillation: the finer decoder outputs teach the next coarser ones (softened with
   temperature 10), weighted by ``0.1 * exp(-5 (1 - t)^2)`` over training progress ``t``.
 
@@ -31,7 +35,10 @@ from torch import nn
 from .segmodel import decoder_blocks
 
 __all__ = ["DeepSupervision", "SegOutputs", "HardnessWeights", "decoupled_foreground_loss", "class_prototypes",
-           "cocl_loss", "psd_loss", "gaussian_rampup", "PLSegLoss"]
+           "probability_maps", "cocl_loss", "psd_loss", "gaussian_rampup", "resize_labels", "PLSegLoss",
+           "COCL_SOURCES"]
+
+COCL_SOURCES = ("probabilities", "features")
 
 
 @dataclass
@@ -143,6 +150,12 @@ def class_prototypes(features: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
     return torch.einsum("bchw,bdhw->bcd", probs, features) / mass[..., None]
 
 
+def probability_maps(probs: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H*W)``: each class's probability map flattened (COCL's prototypes in the authors' code; cosine
+    affinity then measures how much two classes' maps overlap)."""
+    return probs.flatten(2)
+
+
 def cocl_loss(prototypes: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Cross entropy of the ``(B, C, C)`` cosine affinities of ``(B, C, D)`` prototypes against the identity,
     minus its value for orthogonal prototypes: 0 when orthogonal, positive when classes share features
@@ -173,7 +186,7 @@ def gaussian_rampup(progress: float, peak: float) -> float:
     return peak * math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-def _resize_labels(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_labels(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(target.shape[-2:]) == tuple(size):
         return target
     return F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
@@ -187,13 +200,17 @@ class PLSegLoss(nn.Module):
         hardness: weight organs by HADFL's hardness (else all weigh 1: the plain decoupled loss).
         psd_peak: the PSD weight at the end of training (0: no PSD; then only the final output is supervised).
         cocl_weight: 0 switches COCL off.
+        cocl_source: ``probabilities`` (the authors') or ``features`` (decoder-feature prototypes).
     """
 
     def __init__(self, n_classes: int, *, hardness: bool = True, psd_peak: float = 0.1, cocl_weight: float = 0.1,
-                 psd_temperature: float = 10.0, window: int = 50) -> None:
+                 psd_temperature: float = 10.0, window: int = 50, cocl_source: str = "probabilities") -> None:
         super().__init__()
+        if cocl_source not in COCL_SOURCES:
+            raise ValueError(f"cocl_source must be one of {', '.join(COCL_SOURCES)}, got {cocl_source!r}")
         self.hardness = HardnessWeights(n_classes, window) if hardness else None
         self.psd_peak, self.cocl_weight, self.psd_temperature = psd_peak, cocl_weight, psd_temperature
+        self.cocl_source = cocl_source
         self.last: dict[str, torch.Tensor] = {}
 
     @property
@@ -205,10 +222,13 @@ class PLSegLoss(nn.Module):
         scales = outputs.logits if self.uses_scales else outputs.logits[:1]
         per_scale, weights = [], None
         for logits in scales:
-            loss, dice, measured = decoupled_foreground_loss(logits, _resize_labels(target, logits.shape[-2:]),
+            loss, dice, measured = decoupled_foreground_loss(logits, resize_labels(target, logits.shape[-2:]),
                                                              annotated)
             if weights is None:  # from the full-resolution output, shared by the coarser scales
-                weights = self.hardness.update(dice, measured) if self.hardness is not None else torch.ones_like(dice)
+                # Hardness counts an organ only in batches that hold it (labels exist for annotated organs only).
+                present = torch.bincount(target.flatten(), minlength=len(dice)) > 0
+                weights = (self.hardness.update(dice, measured & present) if self.hardness is not None
+                           else torch.ones_like(dice))
             per_scale.append((loss * weights * measured).sum() / measured.sum().clamp_min(1))
         total = torch.stack(per_scale).mean()
         self.last = {"sup": total.detach()}
@@ -218,7 +238,9 @@ class PLSegLoss(nn.Module):
             self.last["psd"] = psd.detach()
         if self.cocl_weight > 0:
             probs = torch.softmax(outputs.logits[0].float(), dim=1)
-            cocl = cocl_loss(class_prototypes(outputs.features.float(), probs))
+            prototypes = (probability_maps(probs) if self.cocl_source == "probabilities"
+                          else class_prototypes(outputs.features.float(), probs))
+            cocl = cocl_loss(prototypes)
             total = total + self.cocl_weight * cocl
             self.last["cocl"] = cocl.detach()
         return total

@@ -26,8 +26,9 @@ from .atomic import HashingWriter, atomic_path, checksum_path, file_sha256, reco
 from .errors import CancelledError, InputError
 from .events import Events
 
-__all__ = ["Runtime", "pick_device", "setup_runtime", "cosine_lr", "step_seed", "save_checkpoint", "load_checkpoint",
-           "verify_checkpoint", "checksum_path", "CorruptCheckpointError", "StopRequest", "train_steps", "TrainState"]
+__all__ = ["Runtime", "pick_device", "setup_runtime", "cosine_lr", "warmup_lr", "step_seed", "save_checkpoint",
+           "load_checkpoint", "verify_checkpoint", "checksum_path", "CorruptCheckpointError", "StopRequest",
+           "train_steps", "TrainState"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,16 @@ def setup_runtime(device: str = "auto") -> Runtime:
 def cosine_lr(base_lr: float, step: int, total: int) -> float:
     """Cosine decay from ``base_lr`` to 0 over ``total`` steps (SimSiam's schedule)."""
     return float(base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1))))
+
+
+def warmup_lr(base_lr: float, step: int, total: int, *, warmup: int = 0, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``warmup`` steps, then ``cosine`` decay or nnU-Net's ``poly`` ((1 - t)^0.9) to 0."""
+    if step < warmup:
+        return float(base_lr * (step + 1) / warmup)
+    t = min(step - warmup, total - warmup) / max(total - warmup, 1)
+    if schedule == "poly":
+        return float(base_lr * (1.0 - t) ** 0.9)
+    return float(base_lr * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def step_seed(seed: int, *parts: object) -> int:
@@ -282,7 +293,8 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
                 checkpoint: Path, extra_state: Callable[[], dict], runtime: Runtime, events: Events,
                 stop: StopRequest, checkpoint_seconds: float, log_every: int = 10,
                 on_step: Callable[[int], bool] | None = None,
-                restore: Callable[[dict], None] | None = None) -> TrainState:
+                restore: Callable[[dict], None] | None = None,
+                lr_at: Callable[[int], float] | None = None) -> TrainState:
     """The step loop of one stage, resumable from ``checkpoint``.
 
     Args:
@@ -297,6 +309,7 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
         on_step: called after step ``i`` is counted (e.g. validation at epoch ends); returning True ends the
             stage early (early stopping), with a checkpoint.
         restore: called with the loaded checkpoint when resuming, to restore what ``extra_state`` saved.
+        lr_at: the learning rate of step ``i`` before ``lr_scale`` (default: cosine decay from ``base_lr``).
 
     Raises:
         CancelledError: a stop was requested; the checkpoint was saved first.
@@ -331,7 +344,8 @@ def train_steps(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimize
             raise CancelledError(f"{stage} stopped at step {state.step}/{total} ({reason or 'another rank'}); "
                                  "checkpoint saved, re-run the same command to resume")
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(base_lr, state.step, total) * group.get("lr_scale", 1.0)
+            lr = lr_at(state.step) if lr_at is not None else cosine_lr(base_lr, state.step, total)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with runtime.autocast:
             loss = step_loss(state.step)
         optimizer.zero_grad(set_to_none=True)

@@ -3,15 +3,17 @@
 Runs the product's own commands on the public OpenKBP data (MIT licence), each as a ``separeg`` subprocess
 whose command line is recorded in the bundles:
 
-1. ``separeg pretrain`` over all 50 OpenKBP CTs -> the encoder;
-2. ``separeg finetune`` from it on the 40 training patients (partial labels: an organ a patient lacks is
-   unknown, not background), validated on the 10 validation patients;
-3. ``separeg contour`` + ``separeg evaluate`` on the 10 validation patients (DSC, HD95, seconds per CT);
-4. ``separeg pack --fp16`` of both, with the provenance and validation table as metadata.
+1. ``separeg pretrain`` over all 50 OpenKBP CTs -> the encoder (or ``--init``: start from an existing encoder);
+2. ``separeg finetune`` from it on the OpenKBP training patients (partial labels: an organ a patient lacks is
+   unknown, not background) less the ``--holdout`` ones, which choose the best epoch and the post-processing;
+3. ``separeg contour`` + ``separeg evaluate`` on the 10 OpenKBP validation patients, which no step of training
+   has seen (DSC, HD95, seconds per CT);
+4. ``separeg pack --fp16`` of what was trained, with the provenance and validation table as metadata.
 
 Every step resumes (its run folder is kept in ``--work``), so a killed build continues where it stopped.
 
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter          # CPU budget of MODELS.md
+    python Resources/StarterModels/build_starter_models.py --work /tmp/v2 --init separeg-encoder-hn-ct  # hn-oar-7 v2
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter --encoder resnet50 \\
         --iterations 100000 --epochs 200 --device cuda --models-out /tmp/paper-models       # the paper's budget
 """
@@ -51,11 +53,16 @@ def separeg(args: list[str], log: Path) -> list[str]:
     return ["separeg", *args]
 
 
-def link_cases(data: Path, work: Path) -> dict[str, list[str]]:
-    """Folders of symlinks per OpenKBP split: ``archive`` (all CTs), ``train`` and ``validation`` (CT + labels)."""
+def link_cases(data: Path, work: Path, holdout: set[str]) -> dict[str, list[str]]:
+    """Folders of symlinks: ``archive`` (all CTs), ``train``, ``holdout`` (training patients kept for model
+    selection) and ``validation`` (the OpenKBP validation patients, for the report only), CT + labels."""
     with (data / "manifest.csv").open(encoding="utf-8") as f:
         split = {row["patient_id"]: row["split"] for row in csv.DictReader(f)}
-    for folder in ("archive", "train", "validation"):
+    unknown = holdout - {c for c, p in split.items() if p == "train"}
+    if unknown:
+        sys.exit(f"--holdout names cases that are not OpenKBP training patients: {', '.join(sorted(unknown))}")
+    split.update({case: "holdout" for case in holdout})
+    for folder in ("archive", "train", "holdout", "validation"):
         (work / folder).mkdir(parents=True, exist_ok=True)
     for case, part in split.items():
         pairs = [("archive", f"{case}_ct.nii.gz"), (part, f"{case}_ct.nii.gz"), (part, f"{case}_oar.nii.gz")]
@@ -63,8 +70,9 @@ def link_cases(data: Path, work: Path) -> dict[str, list[str]]:
             target = work / folder / name
             if not target.exists():
                 target.symlink_to(data / name)
-    (work / "train" / "labels.json").write_bytes((data / "labels.json").read_bytes())
-    return {part: sorted(c for c, p in split.items() if p == part) for part in ("train", "validation")}
+    for folder in ("train", "holdout"):
+        (work / folder / "labels.json").write_bytes((data / "labels.json").read_bytes())
+    return {part: sorted(c for c, p in split.items() if p == part) for part in ("train", "holdout", "validation")}
 
 
 def device_name(device: str) -> str:
@@ -133,29 +141,37 @@ def main() -> None:
     parser.add_argument("--crop-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=40, help="fine-tuning epochs (paper: 200)")
     parser.add_argument("--steps-per-epoch", type=int, default=50)
+    parser.add_argument("--patience", type=int, default=8, help="early stopping, in epochs")
+    parser.add_argument("--init", default=None, help="start from this encoder (name or path) instead of pretraining")
+    parser.add_argument("--holdout", default="pt_41,pt_42,pt_43,pt_45",
+                        help="training patients that choose the best epoch and post-processing instead of training")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     work, data = args.work.resolve(), args.data.resolve()
     log = work / "build.log"
-    splits = link_cases(data, work)
+    splits = link_cases(data, work, {c for c in args.holdout.split(",") if c})
     started = time.perf_counter()
-    pretrain = separeg(["pretrain", str(work / "archive"), "--out", str(work / "pretrain"), "--encoder", args.encoder,
-                        "--iterations", str(args.iterations), "--batch-size", "32", "--crop-size", str(args.crop_size),
-                        "--seed", "0", "--device", args.device], log)
+    pretrain = None
+    if args.init is None:
+        pretrain = separeg(["pretrain", str(work / "archive"), "--out", str(work / "pretrain"), "--encoder",
+                            args.encoder, "--iterations", str(args.iterations), "--batch-size", "32", "--crop-size",
+                            str(args.crop_size), "--seed", "0", "--device", args.device], log)
     pretrain_minutes = (time.perf_counter() - started) / 60
     started = time.perf_counter()
-    finetune = separeg(["finetune", str(work / "train"), "--validation", str(work / "validation"), "--init",
-                        str(work / "pretrain" / "encoder.separeg"), "--out", str(work / "finetune"),
+    finetune = separeg(["finetune", str(work / "train"), "--validation", str(work / "holdout"), "--init",
+                        args.init or str(work / "pretrain" / "encoder.separeg"), "--out", str(work / "finetune"),
                         "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
+                        "--patience", str(args.patience),
                         "--batch-size", "16", "--partial-labels", "auto", "--seed", "0", "--device", args.device], log)
     finetune_minutes = (time.perf_counter() - started) / 60
     summary, seconds, contour = validate(work / "finetune" / "model.separeg", work, splits["validation"], log)
     rows = table(summary)
     device = device_name(args.device)
     data_text = (f"OpenKBP (Babier et al. 2021, MIT licence; TCIA head-and-neck CTs at 128 x 128 x 128): "
-                 f"{len(splits['train']) + len(splits['validation'])} CTs unlabelled for pretraining, "
+                 f"{sum(len(v) for v in splits.values())} CTs unlabelled for pretraining, "
                  f"{len(splits['train'])} training patients for fine-tuning (an organ missing in a patient is "
-                 f"unknown, not background), {len(splits['validation'])} validation patients")
+                 f"unknown, not background), {len(splits['holdout'])} held-out training patients for model "
+                 f"selection, {len(splits['validation'])} validation patients for this report only")
     common = {"data": data_text, "device": device, "limits": LIMITS, "model_card": "MODELS.md"}
     encoder_meta = {"release": {**common, "name": ENCODER_NAME, "intended_use":
                                 "initialise `separeg finetune --init " + ENCODER_NAME + "` on head-and-neck CT",
@@ -164,14 +180,19 @@ def main() -> None:
                                           f"of the paper's 100k)"}}
     model_meta = {"release": {**common, "name": MODEL_NAME, "intended_use":
                               "automatic first-pass contours of 7 head-and-neck organs at risk on CT, for review",
-                              "commands": [relative(pretrain, work), relative(finetune, work), relative(contour, work)],
-                              "budget": f"pretraining as {ENCODER_NAME}; fine-tuning {args.epochs} epochs of "
-                                        f"{args.steps_per_epoch} steps of 16 slices (paper: 200 epochs)",
+                              "commands": [relative(c, work) for c in (pretrain, finetune, contour) if c],
+                              "budget": f"pretraining as {args.init or ENCODER_NAME}; fine-tuning at most "
+                                        f"{args.epochs} epochs of {args.steps_per_epoch} steps of 16 slices, early "
+                                        f"stopping after {args.patience} epochs without improvement on the held-out "
+                                        "patients (paper: 200 epochs)",
+                              "holdout_patients": splits["holdout"],
                               "validation": {"patients": splits["validation"], "per_organ": rows,
                                              "contour_seconds_per_ct": [round(s, 2) for s in seconds]}}}
     packed = {}
-    for name, source, meta in ((ENCODER_NAME, work / "pretrain" / "encoder.separeg", encoder_meta),
-                               (MODEL_NAME, work / "finetune" / "model.separeg", model_meta)):
+    bundles = [(MODEL_NAME, work / "finetune" / "model.separeg", model_meta)]
+    if pretrain is not None:
+        bundles.insert(0, (ENCODER_NAME, work / "pretrain" / "encoder.separeg", encoder_meta))
+    for name, source, meta in bundles:
         (work / f"{name}.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         target = args.models_out / f"{name}.separeg"
         separeg(["pack", str(source), "--out", str(target), "--fp16", "--metadata", str(work / f"{name}.json")], log)
