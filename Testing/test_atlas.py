@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from separeg.atlas import AtlasJob, RegistrationConfig, _fuse, run_atlas
+from separeg.atlas import AtlasJob, RegistrationConfig, _fuse, _Fusion, run_atlas
 from separeg.cli import main
 from separeg.errors import InputError
 
@@ -107,18 +107,26 @@ def test_an_organ_hidden_in_one_atlas_is_still_labelled_and_not_outvoted(tmp_pat
         run_atlas(AtlasJob(volume=target, atlases=atlases, out_dir=tmp_path / "x", cases=("c",)))
 
 
+def _fused(method: str, votes: dict[int, list[np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
+    fusion = _Fusion(method)
+    for value, masks in votes.items():
+        for mask in masks:
+            fusion.add(value, mask)
+    return _fuse(fusion, shape)
+
+
 def test_fusion_votes_only_among_the_atlases_that_annotate_an_organ() -> None:
     organ = np.zeros((1, 4, 4), np.float32)
     organ[0, :2] = 1.0
     other = np.zeros_like(organ)
     other[0, 1:3] = 1.0
     # Organ 1 is annotated by one atlas of three: it is labelled there, not outvoted by the other two.
-    for fusion in ("vote", "staple"):
-        labels = _fuse({1: [organ], 2: [other, other, np.zeros_like(other)]}, organ.shape, fusion)
+    for method in ("vote", "staple"):
+        labels = _fused(method, {1: [organ], 2: [other, other, np.zeros_like(other)]}, organ.shape)
         assert (labels[0, 0] == 1).all() and (labels[0, 3] == 0).all()
         assert (labels[0, 1] == 1).all()  # a tie between organs: the lower value
         assert (labels[0, 2] == 2).all()  # 2 of 3 atlases
-    labels = _fuse({2: [other, np.zeros_like(other), np.zeros_like(other)]}, organ.shape, "vote")
+    labels = _fused("vote", {2: [other, np.zeros_like(other), np.zeros_like(other)]}, organ.shape)
     assert not labels.any()  # 1 of 3: no majority
 
 

@@ -211,39 +211,84 @@ def register(fixed: _Prepared, moving: _Prepared, config: RegistrationConfig):
 # -------------------------------------------------------------------------------------------------------- fusion
 
 
-def _propagate(transform, target, labels, values: list[int]) -> dict[int, np.ndarray]:
-    """Soft masks ``{value: (Z, Y, X) float32}`` of the atlas organs ``values`` on the target's grid."""
+FIELD_MM = 2.0  # the displacement field is sampled no finer than this (the transform is smooth at that scale)
+
+
+def _field_grid(target):
+    """A grid over the target's extent, one voxel larger on every side, no finer than :data:`FIELD_MM`: the
+    displacement field interpolated on it covers every target voxel (outside its grid a field moves nothing) and
+    stays small for a fine clinical CT."""
+    import SimpleITK as sitk
+
+    spacing = np.maximum(np.array(target.GetSpacing()), FIELD_MM)
+    extent = (np.array(target.GetSize()) - 1) * np.array(target.GetSpacing())
+    size = np.ceil(extent / spacing).astype(int) + 3
+    origin = np.array(target.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, 0.0])) \
+        - np.array(target.GetDirection()).reshape(3, 3) @ spacing
+    grid = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
+    grid.SetSpacing(spacing.tolist())
+    grid.SetDirection(target.GetDirection())
+    grid.SetOrigin(origin.tolist())
+    return grid
+
+
+def _propagate(transform, target, labels, values: list[int]):
+    """Soft masks ``(value, (Z, Y, X) float32 in [0, 1])`` of the atlas organs ``values`` on the target's grid, one at
+    a time (linear interpolation through one displacement field)."""
     import SimpleITK as sitk
 
     to_field = sitk.TransformToDisplacementFieldFilter()
-    to_field.SetReferenceImage(target)
+    to_field.SetReferenceImage(_field_grid(target))
     to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
     warp = sitk.DisplacementFieldTransform(to_field.Execute(transform))
-    masks = {}
     for value in values:
         mask = sitk.Cast(labels == value, sitk.sitkFloat32)
-        masks[value] = sitk.GetArrayFromImage(sitk.Resample(mask, target, warp, sitk.sitkLinear, 0.0,
-                                                            sitk.sitkFloat32))
-    return masks
+        yield value, sitk.GetArrayFromImage(sitk.Resample(mask, target, warp, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
 
 
-def _fuse(votes: dict[int, list[np.ndarray]], shape: tuple[int, ...], fusion: str) -> np.ndarray:
-    """Label map from per-organ soft masks of the atlases that annotate each organ (``votes[value]``).
+class _Fusion:
+    """Per-organ scores from the atlases that annotate each organ (an atlas that leaves an organ out is not asked).
 
-    ``vote``: the mean; ``staple``: STAPLE's posterior of the binarised masks (the mean with one atlas). A voxel takes
-    the organ of the highest score >= 0.5 (ties: the lower value), else 0.
+    ``vote``: the mean of their soft masks (a running sum: memory does not grow with the atlases); ``staple``:
+    STAPLE's posterior of their binarised masks (the mask itself with one atlas).
     """
-    import SimpleITK as sitk
 
-    labels = np.zeros(shape, np.uint8 if max(votes, default=0) < 256 else np.uint16)
-    best = np.full(shape, np.nextafter(np.float32(0.5), np.float32(0)), np.float32)  # a score must reach 0.5
-    for value in sorted(votes):
-        masks = votes[value]
-        if fusion == "staple" and len(masks) > 1:
-            score = sitk.GetArrayFromImage(sitk.STAPLE([sitk.GetImageFromArray((m >= 0.5).astype(np.uint8))
-                                                        for m in masks], 1.0)).astype(np.float32)
+    def __init__(self, fusion: str) -> None:
+        self.fusion = fusion
+        self.sums: dict[int, np.ndarray] = {}
+        self.counts: dict[int, int] = {}
+        self.binary: dict[int, list[np.ndarray]] = {}
+
+    def add(self, value: int, mask: np.ndarray) -> None:
+        self.counts[value] = self.counts.get(value, 0) + 1
+        if self.fusion == "staple":
+            self.binary.setdefault(value, []).append((mask >= 0.5).astype(np.uint8))
+        elif value in self.sums:
+            self.sums[value] += mask
         else:
-            score = np.mean(masks, axis=0) if len(masks) > 1 else masks[0]
+            self.sums[value] = mask.astype(np.float32, copy=True)
+
+    @property
+    def organs(self) -> list[int]:
+        return sorted(self.counts)
+
+    def score(self, value: int) -> np.ndarray:
+        import SimpleITK as sitk
+
+        if self.fusion != "staple":
+            return self.sums[value] / np.float32(self.counts[value])
+        masks = self.binary[value]
+        if len(masks) == 1:
+            return masks[0].astype(np.float32)
+        return sitk.GetArrayFromImage(sitk.STAPLE([sitk.GetImageFromArray(m) for m in masks], 1.0)).astype(np.float32)
+
+
+def _fuse(fusion: _Fusion, shape: tuple[int, ...]) -> np.ndarray:
+    """The label map: a voxel takes the organ of the highest score >= 0.5 (ties: the lower value), else 0."""
+    labels = np.zeros(shape, np.uint8 if max(fusion.organs, default=0) < 256 else np.uint16)
+    best = np.full(shape, np.nextafter(np.float32(0.5), np.float32(0)), np.float32)  # a score must reach 0.5
+    for value in fusion.organs:
+        score = fusion.score(value)
         wins = score > best  # strictly: on a tie the lower value keeps the voxel
         labels[wins] = value
         best[wins] = score[wins]
@@ -302,7 +347,7 @@ def run_atlas(job: AtlasJob, events: Events | None = None):
     atlases = select_atlases(Path(job.atlases), tuple(job.cases))
     image = read_volume(job.volume, series_uid=job.series_uid)
     fixed = _prepare(image, job.registration)
-    votes: dict[int, list[np.ndarray]] = {}
+    fusion = _Fusion(job.fusion)
     per_atlas = []
     for i, case in enumerate(atlases):
         t0 = time.perf_counter()
@@ -311,14 +356,14 @@ def run_atlas(job: AtlasJob, events: Events | None = None):
         label_image.CopyInformation(loaded.image)
         transform, metric = register(fixed, _prepare(loaded.image, job.registration), job.registration)
         annotated = sorted(loaded.annotated)
-        for value, mask in _propagate(transform, image, label_image, annotated).items():
-            votes.setdefault(value, []).append(mask)
+        for value, mask in _propagate(transform, image, label_image, annotated):
+            fusion.add(value, mask)
         seconds = time.perf_counter() - t0
         per_atlas.append({"case": case.name, "annotated": annotated, "mutual_information": round(float(metric), 4),
                           "seconds": round(seconds, 1)})
         events.progress("atlas", i + 1, len(atlases), msg=f"{case.name}: {seconds:.0f} s")
     shape = sitk.GetArrayViewFromImage(image).shape
-    fused = sitk.GetImageFromArray(_fuse(votes, shape, job.fusion))
+    fused = sitk.GetImageFromArray(_fuse(fusion, shape))
     fused.CopyInformation(image)
     canonical = to_canonical(fused)
     array = postprocess(sitk.GetArrayFromImage(canonical), list(table.values),
@@ -331,7 +376,7 @@ def run_atlas(job: AtlasJob, events: Events | None = None):
     voxel_cc = float(np.prod(image.GetSpacing())) / 1000.0
     counts = np.bincount(array.ravel(), minlength=max(table.values) + 1)
     volumes = {lb.tg263 or lb.name: round(float(counts[lb.value]) * voxel_cc, 2) for lb in table.labels}
-    unannotated = [lb.tg263 or lb.name for lb in table.labels if lb.value not in votes]
+    unannotated = [lb.tg263 or lb.name for lb in table.labels if lb.value not in fusion.counts]
     warnings = [f"no atlas annotates {', '.join(unannotated)}: not contoured"] if unannotated else []
     identity = hashlib.sha256(repr((sorted(a.name for a in atlases), job.fusion, asdict(job.registration)))
                               .encode()).hexdigest()
