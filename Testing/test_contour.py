@@ -11,7 +11,15 @@ import SimpleITK as sitk
 import torch
 
 from separeg.bundle import save_bundle
-from separeg.contour import LABELS_FILE, REVIEW_NOTICE, SEGMENTATION_FILE, ContourJob, postprocess, run_contour
+from separeg.contour import (
+    CPU_BATCH,
+    LABELS_FILE,
+    REVIEW_NOTICE,
+    SEGMENTATION_FILE,
+    ContourJob,
+    postprocess,
+    run_contour,
+)
 from separeg.errors import InputError
 from separeg.labels import load_label_table
 from separeg.models import resolve_model
@@ -244,8 +252,9 @@ def test_a_25d_model_contours_with_its_context_slices(openkbp: Path, tmp_path: P
     volume = tmp_path / "pt_203_part.nii.gz"
     sitk.WriteImage(read_volume(openkbp / "pt_203_ct.nii.gz")[:, :, 50:90], str(volume))  # 40 slices: 3 chunks
     new, old = _old_and_new(volume, str(model), tmp_path / "out")
-    assert len(inputs) == 2 + 40  # new: batches of 32 + 8; old: one slice at a time
-    fed_new, fed_old = torch.cat(inputs[:2]), torch.cat(inputs[2:])
+    batches = -(-40 // CPU_BATCH)  # new: batches of CPU_BATCH slices; old: one slice at a time
+    assert len(inputs) == batches + 40
+    fed_new, fed_old = torch.cat(inputs[:batches]), torch.cat(inputs[batches:])
     assert fed_new.shape == (40, 3, 64, 64) and torch.equal(fed_new, fed_old)
     assert not torch.equal(fed_new[:, 0], fed_new[:, 1])  # the neighbours are there
     assert (new == old).mean() >= 0.999

@@ -54,8 +54,8 @@ logger = logging.getLogger(__name__)
 SEGMENTATION_FILE = "segmentation.nii.gz"
 LABELS_FILE = "segmentation.json"
 REVIEW_NOTICE = "Automatic contour: review and correct every structure before clinical use."
-CPU_BATCH = 32  # slices per batch on a CPU: 2-4x faster than one at a time for the starter models (bench_contour)
-GPU_BATCH = 16
+CPU_BATCH = 16  # slices per batch on a CPU: 2-4x faster than one at a time for the starter models; 8 to 32 run
+GPU_BATCH = 16  # about as fast, 32 holds ~90 MB more (contour_profile.md)
 _CHUNK = 16  # input slices windowed and resampled to the model grid at a time: memory stays flat
 
 
@@ -357,7 +357,9 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
     batch = job.batch_size or (GPU_BATCH if runtime.device.type == "cuda" else cpu_batch)
     labels, canonical = segment(images, spec, model, runtime, batch, events)
     lap("inference and labels")
-    labels = post(labels, table.values, largest_component=job.largest_component, fill_holes=job.fill_holes)
+    lcc, fill = _postprocessing_organs(bundle.metadata.get("postprocessing"), table.values, job)
+    labels = post(labels, lcc, largest_component=True, fill_holes=False)
+    labels = post(labels, fill, largest_component=False, fill_holes=True)
     lap("postprocess")
     result_image = sitk.GetImageFromArray(labels)
     if canonical is image:
@@ -378,7 +380,8 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
         "labels": [{"value": lb.value, "name": lb.name, "tg263": lb.tg263, "color": list(lb.color),
                     "volume_cc": volumes[lb.tg263 or lb.name], **_terminology(lb)} for lb in table.labels],
         "warnings": warnings,
-        "postprocessing": {"largest_component": job.largest_component, "fill_holes": job.fill_holes},
+        "postprocessing": {"largest_component": [_organ(table, v) for v in lcc],
+                           "fill_holes": [_organ(table, v) for v in fill]},
     }
     labels_json = write_json(description, out / LABELS_FILE)
     lap("write")
@@ -431,6 +434,20 @@ def _segment_legacy(images: list, spec: GridSpec, model: torch.nn.Module, runtim
             labels[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
             events.progress("contour", start + len(logits), len(slices))
     return labels, canonical
+
+
+def _organ(table, value: int) -> str:
+    label = table.by_value(value)
+    return label.tg263 or label.name
+
+
+def _postprocessing_organs(chosen: dict | None, values: list[int], job: ContourJob) -> tuple[list[int], list[int]]:
+    """The organs whose largest component is kept and whose holes are filled: those the model's fine-tuning chose
+    on its validation cases (every organ for models that recorded no choice), unless the job switches a step off."""
+    chosen = chosen or {}
+    lcc = [v for v in values if v in chosen.get("largest_component", values)] if job.largest_component else []
+    fill = [v for v in values if v in chosen.get("fill_holes", values)] if job.fill_holes else []
+    return lcc, fill
 
 
 def _postprocess_legacy(labels: np.ndarray, values: list[int], *, largest_component: bool,
