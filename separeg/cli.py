@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     contour.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     contour.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")
     contour.add_argument("--batch-size", type=_positive_int, default=None,
-                         help="slices per forward pass (default 16 on a GPU, 1 on a CPU; halved when out of memory)")
+                         help="slices per forward pass (default 16; halved when out of memory)")
     contour.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     contour.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the contours")
     contour.add_argument("--rtstruct", action="store_true",
