@@ -31,8 +31,9 @@ class SepaRegSegment(ScriptedLoadableModule):
         self.parent.helpText = (
             "Auto-contour organs at risk on CT with a SepaReg model, correct the result in Segment Editor and "
             "teach the model with it, fine-tune a new model from a few annotated scans, evaluate against a "
-            "reference and export RTSTRUCT / DICOM SEG / NIfTI. Automatic contours must be reviewed before "
-            "clinical use.")
+            "reference and export RTSTRUCT / DICOM SEG / NIfTI. Exports of Auto-contour results name the model: "
+            "AUTOMATIC while unchanged, SEMIAUTOMATIC once edited; other contours are MANUAL. Automatic contours "
+            "must be reviewed before clinical use.")
         self.parent.acknowledgementText = (
             "Implements SepaReg (Wang et al., AAAI 2022). Sample data: OpenKBP (TCIA head-and-neck CT).")
 
@@ -116,6 +117,8 @@ class SepaRegSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(run.wait(timeout=900), RunState.DONE, run.message)
         node = results[-1].outputs["segmentationNode"]
         self.assertEqual([name for _, name in logic.scene.segments(node)], organs)
+        origin = logic.contourOrigin(node, cases[0].volumeNode)  # the model recorded on the node: exports name it
+        self.assertEqual((origin.modelName, origin.generation), ("SepaRegSelfTest", "automatic"))
         rows = logic.evaluate(node, cases[0].segmentationNode, cases[0].volumeNode)
         self.assertEqual([row["organ"] for row in rows], organs)
         self.delayDisplay("Test passed")

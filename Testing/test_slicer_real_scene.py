@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer_tier
-from SepaRegSegmentLib.Logic import TrainingCase
+from SepaRegSegmentLib.Logic import CONTOUR_MODEL_ATTRIBUTE, TrainingCase
 
 from separeg.background import RunState
 
@@ -258,10 +258,70 @@ def test_export_from_scene_nodes_leaves_no_node_behind(real_slicer, logic, tmp_p
     referenced = {item.ReferencedSOPInstanceUID for roi in rtstruct.ROIContourSequence for contour in
                   roi.ContourSequence for item in contour.ContourImageSequence}
     assert referenced and referenced <= ct_uids  # the volume had no DICOM: written as a new series first
+    # contours Auto-contour did not make (here a label map loaded from a file) are manual: no algorithm named
+    assert logic.contourOrigin(segmentation, volume) is None
+    assert {roi.ROIGenerationAlgorithm for roi in rtstruct.StructureSetROISequence} == {"MANUAL"}
+    assert not any("ROIGenerationDescription" in roi for roi in rtstruct.StructureSetROISequence)
+    assert json.loads((out / "export.json").read_text())["algorithm"] is None
     assert pydicom.dcmread(out / "seg.dcm").Modality == "SEG"
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "pt_1_oar.nii.gz")))
     np.testing.assert_array_equal(written == 5, source == 7)  # Bone_Mandible: 5th segment, value 7 in the file
+
+
+def test_export_of_auto_contours_names_the_model_until_a_planner_edits_them(real_slicer, logic, tmp_path: Path) -> None:
+    """Auto-contour records its model on the segmentation node; Export then writes AUTOMATIC contours naming the
+    model while the segments are the model's output, SEMIAUTOMATIC (still naming it) once a planner edited one."""
+    import pydicom
+
+    slicer = real_slicer
+    volume = slicer.util.loadVolume(str(SAMPLES / "pt_203_ct.nii.gz"))
+    result = run(logic, lambda: logic.autoContour(volume, "hn-oar-7", device="cpu"))
+    node = result.outputs["segmentationNode"]
+    described = json.loads((result.outputs["folder"] / "segmentation.json").read_text())
+    recorded = json.loads(node.GetAttribute(CONTOUR_MODEL_ATTRIBUTE))
+    assert recorded == {"model": described["model"], "separeg_version": described["separeg_version"]}
+    assert recorded["model"]["name"] == "hn-oar-7"
+
+    def exported(out: Path) -> tuple[set, set, dict]:
+        rtstruct = pydicom.dcmread(out / "rtstruct.dcm")
+        rois = rtstruct.StructureSetROISequence
+        return ({roi.ROIGenerationAlgorithm for roi in rois}, {roi.get("ROIGenerationDescription") for roi in rois},
+                json.loads((out / "export.json").read_text()))
+
+    count = slicer.mrmlScene.GetNumberOfNodes()
+    run(logic, lambda: logic.export(node, volume, tmp_path / "unedited", seg=False))
+    kinds, descriptions, manifest = exported(tmp_path / "unedited")
+    assert kinds == {"AUTOMATIC"} and manifest["generation"] == "AUTOMATIC" and "notice" in manifest
+    assert len(descriptions) == 1 and "hn-oar-7" in descriptions.pop()
+    assert manifest["algorithm"]["name"] == "hn-oar-7"
+    assert manifest["algorithm"]["bundle_sha256"] == described["model"]["sha256"]
+    np.testing.assert_array_equal(  # what was exported is the core's label map, voxel for voxel
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "unedited" / "segmentation.nii.gz"))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(result.outputs["folder"] / "segmentation.nii.gz"))))
+    assert slicer.mrmlScene.GetNumberOfNodes() == count
+
+    # a planner erases part of the left parotid (as Segment Editor's eraser leaves it: the segment's labelmap updated)
+    [(sid, _)] = [(sid, name) for sid, name in logic.scene.segments(node) if name == "Parotid_L"]
+    original = slicer.util.arrayFromSegmentBinaryLabelmap(node, sid, volume)
+    edited = original.copy()
+    edited[int(np.nonzero(original.any(axis=(1, 2)))[0].mean()):] = 0  # the upper half of its slices
+    assert 0 < edited.sum() < original.sum()
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, node, sid, volume)
+    assert logic.contourOrigin(node, volume).changes == ["Parotid_L edited"]
+    run(logic, lambda: logic.export(node, volume, tmp_path / "edited", seg=False, nifti=False))
+    kinds, descriptions, manifest = exported(tmp_path / "edited")
+    assert kinds == {"SEMIAUTOMATIC"} and manifest["generation"] == "SEMIAUTOMATIC" and "notice" not in manifest
+    assert len(descriptions) == 1 and "hn-oar-7" in descriptions.pop()
+    assert manifest["algorithm"]["name"] == "hn-oar-7"
+    # the edit undone: automatic again; a renamed, a removed or an added segment is an edit too
+    slicer.util.updateSegmentBinaryLabelmapFromArray(original, node, sid, volume)
+    assert logic.contourOrigin(node, volume).generation == "automatic"
+    logic.scene.renameSegment(node, sid, "Lt Parotid")
+    node.GetSegmentation().RemoveSegment(logic.scene.segments(node)[0][0])
+    node.GetSegmentation().AddEmptySegment("GTV", "GTV")
+    assert logic.contourOrigin(node, volume).changes == ["Parotid_L renamed Lt Parotid", "GTV added",
+                                                        "Brainstem removed"]
 
 
 def test_correct_and_learn_on_real_nodes(real_slicer, logic, tmp_path: Path) -> None:

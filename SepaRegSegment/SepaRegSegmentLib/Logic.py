@@ -8,6 +8,7 @@ through signals, on the thread that calls :meth:`poll` (the widget's timer).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,12 @@ STOP_FILE = "STOP"
 TRAINING_SET_LABELS = "labels.json"
 # Slicer's name for the segment of value v when it loads a label map without a table (loadSegmentation).
 SEGMENT_BY_VALUE = re.compile(r"Segment_(\d+)")
+# Node attributes Auto-contour leaves on its segmentation (saved with the scene): the model that made it
+# ({"model": {"path", "name", "sha256"}, "separeg_version"}, as in the core's segmentation.json) and each segment's
+# name and content fingerprint then ([{"id", "name", "sha256"}]), so Export can tell automatic contours from edited
+# ones.
+CONTOUR_MODEL_ATTRIBUTE = "SepaReg.ContourModel"
+CONTOUR_SEGMENTS_ATTRIBUTE = "SepaReg.ContourSegments"
 
 
 @dataclass
@@ -87,6 +94,29 @@ class FinetuneRequest:
 
 
 @dataclass
+class ContourOrigin:
+    """The model that made a segmentation (Auto-contour) and what a planner changed in it since.
+
+    Attributes:
+        model: ``{"model": {"path", "name", "sha256"}, "separeg_version"}``, as in the core's ``segmentation.json``.
+        changes: the segments edited, renamed, added or removed since Auto-contour ("Parotid_L edited"); empty when
+            the segments are still the model's output.
+    """
+
+    model: dict
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def generation(self) -> str:
+        """``separeg export --generation``: automatic (unchanged model output) or semiautomatic (edited by a person)."""
+        return "semiautomatic" if self.changes else "automatic"
+
+    @property
+    def modelName(self) -> str:
+        return str((self.model.get("model") or {}).get("name") or "?")
+
+
+@dataclass
 class TaskResult:
     task: str
     state: RunState
@@ -140,6 +170,16 @@ def labelTable(organs: Sequence[str]) -> dict:
     from separeg.labels import LabelTable
 
     return LabelTable.from_names(organs).to_dict()
+
+
+def maskFingerprint(mask) -> str:
+    """SHA-256 of a boolean mask and its shape: equal for the same voxels on the same grid."""
+    import numpy as np
+
+    mask = np.asarray(mask, dtype=bool)
+    digest = hashlib.sha256(repr(tuple(mask.shape)).encode())
+    digest.update(np.packbits(mask, axis=None).tobytes())
+    return digest.hexdigest()
 
 
 def safeName(name: str) -> str:
@@ -339,6 +379,7 @@ class SegmentLogic:
             node = self.scene.loadSegmentation(out / "segmentation.nii.gz", out / "segmentation.json", volumeNode,
                                                name)
             description = json.loads((out / "segmentation.json").read_text(encoding="utf-8"))
+            self.rememberContourModel(node, volumeNode, description)
             for warning in description.get("warnings", []):
                 self.logMessage.emit(warning, "warning")
             return {"segmentationNode": node, "folder": out, "labels": description["labels"]}
@@ -346,6 +387,53 @@ class SegmentLogic:
         return self._start("Auto-contour", "contour", [ct, *extras, "--model", model.path, "--out", out, "--device",
                                                        device],
                            load, logPath=folder / "log.txt")
+
+    # ------------------------------------------------------------------------------------ contour provenance
+    def segmentFingerprints(self, segmentationNode, volumeNode) -> list[dict]:
+        """``[{"id", "name", "sha256"}]``: each segment's name and :func:`maskFingerprint` on the volume's grid."""
+        return [{"id": sid, "name": name,
+                 "sha256": maskFingerprint(self.scene.segmentArray(segmentationNode, sid, volumeNode))}
+                for sid, name in self.scene.segments(segmentationNode)]
+
+    def rememberContourModel(self, segmentationNode, volumeNode, description: dict) -> None:
+        """Record on the node the model of ``description`` (the core's ``segmentation.json``) and the segments as
+        it made them (node attributes, saved with the scene); without a model there, the node is left as it is."""
+        if not description.get("model"):
+            return
+        model = {"model": description["model"], "separeg_version": description.get("separeg_version")}
+        self.scene.setNodeAttribute(segmentationNode, CONTOUR_MODEL_ATTRIBUTE, json.dumps(model))
+        self.scene.setNodeAttribute(segmentationNode, CONTOUR_SEGMENTS_ATTRIBUTE,
+                                    json.dumps(self.segmentFingerprints(segmentationNode, volumeNode)))
+
+    def contourOrigin(self, segmentationNode, volumeNode) -> ContourOrigin | None:
+        """The model that made the segmentation and the segments changed since (compared on ``volumeNode``'s grid,
+        organ by organ), or ``None`` for contours Auto-contour did not make (drawn by hand, imported)."""
+        text = self.scene.nodeAttribute(segmentationNode, CONTOUR_MODEL_ATTRIBUTE)
+        if not text:
+            return None
+        try:
+            model = json.loads(text)
+            made = json.loads(self.scene.nodeAttribute(segmentationNode, CONTOUR_SEGMENTS_ATTRIBUTE) or "null")
+            if not (isinstance(model, dict) and isinstance(model.get("model"), dict) and isinstance(made, list)):
+                raise ValueError("unexpected content")
+            before = {str(s["id"]): (str(s["name"]), str(s["sha256"])) for s in made}
+        except (ValueError, TypeError, KeyError) as exc:
+            self.logMessage.emit(f"{segmentationNode.GetName()}: the record of the model that made it is unreadable "
+                                 f"({exc}); its contours are exported as manual", "warning")
+            return None
+        changes = []
+        now = self.segmentFingerprints(segmentationNode, volumeNode)
+        for segment in now:
+            old = before.pop(segment["id"], None)
+            if old is None:
+                changes.append(f"{segment['name']} added")
+                continue
+            if old[0] != segment["name"]:
+                changes.append(f"{old[0]} renamed {segment['name']}")
+            if old[1] != segment["sha256"]:
+                changes.append(f"{segment['name']} edited")
+        changes += [f"{name} removed" for name, _ in before.values()]
+        return ContourOrigin(model, changes)
 
     # ---------------------------------------------------------------------------------------------- fine-tune
     def writeCase(self, case: TrainingCase, organs: Sequence[str], folder: Path) -> list[str]:
@@ -479,6 +567,10 @@ class SegmentLogic:
         RTSTRUCT goes through SlicerRT's exporter when it is installed and the volume came from DICOM (and
         ``useSlicerRT``); everything else through ``separeg export``, which writes the CT as a new DICOM series
         first when the volume has none. Returns the background run, or ``None`` when SlicerRT did all the work.
+
+        Generation type (:meth:`contourOrigin`): a segmentation made by Auto-contour names its model and is
+        AUTOMATIC while its segments are the model's output, SEMIAUTOMATIC once a planner edited, renamed, added or
+        removed segments; any other segmentation is MANUAL, with no algorithm named.
         """
         out = Path(outputFolder)
         out.mkdir(parents=True, exist_ok=True)
@@ -492,11 +584,21 @@ class SegmentLogic:
         folder = self._taskDir("export")
         segments = self.scene.segments(segmentationNode)
         organs = [name for _, name in segments]
+        origin = self.contourOrigin(segmentationNode, volumeNode)
         self.scene.exportSegmentsAsLabelmap(segmentationNode, volumeNode, folder / "labels.nii.gz",
                                             {sid: i + 1 for i, (sid, _) in enumerate(segments)})
-        (folder / "labels.json").write_text(json.dumps(labelTable(organs), indent=1), encoding="utf-8")
+        table = labelTable(organs)
+        if origin is not None:
+            table.update(origin.model)  # "model", "separeg_version": the core names the model in the exports
+        (folder / "labels.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
         ct = self.scene.copyDicomSeries(volumeNode, folder / "ct") or self.scene.exportVolume(volumeNode,
                                                                                             folder / "ct.nii.gz")
         args = [folder / "labels.nii.gz", "--ct", ct, "--out", out, "--labels", folder / "labels.json"]
+        if origin is not None:
+            args += ["--generation", origin.generation]
+            self.logMessage.emit(
+                f"{segmentationNode.GetName()}: contours of {origin.modelName}, "
+                + (f"edited since Auto-contour ({', '.join(origin.changes)}): semiautomatic" if origin.changes
+                   else "unchanged since Auto-contour: automatic"), "info")
         args += [flag for flag, on in (("--rtstruct", rtstruct), ("--seg", seg), ("--nifti", nifti)) if on]
         return self._start("Export", "export", args, lambda: {"folder": out}, logPath=folder / "log.txt")

@@ -101,6 +101,17 @@ class SceneIO:
     def renameSegment(self, segmentationNode, segmentId: str, name: str) -> None:
         segmentationNode.GetSegmentation().GetSegment(segmentId).SetName(name)
 
+    def nodeAttribute(self, node, name: str) -> str | None:
+        """A node attribute (``vtkMRMLNode::GetAttribute``; saved with the scene), or ``None``."""
+        return node.GetAttribute(name)
+
+    def setNodeAttribute(self, node, name: str, value: str | None) -> None:
+        """Set (``None``: remove) a node attribute."""
+        if value is None:
+            node.RemoveAttribute(name)
+        else:
+            node.SetAttribute(name, value)
+
     def loadSegmentationFile(self, path: Path):
         """A segmentation node from a file (``.seg.nrrd``, or a label map: Slicer names its segments
         ``Segment_<value>``)."""
