@@ -6,8 +6,12 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pytest
+# Before numpy/torch load OpenMP: idle threads sleep instead of spinning (several times faster on a busy 2-core CI
+# machine; separeg's CLI does the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SEPAREG_SHARED_DATA", REPO.parent / "shared" / "data"))

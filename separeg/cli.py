@@ -521,10 +521,10 @@ def _run_demo(args: argparse.Namespace, events: Events) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None) == "contour":
-        # Before torch starts OpenMP: waiting threads sleep rather than spin, or a contour on a busy CPU runs
-        # several times slower (Testing/benchmarks/results/contour_profile.md).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch starts OpenMP: waiting threads sleep rather than spin, or work on a busy CPU runs several times
+    # slower (contour: Testing/benchmarks/results/contour_profile.md; a fine-tune beside other jobs on 2 cores ran
+    # 0.15 steps/s spinning, 0.9 passive).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

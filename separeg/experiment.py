@@ -49,6 +49,7 @@ class Method:
     pretrain: dict[str, Any] | None = None
     finetune: dict[str, Any] = field(default_factory=dict)
     atlas: dict[str, Any] | None = None
+    init: str | None = None  # without pretrain: start fine-tuning from this encoder (a bundle path or model name)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise InputError(f"experiment config {path} lacks {', '.join(missing)}")
     budget = raw.pop("budget", 1.0)
     budgets = budget if isinstance(budget, dict) else {"pretrain": budget, "finetune": budget}
-    methods = [Method(m["name"], m.get("pretrain"), m.get("finetune", {}), m.get("atlas")) for m in raw.pop("methods")]
+    methods = [Method(m["name"], m.get("pretrain"), m.get("finetune", {}), m.get("atlas"), m.get("init"))
+               for m in raw.pop("methods")]
     data = Path(raw.pop("data"))
     cfg = ExperimentConfig(data=data if data.is_absolute() else (path.parent / data).resolve(), methods=methods,
                            budget_pretrain=float(budgets["pretrain"]), budget_finetune=float(budgets["finetune"]),
@@ -322,7 +324,7 @@ def run_experiment(config_path: str | Path, out: str | Path, events: Events | No
         events.progress("experiment", i - 1, len(runs), msg=run.key)
         if metrics.exists():
             continue
-        encoder = _pretrain(cfg, run.method, out, events) if run.method.pretrain is not None else None
+        encoder = _pretrain(cfg, run.method, out, events) if run.method.pretrain is not None else run.method.init
         _finetune_and_test(cfg, run, encoder, out, events)
         write_report(cfg, out)
     events.progress("experiment", len(runs), len(runs))

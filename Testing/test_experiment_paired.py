@@ -1,0 +1,49 @@
+"""The paired comparison of two experiment arms: pairing by draw and patient, the bootstrap CI and Wilcoxon p."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from separeg.experiment_paired import ALL, compare, paired_difference, per_patient
+
+
+def _write_run(out: Path, method: str, draw: int, dsc: dict[str, dict[str, float | None]]) -> None:
+    run = out / "runs" / method / f"n1_d{draw}"
+    (run / "finetune").mkdir(parents=True)
+    with open(run / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", "name", "status", "dsc", "hd95_mm"])
+        writer.writeheader()
+        for case, organs in dsc.items():
+            for organ, value in organs.items():
+                writer.writerow({"case": case, "name": organ, "status": "missed" if value is None else "ok",
+                                 "dsc": "" if value is None else value, "hd95_mm": ""})
+    history = {"epochs": [{"epoch": 1, "step": 25}, {"epoch": 2, "step": 50}], "best": 0.5, "best_epoch": 2}
+    (run / "finetune" / "history.json").write_text(json.dumps(history), encoding="utf-8")
+
+
+def test_pairs_by_draw_and_patient_and_counts_a_missed_organ_as_zero(tmp_path: Path) -> None:
+    patients = [f"p{i}" for i in range(8)]
+    for draw in (0, 1):
+        _write_run(tmp_path / "a", "A", draw, {p: {"Brainstem": 0.5, "Larynx": 0.3} for p in patients})
+        _write_run(tmp_path / "b", "B", draw, {p: {"Brainstem": 0.6 + 0.01 * i, "Larynx": None}
+                                               for i, p in enumerate(patients)})
+    _write_run(tmp_path / "a", "A", 2, {p: {"Brainstem": 0.0, "Larynx": 0.0} for p in patients})  # B lacks draw 2
+    a, b = per_patient(tmp_path / "a", "A", 1), per_patient(tmp_path / "b", "B", 1)
+    assert a[0]["p0"][ALL] == pytest.approx(40.0) and b[0]["p0"]["Larynx"] == 0.0
+    brainstem = paired_difference(a, b, "Brainstem")
+    assert brainstem["n"] == 8 and brainstem["draws"] == 2  # draw 2 is not shared: left out
+    assert brainstem["mean"] == pytest.approx(10.0 + 3.5)
+    assert brainstem["ci95"][0] > 0 and brainstem["wilcoxon_p"] < 0.01
+    overall = paired_difference(a, b)
+    assert overall["mean"] == pytest.approx(((60 + 3.5) / 2) - 40.0)
+    result, text = compare(tmp_path / "a", "A", tmp_path / "b", "B", 1)
+    assert "| All OARs | 8 |" in text and result["peaks"]["A"][0]["best_step"] == 50
+
+
+def test_no_shared_draw_gives_an_empty_comparison(tmp_path: Path) -> None:
+    _write_run(tmp_path / "a", "A", 0, {"p0": {"Brainstem": 0.5}})
+    assert paired_difference(per_patient(tmp_path / "a", "A", 1), {}) == {"n": 0, "draws": 0}
