@@ -59,7 +59,7 @@ class RegistrationConfig:
     bspline_mesh: int = 3  # control-point cells per axis; 0: affine only
     bspline_iterations: int = 20
     bspline_full_resolution: bool = False  # also a level at the registration grid itself (else only at half)
-    seed: int = 0
+    seed: int = 1  # metric sampling seed; SimpleITK takes 0 as "seed from the clock" (runs would differ)
 
     def __post_init__(self) -> None:
         lo, hi = self.hu_window
@@ -67,6 +67,8 @@ class RegistrationConfig:
             raise InputError(f"hu_window {self.hu_window}: the lower bound must be below the upper")
         if not 0.0 < self.sampling <= 1.0:
             raise InputError(f"sampling {self.sampling} must be in (0, 1]")
+        if self.seed < 1:
+            raise InputError(f"seed {self.seed} must be at least 1 (SimpleITK seeds 0 from the clock)")
         if self.bspline_mesh < 0 or self.linear_iterations < 1 or self.bspline_iterations < 1:
             raise InputError("bspline_mesh must be >= 0 and the iteration counts >= 1")
 

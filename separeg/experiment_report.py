@@ -112,9 +112,11 @@ def write_report(cfg, out: Path) -> Path:
         planned[(run.method.name, run.size)] += 1
     lines = [f"# {cfg.name}", "",
              f"Test patients: {len(cfg.test)}; validation: {len(cfg.validation)}; training pool (X_pre): "
-             f"{len(cfg.train_pool)}. **{cfg.budget_text}** (paper: {100_000:,} pretraining iterations, 200 "
-             f"fine-tuning epochs); encoder {cfg.encoder}; device: {_device(out)}; "
-             f"written {datetime.date.today().isoformat()}.",
+             f"{len(cfg.train_pool)}. " + (
+                 "Atlas methods only: X_tr are the atlases, nothing is trained (budget and encoder do not apply)"
+                 if all(m.atlas is not None for m in cfg.methods) else
+                 f"**{cfg.budget_text}** (paper: {100_000:,} pretraining iterations, 200 fine-tuning epochs); "
+                 f"encoder {cfg.encoder}") + f"; device: {_device(out)}; written {datetime.date.today().isoformat()}.",
              f"Organ annotations hidden from training cases: {100 * cfg.hide_fraction:.0f} %." if cfg.hide_fraction
              else "", "DSC % and HD95 mm, mean ± standard error over test patients (each patient averaged over the "
              "draws of X_tr).", ""]
