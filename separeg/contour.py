@@ -166,13 +166,13 @@ def predict_labels(model: torch.nn.Module, slices: torch.Tensor, out_shape: tupl
 
 def _source_index(size_in: int, size_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The two source indices and the weight of the second for each output index of ``F.interpolate``
-    (bilinear, ``align_corners=False``): ATen's ``compute_source_index_and_lambda``."""
-    out = torch.arange(size_out, device=device, dtype=torch.float64)
-    source = ((out + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
+    (bilinear, ``align_corners=False``): ATen's ``compute_source_index_and_lambda`` (in float64 on the CPU: MPS has
+    no float64)."""
+    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
     first = source.floor().clamp(max=size_in - 1)
     weight = (source - first).clamp(0, 1).to(torch.float32)
     first = first.to(torch.int64)
-    return first, (first + 1).clamp(max=size_in - 1), weight
+    return first.to(device), (first + 1).clamp(max=size_in - 1).to(device), weight.to(device)
 
 
 def upsampled_argmax(logits: torch.Tensor, shape_hw: tuple[int, int], chunk: int = 1 << 20) -> torch.Tensor:
