@@ -140,16 +140,17 @@ def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cases"]["pt_1"]["organ_coverage"]["Brainstem"] > 0.95
     assert (out / "pretrain" / "encoder.separeg").exists() and (out / "pretrain" / "stage_export.done").exists()
-    assert summary["split"] == {"train": "pt_1", "validation": "pt_203", "test": ["pt_209"]}
-    for init in ("pretrained", "random"):
+    assert summary["split"] == {"train": ["pt_1"], "validation": "pt_203", "test": ["pt_209"]}
+    for init in ("shipped", "random"):
         assert (out / init / "contours" / "pt_209" / "segmentation.nii.gz").exists()
         assert (out / init / "evaluation" / "metrics.csv").exists()
-    assert "| pretrained |" in report and "| random |" in report
+    assert "| shipped |" in report and "| random |" in report
     # Before any training: the shipped starter model contours the test case at once.
     assert summary["starter"]["model"] == "hn-oar-7" and (out / "starter" / "evaluation" / "metrics.csv").exists()
     assert "Instant Auto-contour with the shipped model" in report
-    # The pretrained model's contours are also exported as RTSTRUCT (+ SEG when an organ was found) on a DICOM copy.
-    exported = out / "pretrained" / "contours" / "pt_209"
+    # The shipped-encoder model's contours are also exported as RTSTRUCT (+ SEG when an organ was found) on a DICOM
+    # copy of the CT.
+    exported = out / "shipped" / "contours" / "pt_209"
     manifest = json.loads((exported / "export.json").read_text())
     assert (exported / "rtstruct.dcm").exists() and (exported / "ct_dicom").is_dir()
     assert manifest["ct_dicom_written"] and "DICOM export of pt_209" in report

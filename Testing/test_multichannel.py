@@ -157,7 +157,8 @@ def test_pretrain_finetune_contour_with_several_channels(dataset: tuple[int, Pat
     model = run_finetune(FinetuneJob(data=root, out_dir=tmp_path / "finetune", init=encoder, config=tiny,
                                      device="cpu"))
     segmentation = load_bundle(model, expected_kind="segmentation")
-    assert segmentation.architecture["in_channels"] == n
+    # 2.5D (the default recipe): each of the n channels at the slice and one neighbour on each side.
+    assert segmentation.architecture["in_channels"] == 3 * n and segmentation.metadata["inputs"]["context_slices"] == 1
     assert segmentation.metadata["inputs"]["channels"] == bundle.metadata["inputs"]["channels"]
 
     volumes = [root / "imagesTr" / f"pt_1_{k:04d}.nii.gz" for k in range(n)]

@@ -1,10 +1,11 @@
 """`separeg demo`: the whole pipeline on the bundled sample CTs with a small budget (DESIGN §6).
 
 Instant Auto-contour of the unseen cases with the shipped starter model (``hn-oar-7``, MODELS.md) -> archive
-scan -> SIS (overlays, organ coverage) -> SepaReg pretraining (all stages) -> fine-tuning on ONE
-labelled case (validated on a second), from the pretrained encoder and, for comparison, from random
-weights -> Auto-contour of unseen cases (with the pretrained model also exported as RTSTRUCT and DICOM SEG, which
-reference a DICOM copy of the NIfTI CT) -> evaluation against their reference contours -> ``report.md``.
+scan -> SIS (overlays, organ coverage) -> SepaReg pretraining (all stages, a demonstration budget) -> fine-tuning
+on TWO labelled cases (validated on a third) with the default recipe, from the shipped pretrained encoder
+(``separeg-encoder-hn-ct``: 10k iterations on 50 CTs) and, for comparison, from random weights -> Auto-contour of
+unseen cases (the shipped-encoder model's contours also exported as RTSTRUCT and DICOM SEG, which reference a DICOM
+copy of the NIfTI CT) -> evaluation against their reference contours -> ``report.md``.
 """
 
 from __future__ import annotations
@@ -31,15 +32,19 @@ from .regions_job import organ_coverage, read_reference, region_statistics, sepa
 __all__ = ["SAMPLE_DATA", "DemoJob", "run_demo"]
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
-# One labelled training case with all 7 organs, one validation case, two unseen test cases (OpenKBP's
+# Two labelled training cases (all 7 organs; 6), one validation case, two unseen test cases (OpenKBP's
 # validation split).
-TRAIN_CASE, VALIDATION_CASE, TEST_CASES = "pt_22", "pt_1", ("pt_203", "pt_209")
+TRAIN_CASES, VALIDATION_CASE, TEST_CASES = ("pt_22", "pt_36"), "pt_1", ("pt_203", "pt_209")
 STARTER_MODEL = "hn-oar-7"
+STARTER_ENCODER = "separeg-encoder-hn-ct"
+DEMO_ENCODER = "resnet18-slim"  # the shipped encoder's architecture: fast on a CPU
+# Fine-tuning arms: where the encoder starts. "pretrained" (the demo's own 60-iteration encoder) is optional.
+ARMS = ("shipped", "random")
 
 
 def demo_pretrain_config(sis: SISConfig, iterations: int = 60) -> PretrainConfig:
-    """A budget that finishes in a minute or two on 2 CPU cores: ResNet-18, 64 x 64 regions, batch 16."""
-    return PretrainConfig(encoder="resnet18", sis=sis, crop_size=64, batch_size=16, iterations=iterations)
+    """A budget that finishes in a minute on 2 CPU cores: the slim ResNet-18, 64 x 64 regions, batch 16."""
+    return PretrainConfig(encoder=DEMO_ENCODER, sis=sis, crop_size=64, batch_size=16, iterations=iterations)
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,11 @@ class DemoJob:
     data_dir: Path = SAMPLE_DATA
     sis: SISConfig = field(default_factory=SISConfig)
     iterations: int = 60
-    epochs: int = 12
+    epochs: int = 16  # of 25 steps
     device: str = "auto"
     workers: int | None = None
     starter_model: str | None = STARTER_MODEL  # contoured with first, before any training; None skips it
+    arms: tuple[str, ...] = ARMS
 
 
 def run_demo(job: DemoJob, events: Events | None = None) -> dict:
@@ -93,11 +99,12 @@ def run_demo(job: DemoJob, events: Events | None = None) -> dict:
     if split is None:
         events.warning("fewer than 3 labelled cases: fine-tuning, contouring and evaluation are skipped", stage="demo")
     else:
-        summary["split"] = {"train": split[0].name, "validation": split[1].name, "test": [c.name for c in split[2]]}
+        summary["split"] = {"train": [c.name for c in split[0]], "validation": split[1].name,
+                            "test": [c.name for c in split[2]]}
+        starts = {"shipped": STARTER_ENCODER, "pretrained": encoder, "random": None}
         summary["segmentation"] = {
-            init: _finetune_contour_evaluate(job, split, out / init, encoder if init == "pretrained" else None, events,
-                                             export=init == "pretrained")
-            for init in ("pretrained", "random")}
+            arm: _finetune_contour_evaluate(job, split, out / arm, starts[arm], events, export=arm == job.arms[0])
+            for arm in job.arms}
     write_json(summary, out / "summary.json")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(_report(summary), encoding="utf-8")
@@ -106,11 +113,11 @@ def run_demo(job: DemoJob, events: Events | None = None) -> dict:
 
 
 def _split(cases: dict) -> tuple | None:
-    """(train, validation, tests): the sample data's fixed split, or the first cases by name elsewhere."""
-    if all(name in cases for name in (TRAIN_CASE, VALIDATION_CASE, *TEST_CASES)):
-        return cases[TRAIN_CASE], cases[VALIDATION_CASE], [cases[name] for name in TEST_CASES]
+    """([train], validation, [tests]): the sample data's fixed split, or the first cases by name elsewhere."""
+    if all(name in cases for name in (*TRAIN_CASES, VALIDATION_CASE, *TEST_CASES)):
+        return [cases[n] for n in TRAIN_CASES], cases[VALIDATION_CASE], [cases[name] for name in TEST_CASES]
     ordered = [cases[name] for name in sorted(cases)]
-    return (ordered[0], ordered[1], ordered[2:]) if len(ordered) >= 3 else None
+    return ([ordered[0]], ordered[1], ordered[2:]) if len(ordered) >= 3 else None
 
 
 def _starter_contour(job: DemoJob, tests: list, out: Path, events: Events) -> dict:
@@ -145,23 +152,23 @@ def _organ_rows(result) -> dict:
                                   "hd95_mm": row.hd95_mean_mm, "n": row.n} for row in [*result.organs, result.overall]}}
 
 
-def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: Path | None, events: Events, *,
+def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: Path | str | None, events: Events, *,
                                export: bool = False) -> dict:
-    """Fine-tune on one case (validated on another), contour the test cases (``export``: also as RTSTRUCT and
-    DICOM SEG, via a DICOM copy of each CT), evaluate them."""
+    """Fine-tune on the training cases (validated on another), contour the test cases (``export``: also as
+    RTSTRUCT and DICOM SEG, via a DICOM copy of each CT), evaluate them."""
     train, validation, tests = split
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for case in (train, validation):
-        for path in (case.image, case.labels):
-            if not (data / path.name).exists():
-                shutil.copy(path, data / path.name)
-    shutil.copy(Path(job.data_dir) / "labels.json", data / "labels.json")
-    config = FinetuneConfig(encoder="resnet18", epochs=job.epochs, steps_per_epoch=25, batch_size=16,
-                            validation_cases=1, patience=job.epochs)
-    events.log(f"fine-tuning from {'the pretrained encoder' if encoder else 'random weights'}", stage="demo")
-    model = run_finetune(FinetuneJob(data=data, out_dir=out / "finetune", init=encoder, config=config,
-                                     device=job.device), events)
+    for folder, cases in (("data", train), ("validation", [validation])):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            for path in (case.image, case.labels):
+                if not (out / folder / path.name).exists():
+                    shutil.copy(path, out / folder / path.name)
+        shutil.copy(Path(job.data_dir) / "labels.json", out / folder / "labels.json")
+    config = FinetuneConfig(encoder=DEMO_ENCODER, epochs=job.epochs, steps_per_epoch=25, batch_size=16,
+                            patience=job.epochs)
+    events.log(f"fine-tuning from {encoder or 'random weights'}", stage="demo")
+    model = run_finetune(FinetuneJob(data=out / "data", out_dir=out / "finetune", init=encoder, config=config,
+                                     device=job.device, validation_data=out / "validation"), events)
     exports: dict[str, dict[str, str]] = {}
     for case in tests:
         contour = run_contour(ContourJob(volume=case.image, model=str(model), out_dir=out / "contours" / case.name,
@@ -205,9 +212,10 @@ def _report(summary: dict) -> str:
             lines.append(f"| {organ} | {'-' if dsc is None else f'{dsc:.1f}'} | {'-' if hd is None else f'{hd:.1f}'} |")
     if "segmentation" in summary:
         split = summary["split"]
-        lines += ["", "## Fine-tuning on one labelled case, Auto-contour and evaluation",
-                  "", f"Trained on {split['train']} (validated on {split['validation']}); contoured and scored on the "
-                  f"unseen {', '.join(split['test'])}. DSC % (HD95 mm), mean over the test cases:", ""]
+        lines += ["", f"## Fine-tuning on {len(split['train'])} labelled case(s), Auto-contour and evaluation",
+                  "", f"Trained on {', '.join(split['train'])} (validated on {split['validation']}) with the default "
+                  f"recipe, from the shipped encoder `{STARTER_ENCODER}` and from random weights; contoured and "
+                  f"scored on the unseen {', '.join(split['test'])}. DSC % (HD95 mm), mean over the test cases:", ""]
         organs = list(next(iter(summary["segmentation"].values()))["organs"])
         lines += ["| init | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
         for init, result in summary["segmentation"].items():
@@ -229,7 +237,7 @@ def _report(summary: dict) -> str:
                           "browser or a planning system."]
     if "pretrain" in summary:
         lines += ["", "## Pretraining", "",
-                  "All SepaReg stages with a demonstration budget (ResNet-18, 64 x 64 regions):",
+                  "All SepaReg stages with a demonstration budget (the slim ResNet-18, 64 x 64 regions):",
                   "loss curves, organ groups and example regions per group in `pretrain/report.md`; the encoder is",
                   "`pretrain/encoder.separeg`."]
     return "\n".join(lines) + "\n"
