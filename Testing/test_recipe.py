@@ -190,3 +190,16 @@ def test_the_recipe_is_the_default_and_the_old_one_is_one_setting_away() -> None
         with pytest.raises(Exception, match="must"):
             FinetuneConfig(**bad)
     assert math.isclose(new.lr, 1e-3)
+
+
+def test_contour_applies_the_post_processing_the_model_chose() -> None:
+    from pathlib import Path
+
+    from separeg.contour import ContourJob, _postprocessing_organs
+
+    job = ContourJob(volume=Path("ct.nii.gz"), model="m", out_dir=Path("out"))
+    chosen = {"largest_component": [1, 3], "fill_holes": [3]}
+    assert _postprocessing_organs(chosen, [1, 2, 3], job) == ([1, 3], [3])
+    assert _postprocessing_organs(None, [1, 2, 3], job) == ([1, 2, 3], [1, 2, 3])  # bundles without a choice
+    off = ContourJob(volume=Path("ct.nii.gz"), model="m", out_dir=Path("out"), largest_component=False)
+    assert _postprocessing_organs(chosen, [1, 2, 3], off) == ([], [3])

@@ -388,6 +388,7 @@ def run_evaluate(job: EvaluateJob, events: Events | None = None) -> EvaluationRe
     for i, (case, pred_path, ref_path) in enumerate(pairs, start=1):
         try:
             pred, ref, spacing = read_label_pair(pred_path, ref_path)
+            left_out = _apply_policy(pred, ref, names, job.unknown, case, table) if names else 0
         except InputError as exc:
             if single:
                 raise
@@ -395,19 +396,9 @@ def run_evaluate(job: EvaluateJob, events: Events | None = None) -> EvaluationRe
             events.warning(f"{case} skipped: {exc}", stage="evaluate")
             events.progress("evaluate", i, len(pairs))
             continue
-        if names:
-            try:
-                left_out = _apply_policy(pred, ref, names, job.unknown, case, table)
-            except InputError as exc:
-                if single:
-                    raise
-                errors.append(CaseError(case, str(exc)))
-                events.warning(f"{case} skipped: {exc}", stage="evaluate")
-                events.progress("evaluate", i, len(pairs))
-                continue
-            if left_out:
-                events.warning(f"{case}: {left_out} voxels hold values not in {table}; left out (--unknown-labels "
-                               "ignore)", stage="evaluate")
+        if left_out:
+            events.warning(f"{case}: {left_out} voxels hold values not in {table}; left out (--unknown-labels "
+                           "ignore)", stage="evaluate")
         present = set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())
         labels = {v: names.get(v, f"label_{v}") for v in (set(names) | present) - {0}}
         results += organ_metrics(pred, ref, spacing, labels, case=case)
