@@ -172,3 +172,24 @@ def test_install_requirements_never_touch_slicers_packages() -> None:
     for name in PROTECTED:
         assert f"{name}=={installed[name]}" in pins
     assert satisfies("1.6.1", ">=1.4,<1.7") and not satisfies("1.7.0", ">=1.4,<1.7")
+
+
+# Top-level names of Slicer's, Qt's and the Slicer extensions' Python modules (what only Slicer's Python has).
+SLICER_ONLY = {"slicer", "qt", "ctk", "PythonQt", "mrml", "PyTorchUtils", "DICOMLib", "SegmentEditorEffects"}
+
+
+def test_the_core_never_imports_slicer() -> None:
+    """DESIGN §1: separeg/ has no Slicer, Qt or VTK imports, at module level or in a function; Slicer is passed in
+    (``separeg.slicer_install`` takes the ``slicer`` module and looks up the optional PyTorch extension by name)."""
+    offenders = []
+    for path in sorted((REPO / "separeg").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {name}" for name in names
+                          if name.split(".")[0] in SLICER_ONLY or name.split(".")[0].startswith(("vtk", "qMRML"))]
+    assert not offenders, offenders

@@ -2,9 +2,10 @@
 
 Slicer ships numpy, SimpleITK, vtk and (5.12+) pydicom and highdicom; replacing any of them breaks Slicer
 (lassoan/SlicerTotalSegmentator#4). torch comes from Slicer's PyTorch extension, which picks the CUDA build for the
-computer. The rest is installed by each module's ``ensureRequirements`` with Slicer's pip helpers under a
-constraints file (:func:`constraints`) that pins the protected packages to the versions already there, so that pip
-fails rather than replaces them (SLICER_NOTES §4). ``Testing/test_slicer_layout.py`` checks the list against
+computer. The rest is installed by :func:`separeg.slicer_install.ensure_requirements` (each module's
+``ensureRequirements`` passes Slicer in) with Slicer's pip helpers under a constraints file (:func:`constraints`) that
+pins the protected packages to the versions already there, so that pip fails rather than replaces them
+(SLICER_NOTES §4). ``Testing/test_slicer_layout.py`` checks the list against
 ``pyproject.toml``.
 """
 
