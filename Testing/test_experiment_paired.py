@@ -47,3 +47,12 @@ def test_pairs_by_draw_and_patient_and_counts_a_missed_organ_as_zero(tmp_path: P
 def test_no_shared_draw_gives_an_empty_comparison(tmp_path: Path) -> None:
     _write_run(tmp_path / "a", "A", 0, {"p0": {"Brainstem": 0.5}})
     assert paired_difference(per_patient(tmp_path / "a", "A", 1), {}) == {"n": 0, "draws": 0}
+
+
+def test_arm_means_use_only_the_shared_draws(tmp_path: Path) -> None:
+    _write_run(tmp_path / "a", "A", 0, {"p0": {"Brainstem": 0.2}, "p1": {"Brainstem": 0.4}})
+    _write_run(tmp_path / "a", "A", 1, {"p0": {"Brainstem": 0.9}, "p1": {"Brainstem": 0.9}})
+    _write_run(tmp_path / "b", "B", 0, {"p0": {"Brainstem": 0.3}, "p1": {"Brainstem": 0.6}})
+    row = paired_difference(per_patient(tmp_path / "a", "A", 1), per_patient(tmp_path / "b", "B", 1))
+    assert row["a_mean"] == pytest.approx(30.0) and row["b_mean"] == pytest.approx(45.0)
+    assert row["mean"] == pytest.approx(row["b_mean"] - row["a_mean"])

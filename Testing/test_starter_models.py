@@ -39,11 +39,15 @@ def test_shipped_bundles_are_intact_documented_and_small() -> None:
         assert bundle.metadata["packed_from"]["weights_dtype"] == "float16"
     model = load_bundle(paths["hn-oar-7"])
     assert [lb["tg263"] for lb in model.metadata["labels"]["labels"]] == ORGANS
-    assert model.architecture["backbone"] == "resnet18-slim" and model.metadata["training"]["training_cases"] == 40
+    assert model.architecture["backbone"] == "resnet18-slim" and model.metadata["training"]["training_cases"] == 36
+    assert model.metadata["inputs"]["context_slices"] == 1 and model.architecture["in_channels"] == 3  # 2.5D
     validation = model.metadata["release"]["validation"]
     assert len(validation["patients"]) == 10 and set(ORGANS) <= set(validation["per_organ"])
-    assert model.metadata["training"]["init_encoder_sha256"] == load_bundle(
-        paths["separeg-encoder-hn-ct"]).metadata["packed_from"]["weights_sha256"]
+    # v2 model selection used held-out training patients, never the 10 reported validation patients.
+    assert not set(model.metadata["release"]["holdout_patients"]) & set(validation["patients"])
+    assert model.metadata["postprocessing"]["chosen_on"] == "validation"
+    encoder = load_bundle(paths["separeg-encoder-hn-ct"])
+    assert model.metadata["training"]["init_encoder_sha256"] == encoder.weights_sha256  # fine-tuned from the shipped one
     card = (REPO / "MODELS.md").read_text(encoding="utf-8")
     for name in SHIPPED:
         assert name in card
@@ -58,8 +62,8 @@ def test_shipped_models_are_listed_and_found_by_name(capsys) -> None:
 
 
 def test_contour_an_unseen_patient_by_model_name(tmp_path: Path) -> None:
-    """pt_209 is an OpenKBP validation patient: never trained on. The contour must find its organs (MODELS.md's
-    evaluation measured Bone_Mandible 83.9 % and 66.9 % over its 5 organs)."""
+    """pt_209 is an OpenKBP validation patient: never trained on nor used for model selection. The contour must
+    find its organs (MODELS.md's evaluation of hn-oar-7 v2 measured them on it)."""
     assert main(["contour", str(SAMPLES / "pt_209_ct.nii.gz"), "--model", "hn-oar-7", "--out", str(tmp_path),
                  "--device", "cpu"]) == 0
     predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "segmentation.nii.gz")))

@@ -56,16 +56,18 @@ def paired_difference(a: dict, b: dict, key: str = ALL, *, resamples: int = 10_0
     d = np.array([np.mean(v) for v in differences.values()])
     if len(d) == 0:
         return {"n": 0, "draws": 0}
+    shared = sorted(set(a) & set(b))
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(1)
     p = float(wilcoxon(d).pvalue) if len(d) >= 2 and np.any(d != 0) else None
     return {"n": len(d), "draws": len(set(a) & set(b)), "mean": float(d.mean()),
             "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))], "wilcoxon_p": p,
-            "a_mean": _arm_mean(a, differences, key), "b_mean": _arm_mean(b, differences, key)}
+            "a_mean": _arm_mean(a, shared, differences, key), "b_mean": _arm_mean(b, shared, differences, key)}
 
 
-def _arm_mean(arm: dict, patients: dict, key: str) -> float:
-    values = [np.mean([arm[d][p][key] for d in arm if p in arm[d] and key in arm[d][p]]) for p in patients]
+def _arm_mean(arm: dict, draws: list[int], patients: dict, key: str) -> float:
+    """One arm's mean over the paired patients, each averaged over the shared draws (as the differences are)."""
+    values = [np.mean([arm[d][p][key] for d in draws if p in arm[d] and key in arm[d][p]]) for p in patients]
     return float(np.mean(values))
 
 

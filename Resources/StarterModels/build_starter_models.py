@@ -175,7 +175,7 @@ def main() -> None:
     common = {"data": data_text, "device": device, "limits": LIMITS, "model_card": "MODELS.md"}
     encoder_meta = {"release": {**common, "name": ENCODER_NAME, "intended_use":
                                 "initialise `separeg finetune --init " + ENCODER_NAME + "` on head-and-neck CT",
-                                "commands": [relative(pretrain, work)],
+                                "commands": [relative(pretrain, work)] if pretrain else [],
                                 "budget": f"{args.iterations} iterations of 32 regions ({args.iterations / 1000:g} % "
                                           f"of the paper's 100k)"}}
     model_meta = {"release": {**common, "name": MODEL_NAME, "intended_use":
