@@ -115,8 +115,8 @@ def test_bad_inputs(cases: Path, tmp_path: Path, openkbp: Path) -> None:
 
 @pytest.mark.slow
 def test_one_case_and_the_shipped_encoder_find_the_mandible_in_an_unseen_ct(tmp_path: Path) -> None:
-    """Fine-tune on pt_22 from the shipped encoder with the default recipe (2.5D, nnU-Net augmentation, deep
-    supervision; ~2 minutes on 2 CPU cores), contour the unseen pt_209, evaluate."""
+    """Fine-tune on pt_22 from the shipped encoder with the default recipe (deep supervision, warm-up + poly,
+    post-processing chosen per organ; ~2 minutes on 2 CPU cores), contour the unseen pt_209, evaluate."""
     from separeg.contour import SEGMENTATION_FILE, ContourJob, run_contour
     from separeg.evaluate import EvaluateJob, run_evaluate
 

@@ -153,11 +153,11 @@ def test_pretrain_finetune_contour_with_several_channels(dataset: tuple[int, Pat
     assert bundle.architecture["in_channels"] == n
     assert [c["name"] for c in bundle.metadata["inputs"]["channels"]] == channels.replace(":zscore", "").split(",")
 
-    tiny = FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=4, validation_cases=1)
+    tiny = FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=4, validation_cases=1, context_slices=1)
     model = run_finetune(FinetuneJob(data=root, out_dir=tmp_path / "finetune", init=encoder, config=tiny,
                                      device="cpu"))
     segmentation = load_bundle(model, expected_kind="segmentation")
-    # 2.5D (the default recipe): each of the n channels at the slice and one neighbour on each side.
+    # 2.5D: each of the n channels at the slice and one neighbour on each side, in training and in contour.
     assert segmentation.architecture["in_channels"] == 3 * n and segmentation.metadata["inputs"]["context_slices"] == 1
     assert segmentation.metadata["inputs"]["channels"] == bundle.metadata["inputs"]["channels"]
 

@@ -181,8 +181,9 @@ def test_postprocessing_is_kept_only_for_organs_it_helps() -> None:
 
 
 def test_the_recipe_is_the_default_and_the_old_one_is_one_setting_away() -> None:
-    new = FinetuneConfig()
-    assert (new.context_slices, new.augmentation, new.deep_supervision, new.schedule) == (1, "nnunet", True, "poly")
+    new = FinetuneConfig()  # defaults chosen by measurement (Testing/results/recipe_cpu)
+    assert (new.context_slices, new.augmentation, new.deep_supervision, new.schedule) == (0, "light", True, "poly")
+    assert new.postprocessing == "validation" and new.warmup_steps > 0
     old = FinetuneConfig(**OLD_RECIPE)
     assert (old.context_slices, old.augmentation, old.deep_supervision, old.warmup_steps) == (0, "light", False, 0)
     for bad in ({"augmentation": "mirror"}, {"schedule": "step"}, {"context_slices": -1},

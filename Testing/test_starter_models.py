@@ -47,7 +47,7 @@ def test_shipped_bundles_are_intact_documented_and_small() -> None:
     assert not set(model.metadata["release"]["holdout_patients"]) & set(validation["patients"])
     assert model.metadata["postprocessing"]["chosen_on"] == "validation"
     encoder = load_bundle(paths["separeg-encoder-hn-ct"])
-    assert model.metadata["training"]["init_encoder_sha256"] == encoder.weights_sha256  # fine-tuned from the shipped one
+    assert model.metadata["training"]["init_encoder_sha256"] == encoder.weights_sha256  # from the shipped encoder
     card = (REPO / "MODELS.md").read_text(encoding="utf-8")
     for name in SHIPPED:
         assert name in card
