@@ -121,3 +121,20 @@ def test_unlabelled_folder_adds_mean_teacher_to_the_command(monkeypatch, tmp_pat
     assert command[command.index("--unlabelled") + 1] == str(tmp_path) and "--mean-teacher" in command
     missing = FinetuneRequest(outDir=tmp_path, modelName="m", dataFolder=SAMPLES, unlabelled=tmp_path / "nowhere")
     assert "unlabelled CT folder" in " ".join(missing.problems())
+
+
+def test_a_model_that_found_no_organ_is_not_installed(tmp_path: Path) -> None:
+    import torch
+    from SepaRegSegmentLib.Logic import refuseUselessModel
+
+    from separeg.bundle import save_bundle
+
+    def bundle(name: str, validation: dict) -> Path:
+        return save_bundle(tmp_path / f"{name}.separeg", kind="segmentation", architecture={"backbone": "x"},
+                           state_dict={"w": torch.zeros(1)}, metadata={"validation": validation})
+
+    with pytest.raises(ValueError, match="best validation DSC is 0 %.*not installed"):
+        refuseUselessModel(bundle("useless", {"mean_dsc": 0.0, "on_training_data": False}))
+    with pytest.raises(ValueError, match="best training DSC is 0 %"):
+        refuseUselessModel(bundle("useless_train", {"mean_dsc": 0.0, "on_training_data": True}))
+    refuseUselessModel(bundle("fine", {"mean_dsc": 0.41}))  # a model that found something is installed

@@ -34,6 +34,18 @@ CONTOUR_MODEL_ATTRIBUTE = "SepaReg.ContourModel"
 CONTOUR_SEGMENTS_ATTRIBUTE = "SepaReg.ContourSegments"
 
 
+def refuseUselessModel(path: Path) -> None:
+    """A fine-tuned model whose best validation DSC is 0 % found no organ: it is not installed over a working one
+    (the run folder keeps it). A best epoch chosen on training data is accepted: the core's log says so."""
+    from separeg.bundle import read_bundle_info
+
+    validation = read_bundle_info(path).get("validation") or {}
+    if validation.get("mean_dsc") == 0:
+        raise ValueError(f"its best {'training' if validation.get('on_training_data') else 'validation'} DSC is 0 %: "
+                         f"the model found none of the organs, so it was not installed ({path} is kept). Train "
+                         "longer, on more cases, or from a pretrained encoder")
+
+
 @dataclass
 class ModelInfo:
     name: str
@@ -476,6 +488,7 @@ class SegmentLogic:
             args += ["--mean-teacher", "--unlabelled", request.unlabelled]
 
         def install() -> dict:
+            refuseUselessModel(run / "model.separeg")
             path = self.importModel(run / "model.separeg", request.modelName, replace=True)
             return {"model": path}
 
