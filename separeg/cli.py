@@ -149,13 +149,15 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
                        help="fixed validation cases (a folder or case list); then every case of DATA trains")
     group.add_argument("--channels", default=None, help=CHANNELS_HELP + "; default: those of --init, else CT")
     group.add_argument("--seed", type=int, default=d.seed)
-    recipe = parser.add_argument_group("recipe (defaults: nnU-Net-grade; see README)")
+    recipe = parser.add_argument_group("recipe (defaults: measured best with one labelled case; nnU-Net-grade parts "
+                                       "are options, see README)")
     recipe.add_argument("--context-slices", type=int, default=d.context_slices,
                         help="2.5D: neighbouring slices on each side as extra input channels (0 = 2D; %(default)s)")
     recipe.add_argument("--augmentation", choices=AUGMENTATIONS, default=d.augmentation,
                         help="nnunet (nnU-Net's set without mirroring), light (the earlier recipe) or none "
                              "(%(default)s)")
-    recipe.add_argument("--no-deep-supervision", action="store_true", help="supervise the final output only")
+    recipe.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, default=d.deep_supervision,
+                        help="also supervise the 3 coarser decoder scales (%(default)s)")
     recipe.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                         help="learning-rate decay after the warm-up (%(default)s)")
     recipe.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
@@ -198,7 +200,7 @@ def _run_finetune(args: argparse.Namespace, events: Events) -> int:
                             psd_weight=args.psd_weight, cocl_weight=args.cocl_weight,
                             mean_teacher=args.mean_teacher, ema_decay=args.ema_decay, consistency=args.consistency,
                             channels=args.channels, context_slices=args.context_slices,
-                            augmentation=args.augmentation, deep_supervision=not args.no_deep_supervision,
+                            augmentation=args.augmentation, deep_supervision=args.deep_supervision,
                             schedule=args.schedule, warmup_steps=args.warmup_steps,
                             encoder_lr_scale=args.encoder_lr_scale, postprocessing=args.postprocessing,
                             patch_mm=args.patch_mm)

@@ -42,6 +42,13 @@ LIMITS = ("Research use only; not for clinical use without local validation on t
           "not one institution's protocol.")
 
 
+# hn-oar-7 v2's fine-tuning recipe (finetune_config.NNUNET_RECIPE): every nnU-Net-grade part on. They were the
+# defaults when v2 was built (its bundle's training.config records every setting); the defaults are now the
+# settings measured best with one labelled case.
+RECIPE = ["--context-slices", "1", "--augmentation", "nnunet", "--deep-supervision", "--schedule", "poly",
+          "--warmup-steps", "200", "--postprocessing", "validation"]
+
+
 def separeg(args: list[str], log: Path) -> list[str]:
     """Run ``separeg ARGS`` (appending to ``log``); returns the command as recorded (data paths made relative)."""
     command = [sys.executable, "-m", "separeg.cli", *args]
@@ -161,7 +168,7 @@ def main() -> None:
     finetune = separeg(["finetune", str(work / "train"), "--validation", str(work / "holdout"), "--init",
                         args.init or str(work / "pretrain" / "encoder.separeg"), "--out", str(work / "finetune"),
                         "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
-                        "--patience", str(args.patience),
+                        "--patience", str(args.patience), *RECIPE,
                         "--batch-size", "16", "--partial-labels", "auto", "--seed", "0", "--device", args.device], log)
     finetune_minutes = (time.perf_counter() - started) / 60
     summary, seconds, contour = validate(work / "finetune" / "model.separeg", work, splits["validation"], log)
