@@ -79,8 +79,8 @@ class SepaRegPretrainTest(ScriptedLoadableModuleTest):
         import shutil
         import tempfile
 
-        from separeg.background import RunState
-        from separeg.demo import SAMPLE_DATA
+        from separeg.experiments.demo import SAMPLE_DATA
+        from separeg.runtime.background import RunState
 
         work = Path(tempfile.mkdtemp(prefix="SepaRegPretrainTest "))  # a space in the path, on purpose
         archive = work / "archive"

@@ -91,8 +91,8 @@ class SepaRegSegmentTest(ScriptedLoadableModuleTest):
     def test_finetune_autocontour_evaluate(self):
         import tempfile
 
-        from separeg.background import RunState
-        from separeg.demo import SAMPLE_DATA
+        from separeg.experiments.demo import SAMPLE_DATA
+        from separeg.runtime.background import RunState
 
         work = Path(tempfile.mkdtemp(prefix="SepaRegSegmentTest "))
         logic = SepaRegSegmentLogic()

@@ -55,8 +55,8 @@ def lung1_subset(lung1: Path, tmp_path: Path) -> Path:
 
 def region_crops(hu: np.ndarray, count: int, size: int):
     """``count`` SIS region crops of ``hu`` (drawn with seed 0), ``size`` x ``size``, HU window -1000..1000."""
-    from separeg.crops import RegionCropper
-    from separeg.regions import SISConfig, compute_region_maps, window_hu
+    from separeg.sis.crops import RegionCropper
+    from separeg.sis.regions import SISConfig, compute_region_maps, window_hu
 
     maps = compute_region_maps(hu, SISConfig())
     index = np.random.default_rng(0).choice(len(maps), count, replace=False)

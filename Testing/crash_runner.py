@@ -64,7 +64,7 @@ def _faulty(real: Callable, match: str, nth: int, target_arg: int,
 def _kill_at_progress(stage: str, step: int, nth_pass: int) -> None:
     """SIGKILL when ``stage`` reports ``step`` in its ``nth_pass`` (a pass restarts when the step goes down, e.g.
     the next volume of the sis stage); before any throttling, so however quick the stage."""
-    from separeg.events import Events
+    from separeg.runtime.events import Events
 
     real = Events.progress
     passes, last = 0, None

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import write_image
-from separeg.archive import Manifest, format_table, scan_archive
-from separeg.errors import ArchiveError
+from separeg.io.archive import Manifest, format_table, scan_archive
+from separeg.runtime.errors import ArchiveError
 
 
 def test_lung1_series_is_usable_and_paired_with_its_rtstruct(lung1: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import write_image
-from separeg.archive import format_table, scan_archive
+from separeg.io.archive import format_table, scan_archive
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="symbolic links")
 
@@ -50,7 +50,7 @@ def test_links_loops_and_duplicates_are_listed(tmp_path: Path) -> None:
 def test_a_folder_of_broken_links_only_is_reported_not_called_empty(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "ct.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
-    from separeg.errors import ArchiveError
+    from separeg.runtime.errors import ArchiveError
 
     manifest = scan_archive(tmp_path / "a", workers=1)
     assert [(e.path, e.status) for e in manifest.entries] == [("ct.nii.gz", "error")]

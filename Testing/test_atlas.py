@@ -1,4 +1,5 @@
-"""Multi-atlas contouring (separeg.atlas, `separeg atlas`, atlas methods of `separeg experiment`) on real CTs."""
+"""Multi-atlas contouring (separeg.segment.atlas, `separeg atlas`, atlas methods of `separeg experiment`) on real
+CTs."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from separeg.atlas import AtlasJob, RegistrationConfig, _fuse, _Fusion, run_atlas
 from separeg.cli import main
-from separeg.errors import InputError
+from separeg.runtime.errors import InputError
+from separeg.segment.atlas import AtlasJob, RegistrationConfig, _fuse, _Fusion, run_atlas
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"

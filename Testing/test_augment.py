@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from separeg.augment import AugmentConfig, TwoViews, _crop_flip_theta, _draw, _gaussian_kernels, _warp, augment
-from separeg.errors import InputError
+from separeg.pretrain.augment import AugmentConfig, TwoViews, _crop_flip_theta, _draw, _gaussian_kernels, _warp, augment
+from separeg.runtime.errors import InputError
 
 # Only the crop (scale and ratio fixed at 1 on a square input): the identity.
 IDENTITY = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0, blur_prob=0.0)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from separeg.background import BackgroundRun, RunState, cli_command, parse_line
-from separeg.events import EventType
+from separeg.runtime.background import BackgroundRun, RunState, cli_command, parse_line
+from separeg.runtime.events import EventType
 
 EMIT = """
 import json, sys, time
@@ -130,7 +130,7 @@ def test_parse_line_and_cli_command() -> None:
 
 
 def test_device_list_always_offers_auto_and_cpu() -> None:
-    from separeg.devices import list_devices
+    from separeg.runtime.devices import list_devices
 
     devices = list_devices()
     assert devices[0][0] == "auto" and devices[-1] == ("cpu", "CPU")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
-import separeg.bundle as bundle_module
-from separeg.bundle import (
+import separeg.runtime.bundle as bundle_module
+from separeg.runtime.bundle import (
     BUNDLE_KINDS,
     JSON_MEMBER,
     MAX_JSON_BYTES,
@@ -27,7 +27,7 @@ from separeg.bundle import (
     read_bundle_info,
     save_bundle,
 )
-from separeg.errors import SepaRegError
+from separeg.runtime.errors import SepaRegError
 
 ARCH = {"encoder": "tiny", "in_channels": 1, "widths": [4, 8]}
 META = {

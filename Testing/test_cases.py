@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 from test_dicom_ct import write_series
 
-from separeg.cases import Case, find_cases, load_case, read_case_list
-from separeg.dicom_ct import read_ct_series
-from separeg.dicom_rt import read_rtstruct
-from separeg.errors import InputError, VolumeReadError
-from separeg.labels import LabelTable, load_label_table
+from separeg.io.dicom_ct import read_ct_series
+from separeg.rt.labels import LabelTable, load_label_table
+from separeg.rt.rtstruct import read_rtstruct
+from separeg.runtime.errors import InputError, VolumeReadError
+from separeg.segment.cases import Case, find_cases, load_case, read_case_list
 
 
 @pytest.fixture(scope="module")

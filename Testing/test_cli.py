@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from separeg.cli import build_parser, main
-from separeg.events import Event, EventType
+from separeg.runtime.events import Event, EventType
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def test_bad_arguments_exit_with_usage_error(tmp_path: Path, capsys) -> None:
 
 def _contour_output(openkbp: Path, folder: Path) -> Path:
     """pt_1's OAR label map as `separeg contour` leaves it: segmentation.nii.gz + segmentation.json."""
-    from separeg.labels import load_label_table
+    from separeg.rt.labels import load_label_table
 
     folder.mkdir()
     shutil.copy(openkbp / "pt_1_oar.nii.gz", folder / "segmentation.nii.gz")

@@ -10,8 +10,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from separeg.bundle import save_bundle
-from separeg.contour import (
+from separeg.io.volumes import Geometry, read_volume
+from separeg.rt.labels import load_label_table
+from separeg.runtime.bundle import save_bundle
+from separeg.runtime.errors import InputError
+from separeg.runtime.model_store import resolve_model
+from separeg.segment.contour import (
     CPU_BATCH,
     LABELS_FILE,
     REVIEW_NOTICE,
@@ -20,11 +24,7 @@ from separeg.contour import (
     postprocess,
     run_contour,
 )
-from separeg.errors import InputError
-from separeg.labels import load_label_table
-from separeg.models import resolve_model
-from separeg.segmodel import GridSpec, build_unet, from_canonical, to_canonical
-from separeg.volumes import Geometry, read_volume
+from separeg.segment.network import GridSpec, build_unet, from_canonical, to_canonical
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +128,9 @@ def test_unknown_model_names_list_the_folders(tmp_path: Path, monkeypatch) -> No
 
 def test_contour_writes_rtstruct_and_seg_referencing_the_input_series(model_bundle: Path, openkbp: Path,
                                                                       lung1_subset: Path, tmp_path: Path) -> None:
-    from separeg.dicom_ct import read_ct_series
-    from separeg.dicom_rt import read_rtstruct
-    from separeg.dicom_seg import read_seg
+    from separeg.io.dicom_ct import read_ct_series
+    from separeg.rt.rtstruct import read_rtstruct
+    from separeg.rt.seg import read_seg
 
     # A DICOM series: the exports reference it; no CT is written.
     out = tmp_path / "dicom"
@@ -163,7 +163,7 @@ def test_contour_writes_rtstruct_and_seg_referencing_the_input_series(model_bund
 def test_upsampled_argmax_equals_the_argmax_of_resampled_logits() -> None:
     import torch.nn.functional as F
 
-    from separeg.contour import upsampled_argmax
+    from separeg.segment.contour import upsampled_argmax
 
     torch.manual_seed(0)
     for coarse, fine in (((32, 32), (128, 128)), ((25, 23), (83, 75)), ((16, 16), (10, 13)), ((5, 7), (5, 21))):
@@ -177,7 +177,7 @@ def test_upsampled_argmax_equals_the_argmax_of_resampled_logits() -> None:
 
 
 def test_postprocess_in_bounding_boxes_equals_the_whole_volume() -> None:
-    from separeg.contour import _postprocess_legacy
+    from separeg.segment.contour import _postprocess_legacy
 
     rng = np.random.default_rng(0)
     labels = np.zeros((12, 40, 40), np.uint8)
@@ -194,13 +194,13 @@ def test_postprocess_in_bounding_boxes_equals_the_whole_volume() -> None:
 
 
 def _dsc_per_organ(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
-    from separeg.metrics import dice
+    from separeg.evaluate.metrics import dice
 
     return {v: float(dice(a == v, b == v)) for v in range(1, 256) if (a == v).any() or (b == v).any()}
 
 
 def _old_and_new(volume: Path, model: str, out: Path) -> tuple[np.ndarray, np.ndarray]:
-    from separeg.contour import _run_contour_legacy
+    from separeg.segment.contour import _run_contour_legacy
 
     arrays = []
     for name, run in (("new", run_contour), ("old", _run_contour_legacy)):
@@ -229,7 +229,7 @@ def test_a_25d_model_contours_with_its_context_slices(openkbp: Path, tmp_path: P
     """A model with k = 1 context slices (3 input channels): the network sees exactly the old path's input
     (model_input of the whole volume), though the new one resamples chunks of slices and stacks the context on the
     model grid; fp32 on both paths, so the labels differ by rounding at most."""
-    monkeypatch.setattr("separeg.training.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("separeg.runtime.training.cpu_has_bf16", lambda: False)
     torch.manual_seed(0)
     table = load_label_table(openkbp / "labels.json")
     spec = GridSpec(spacing_xy=(7.8, 7.8), context_slices=1)
@@ -248,7 +248,7 @@ def test_a_25d_model_contours_with_its_context_slices(openkbp: Path, tmp_path: P
         network.forward = lambda x: inputs.append(x.clone()) or forward(x)
         return network
 
-    monkeypatch.setattr("separeg.contour.build_unet", recording)
+    monkeypatch.setattr("separeg.segment.contour.build_unet", recording)
     volume = tmp_path / "pt_203_part.nii.gz"
     sitk.WriteImage(read_volume(openkbp / "pt_203_ct.nii.gz")[:, :, 50:90], str(volume))  # 40 slices: 3 chunks
     new, old = _old_and_new(volume, str(model), tmp_path / "out")

@@ -167,8 +167,8 @@ def test_corpus_is_deterministic(shared_data: Path, tmp_path: Path) -> None:
 def test_installing_a_truncated_bundle_leaves_no_model(shared_data: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The `models` install path (core install_model): a damaged bundle never appears as an installed model."""
-    from separeg.bundle import BundleError
-    from separeg.models import install_model
+    from separeg.runtime.bundle import BundleError
+    from separeg.runtime.model_store import install_model
 
     models = tmp_path / "models"
     monkeypatch.setenv("SEPAREG_MODELS", str(models))
@@ -198,8 +198,8 @@ def test_non_axial_volume_is_reoriented_not_refused(shared_data: Path, tmp_path:
     slices voxel for voxel (segmodel.to_canonical), so it is not an error."""
     import SimpleITK as sitk
 
-    from separeg.segmodel import to_canonical
-    from separeg.volumes import read_volume
+    from separeg.io.volumes import read_volume
+    from separeg.segment.network import to_canonical
 
     item = corpus.make_item("non_axial", tmp_path / "corpus", shared_data)
     image = read_volume(item)
@@ -214,7 +214,7 @@ def test_ct_values_beyond_int16_are_exported_exactly(shared_data: Path, tmp_path
     rounding warning, and the copy reads back voxel for voxel."""
     import SimpleITK as sitk
 
-    from separeg.volumes import read_volume
+    from separeg.io.volumes import read_volume
 
     item = corpus.make_item("beyond_int16", tmp_path / "corpus", shared_data)
     labelmap = tmp_path / "corpus" / "labelmap.nii.gz"
@@ -235,8 +235,8 @@ def test_rtstruct_referencing_missing_slices_is_placed_by_position_with_a_warnin
     """Handled: contours whose ContourImageSequence names SOP instances not in the series are still placed by
     their z coordinate (the geometry is what counts) and the import warns per ROI; the masks equal those of the
     intact RTSTRUCT."""
-    from separeg.dicom_ct import read_ct_series
-    from separeg.dicom_rt import read_rtstruct
+    from separeg.io.dicom_ct import read_ct_series
+    from separeg.rt.rtstruct import read_rtstruct
 
     item = corpus.make_item("rtstruct_missing_sop", tmp_path / "corpus", shared_data)
     ct = read_ct_series(shared_data / "lung1_dicom" / "ct")
@@ -251,9 +251,9 @@ def test_rtstruct_referencing_missing_slices_is_placed_by_position_with_a_warnin
 
 
 def test_rtstruct_drawn_on_another_series_is_refused_by_the_importer(shared_data: Path, tmp_path: Path) -> None:
-    from separeg.dicom_rt import load_dicom_case
-    from separeg.errors import InputError
-    from separeg.labels import load_label_table
+    from separeg.rt.labels import load_label_table
+    from separeg.rt.rtstruct import load_dicom_case
+    from separeg.runtime.errors import InputError
 
     item = corpus.make_item("rtstruct_other_series", tmp_path / "corpus", shared_data)
     table = load_label_table(shared_data / "openkbp" / "labels.json")
@@ -263,7 +263,7 @@ def test_rtstruct_drawn_on_another_series_is_refused_by_the_importer(shared_data
 
 
 def test_each_series_of_a_mixed_folder_is_read_by_its_archive_entry(tmp_path: Path, shared_data: Path) -> None:
-    from separeg.archive import scan_archive
+    from separeg.io.archive import scan_archive
 
     folder = corpus.make_item("mixed_series", tmp_path / "corpus", shared_data)
     manifest = scan_archive(folder, workers=1)

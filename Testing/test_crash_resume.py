@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from separeg.atomic import PARTIAL_MARK
-from separeg.bundle import load_bundle
-from separeg.events import Event, EventType
-from separeg.training import checksum_path, load_checkpoint, verify_checkpoint
+from separeg.runtime.atomic import PARTIAL_MARK
+from separeg.runtime.bundle import load_bundle
+from separeg.runtime.events import Event, EventType
+from separeg.runtime.training import checksum_path, load_checkpoint, verify_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().parent / "crash_runner.py"

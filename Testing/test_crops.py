@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from separeg.crops import RegionCropper, naive_crops
-from separeg.regions import RegionMaps, SISConfig, compute_region_maps, window_hu
+from separeg.sis.crops import RegionCropper, naive_crops
+from separeg.sis.regions import RegionMaps, SISConfig, compute_region_maps, window_hu
 
 
 def test_crops_match_the_per_region_loop(pt1_hu: np.ndarray) -> None:

@@ -21,12 +21,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from separeg.dicom_ct import Algorithm, read_ct_series
-from separeg.dicom_keyhole import keyhole, nesting
-from separeg.dicom_rt import _slice_contours, read_rtstruct, write_rtstruct
-from separeg.dicom_write import write_ct_series
-from separeg.export import ExportJob, run_export
-from separeg.labels import LabelTable, load_label_table
+from separeg.io.dicom_ct import Algorithm, read_ct_series
+from separeg.io.dicom_write import write_ct_series
+from separeg.rt.export import ExportJob, run_export
+from separeg.rt.keyhole import keyhole, nesting
+from separeg.rt.labels import LabelTable, load_label_table
+from separeg.rt.rtstruct import _slice_contours, read_rtstruct, write_rtstruct
 
 DCIODVFY = shutil.which("dciodvfy")
 PLASTIMATCH = shutil.which("plastimatch")
@@ -158,7 +158,7 @@ def test_contours_without_a_model_are_manual_and_carry_no_ai_notice(openkbp: Pat
     rt, seg = pydicom.dcmread(edited / "rtstruct.dcm"), pydicom.dcmread(edited / "seg.dcm")
     assert {r.ROIGenerationAlgorithm for r in rt.StructureSetROISequence} == {"SEMIAUTOMATIC"}
     assert "not reviewed" not in str(rt) and {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"SEMIAUTOMATIC"}
-    from separeg.errors import InputError
+    from separeg.runtime.errors import InputError
 
     with pytest.raises(InputError, match="need the model that made them"):
         _openkbp_export(openkbp, tmp_path / "bad", model=False, generation="automatic")
@@ -184,7 +184,7 @@ def _holey_mask() -> np.ndarray:
 
 def test_keyhole_joins_every_hole_to_its_outer_contour() -> None:
     mask = _holey_mask()
-    from separeg.dicom_rt import _fill_slice
+    from separeg.rt.rtstruct import _fill_slice
 
     for k in range(mask.shape[0]):
         contours = _slice_contours(mask[k])
@@ -254,7 +254,7 @@ def test_plastimatch_cross_check_of_the_lung1_export(lung1: Path, tmp_path: Path
     rois = read_rtstruct(next((lung1 / "rtstruct").glob("*.dcm")), ct).rois
     table = LabelTable.from_names([r.name for r in rois])
     masks = {label.tg263 or label.name: roi.mask for label, roi in zip(table, rois, strict=True)}
-    from separeg.dicom_rt import write_rtstruct_masks
+    from separeg.rt.rtstruct import write_rtstruct_masks
 
     path = write_rtstruct_masks(tmp_path / "rt.dcm", masks, ct, algorithm=None, holes="keyhole")
     back = _plastimatch(path, ct.folder, tmp_path / "pm")

@@ -11,15 +11,15 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from separeg.dicom_ct import (
+from separeg.io.dicom_ct import (
     PATIENT_STUDY_KEYWORDS,
     Algorithm,
     copy_patient_study,
     ensure_character_set,
     read_ct_series,
 )
-from separeg.errors import InputError, SeriesError
-from separeg.volumes import Geometry, read_volume
+from separeg.io.volumes import Geometry, read_volume
+from separeg.runtime.errors import InputError, SeriesError
 
 
 def rotation(z_degrees: float, x_degrees: float = 0.0) -> np.ndarray:

@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from separeg.dicom_ct import PATIENT_STUDY_KEYWORDS, Algorithm, CtSeries, read_ct_series
-from separeg.dicom_seg import read_seg, segment_terminology, write_seg
-from separeg.errors import InputError
-from separeg.labels import LabelTable
+from separeg.io.dicom_ct import PATIENT_STUDY_KEYWORDS, Algorithm, CtSeries, read_ct_series
+from separeg.rt.labels import LabelTable
+from separeg.rt.seg import read_seg, segment_terminology, write_seg
+from separeg.runtime.errors import InputError
 
 ALGORITHM = Algorithm(name="tiny-model", version="0.1.0", bundle_hash="ab" * 32)
 
@@ -43,7 +43,7 @@ def _organs(shape: tuple[int, int, int]) -> np.ndarray:
 def test_seg_round_trip_on_lung1(lung1_ct: CtSeries, table: LabelTable, tmp_path: Path, caplog) -> None:
     labelmap = _organs(lung1_ct.shape)
     start = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="separeg.dicom_seg"):
+    with caplog.at_level(logging.WARNING, logger="separeg.rt.seg"):
         path = write_seg(tmp_path / "seg.dcm", labelmap, table, lung1_ct, algorithm=ALGORITHM)
     written = time.perf_counter() - start
     assert "Cochlea_L" in caplog.text  # no confirmed code: generic, with a warning

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import write_image
-from separeg.errors import InputError
-from separeg.evaluate import EvaluateJob, match_cases, read_labels, run_evaluate
-from separeg.events import Events, EventType, ListSink
-from separeg.metrics import STATUS_MISSED, STATUS_NOT_IN_REFERENCE, STATUS_OK
+from separeg.evaluate.job import EvaluateJob, match_cases, read_labels, run_evaluate
+from separeg.evaluate.metrics import STATUS_MISSED, STATUS_NOT_IN_REFERENCE, STATUS_OK
+from separeg.runtime.errors import InputError
+from separeg.runtime.events import Events, EventType, ListSink
 
 BRAINSTEM, PAROTID_L = 1, 4
 SHIFT = 2  # voxels along x (the array's last axis)

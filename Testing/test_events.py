@@ -3,7 +3,7 @@ from __future__ import annotations
 import io
 import json
 
-from separeg.events import Event, Events, EventType, JsonLinesSink, ListSink, TerminalSink
+from separeg.runtime.events import Event, Events, EventType, JsonLinesSink, ListSink, TerminalSink
 
 
 class FakeClock:

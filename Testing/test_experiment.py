@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from separeg.cli import main
-from separeg.errors import InputError
-from separeg.experiment import hidden_organs, load_experiment, plan_runs
+from separeg.experiments.protocol import hidden_organs, load_experiment, plan_runs
+from separeg.runtime.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from separeg.experiment_paired import ALL, compare, paired_difference, per_patient
+from separeg.experiments.paired import ALL, compare, paired_difference, per_patient
 
 
 def _write_run(out: Path, method: str, draw: int, dsc: dict[str, dict[str, float | None]]) -> None:

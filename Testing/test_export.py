@@ -14,14 +14,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from separeg.dicom_ct import read_ct_series
-from separeg.dicom_seg import read_seg
-from separeg.dicom_write import DEFAULT_PATIENT_NAME, dicom_grid, write_ct_series
-from separeg.errors import InputError
-from separeg.events import Events, EventType, ListSink
-from separeg.export import ExportJob, run_export
-from separeg.labels import load_label_table
-from separeg.volumes import Geometry, read_volume
+from separeg.io.dicom_ct import read_ct_series
+from separeg.io.dicom_write import DEFAULT_PATIENT_NAME, dicom_grid, write_ct_series
+from separeg.io.volumes import Geometry, read_volume
+from separeg.rt.export import ExportJob, run_export
+from separeg.rt.labels import load_label_table
+from separeg.rt.seg import read_seg
+from separeg.runtime.errors import InputError
+from separeg.runtime.events import Events, EventType, ListSink
 
 
 def _same(a: sitk.Image, b: sitk.Image) -> bool:
@@ -108,7 +108,7 @@ def test_export_of_a_nifti_ct_writes_the_ct_series_seg_rtstruct_and_manifest(ope
     seg = hd.seg.segread(out / "seg.dcm")
     assert seg.PatientName == "Test^Case" and seg.StudyInstanceUID == ct_series.study_instance_uid
     assert _same(read_volume(out / "segmentation.nii.gz"), read_volume(labelmap))
-    from separeg.dicom_rt import read_rtstruct
+    from separeg.rt.rtstruct import read_rtstruct
 
     rt_back, unmatched = read_rtstruct(out / "rtstruct.dcm", ct_series).to_labelmap(table)
     assert unmatched == []

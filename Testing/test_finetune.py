@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from separeg.bundle import load_bundle
-from separeg.errors import CancelledError, InputError
-from separeg.events import Event, Events, EventType
-from separeg.finetune import FinetuneConfig, FinetuneJob, run_finetune
-from separeg.seg_losses import marginal_dice_ce, marginal_probabilities
+from separeg.runtime.bundle import load_bundle
+from separeg.runtime.errors import CancelledError, InputError
+from separeg.runtime.events import Event, Events, EventType
+from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
+from separeg.segment.losses import marginal_dice_ce, marginal_probabilities
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,8 +117,8 @@ def test_bad_inputs(cases: Path, tmp_path: Path, openkbp: Path) -> None:
 def test_one_case_and_the_shipped_encoder_find_the_mandible_in_an_unseen_ct(tmp_path: Path) -> None:
     """Fine-tune on pt_22 from the shipped encoder with the default recipe (deep supervision, warm-up + poly,
     post-processing chosen per organ; ~2 minutes on 2 CPU cores), contour the unseen pt_209, evaluate."""
-    from separeg.contour import SEGMENTATION_FILE, ContourJob, run_contour
-    from separeg.evaluate import EvaluateJob, run_evaluate
+    from separeg.evaluate.job import EvaluateJob, run_evaluate
+    from separeg.segment.contour import SEGMENTATION_FILE, ContourJob, run_contour
 
     data = tmp_path / "data"
     data.mkdir()

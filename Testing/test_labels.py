@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from separeg.errors import InputError
-from separeg.labels import (
+from separeg.rt.labels import (
     ORGAN_COLORS,
     SYNONYMS,
     CodedConcept,
@@ -20,6 +19,7 @@ from separeg.labels import (
     terminology,
     to_tg263,
 )
+from separeg.runtime.errors import InputError
 
 REQUIRED = (
     "Brainstem SpinalCord Parotid_L Parotid_R Glnd_Submand_L Glnd_Submand_R Esophagus Larynx Bone_Mandible "
@@ -240,7 +240,7 @@ def _dictionary_meanings(concept) -> set[str]:
 
 
 def test_every_registry_organ_has_a_display_name_and_the_table_no_other_names() -> None:
-    from separeg.terminology import registry_terminologies
+    from separeg.rt.terminology import registry_terminologies
 
     assert set(registry_terminologies()) == set(ORGAN_COLORS)
     for tg263 in ORGAN_COLORS:
@@ -250,7 +250,7 @@ def test_every_registry_organ_has_a_display_name_and_the_table_no_other_names() 
 
 
 def test_every_code_is_in_pydicoms_code_dictionary_with_its_meaning() -> None:
-    from separeg.terminology import ANATOMICAL_STRUCTURE, GENERIC_CATEGORY, LEFT, RIGHT, registry_terminologies
+    from separeg.rt.terminology import ANATOMICAL_STRUCTURE, GENERIC_CATEGORY, LEFT, RIGHT, registry_terminologies
 
     coded = {name: t for name, t in registry_terminologies().items() if t is not None}
     assert set(ORGAN_COLORS) - set(coded) == {"Cochlea_L", "Cochlea_R"}  # no confirmed code: dropped, not guessed
@@ -267,7 +267,7 @@ def test_every_code_is_in_pydicoms_code_dictionary_with_its_meaning() -> None:
 
 
 def test_terminology_codes_sides_and_targets() -> None:
-    from separeg.terminology import generic_terminology
+    from separeg.rt.terminology import generic_terminology
 
     parotid = terminology("Parotid_R")
     assert parotid.category == CodedConcept("123037004", "SCT", "Anatomical Structure")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from separeg.metrics import (
+from separeg.evaluate.metrics import (
     STATUS_MISSED,
     STATUS_NOT_IN_REFERENCE,
     STATUS_OK,

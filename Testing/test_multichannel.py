@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from separeg.bundle import load_bundle
-from separeg.cases import find_cases, load_case, read_case_list
-from separeg.channels import Channel, co_register, normalise, normalise_channels, parse_channels
-from separeg.contour import ContourJob, run_contour
-from separeg.errors import InputError
-from separeg.finetune import FinetuneConfig, FinetuneJob, run_finetune
-from separeg.labels import load_label_table
-from separeg.pretrain import run_pretrain
-from separeg.pretrain_config import PretrainConfig, PretrainJob
+from separeg.io.channels import Channel, co_register, normalise, normalise_channels, parse_channels
+from separeg.pretrain.config import PretrainConfig, PretrainJob
+from separeg.pretrain.stages import run_pretrain
+from separeg.rt.labels import load_label_table
+from separeg.runtime.bundle import load_bundle
+from separeg.runtime.errors import InputError
+from separeg.segment.cases import find_cases, load_case, read_case_list
+from separeg.segment.contour import ContourJob, run_contour
+from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "Resources" / "SampleData"

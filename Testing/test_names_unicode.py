@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from separeg.dicom_ct import Algorithm, read_ct_series
-from separeg.dicom_rt import load_synonyms, read_rtstruct, write_rtstruct_masks
-from separeg.dicom_write import write_ct_series
-from separeg.errors import InputError
-from separeg.labels import Label, LabelTable, load_label_table, normalise_name
+from separeg.io.dicom_ct import Algorithm, read_ct_series
+from separeg.io.dicom_write import write_ct_series
+from separeg.rt.labels import Label, LabelTable, load_label_table, normalise_name
+from separeg.rt.rtstruct import load_synonyms, read_rtstruct, write_rtstruct_masks
+from separeg.runtime.errors import InputError
 
 # A clinic's names: Russian, Greek, Chinese and Japanese, plus one that is punctuation alone.
 ROIS = {"Спинной мозг": "SpinalCord", "Сердце": "Heart", "Левое лёгкое": "Lung_L", "Καρδιά-2": "Esophagus",
@@ -71,7 +71,7 @@ def test_ambiguous_names_are_refused(tmp_path: Path) -> None:
 
 
 def test_registry_names_with_a_translation_still_match() -> None:
-    from separeg.labels import to_tg263
+    from separeg.rt.labels import to_tg263
 
     assert to_tg263("Parotid L (腮腺)") == to_tg263("Parotid L") == "Parotid_L"
     assert to_tg263("Parotid L (PRV)") is None and to_tg263("Спинной мозг") is None

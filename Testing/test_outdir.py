@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from separeg.errors import InputError
-from separeg.export import ExportJob, run_export
-from separeg.outdir import check_output_folder, output_folder
-from separeg.runlock import LOCK_FILE, RunLockedError
+from separeg.rt.export import ExportJob, run_export
+from separeg.runtime.errors import InputError
+from separeg.runtime.outdir import check_output_folder, output_folder
+from separeg.runtime.runlock import LOCK_FILE, RunLockedError
 
 
 @pytest.fixture()
@@ -63,7 +63,7 @@ def test_a_second_run_into_one_out_is_refused_and_no_lock_file_is_left(case, tmp
     ct, lm, labels = case
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom separeg.outdir import output_folder\n"
+        "import sys, time\nfrom separeg.runtime.outdir import output_folder\n"
         f"with output_folder({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -15,10 +15,10 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from separeg.dicom_ct import read_ct_series
-from separeg.dicom_write import write_ct_series
-from separeg.errors import SeriesError
-from separeg.volumes import read_volume
+from separeg.io.dicom_ct import read_ct_series
+from separeg.io.dicom_write import write_ct_series
+from separeg.io.volumes import read_volume
+from separeg.runtime.errors import SeriesError
 
 
 def _non_image(path: Path, modality: str, sop_class: str, study: str, frame: str) -> None:

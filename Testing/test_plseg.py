@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from separeg.bundle import load_bundle
-from separeg.errors import InputError
-from separeg.events import Event, Events, EventType
-from separeg.finetune import FinetuneConfig, FinetuneJob, run_finetune
-from separeg.finetune_objective import Objective, choose_partial_label_mode
-from separeg.mean_teacher import MeanTeacher, UnlabelledSlices, ema_update
-from separeg.plseg import (
+from separeg.runtime.bundle import load_bundle
+from separeg.runtime.errors import InputError
+from separeg.runtime.events import Event, Events, EventType
+from separeg.runtime.runlock import holds_run_lock
+from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
+from separeg.segment.finetune_objective import Objective, choose_partial_label_mode
+from separeg.segment.losses import marginal_dice_ce
+from separeg.segment.mean_teacher import MeanTeacher, UnlabelledSlices, ema_update
+from separeg.segment.network import build_unet
+from separeg.segment.plseg import (
     DeepSupervision,
     HardnessWeights,
     PLSegLoss,
@@ -27,9 +30,6 @@ from separeg.plseg import (
     gaussian_rampup,
     psd_loss,
 )
-from separeg.runlock import holds_run_lock
-from separeg.seg_losses import marginal_dice_ce
-from separeg.segmodel import build_unet
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"

@@ -14,14 +14,14 @@ import pytest
 import torch
 from monai.networks.nets import FlexibleUNet
 
-from separeg.bundle import load_bundle
 from separeg.cli import main
-from separeg.errors import CancelledError, InputError
-from separeg.events import Event, Events, EventType, ListSink
-from separeg.pretrain import run_pretrain
-from separeg.pretrain_config import STAGES, PretrainConfig, PretrainJob
-from separeg.regions import SISConfig
-from separeg.training import load_checkpoint
+from separeg.pretrain.config import STAGES, PretrainConfig, PretrainJob
+from separeg.pretrain.stages import run_pretrain
+from separeg.runtime.bundle import load_bundle
+from separeg.runtime.errors import CancelledError, InputError
+from separeg.runtime.events import Event, Events, EventType, ListSink
+from separeg.runtime.training import load_checkpoint
+from separeg.sis.regions import SISConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--encoder", "resnet18", "--iterations", "10", "--batch-size", "8", "--crop-size", "32", "--clusters", "2"]

@@ -6,12 +6,12 @@ import io
 
 import torch
 
-from separeg.events import Events, EventType, ListSink
-from separeg.pretrain import _announce_estimate
-from separeg.pretrain_config import PretrainConfig
-from separeg.pretrain_estimate import estimate_pretraining, format_bytes, format_duration
-from separeg.ssl import SSLModel
-from separeg.training import setup_runtime
+from separeg.pretrain.config import PretrainConfig
+from separeg.pretrain.estimate import estimate_pretraining, format_bytes, format_duration
+from separeg.pretrain.ssl import SSLModel
+from separeg.pretrain.stages import _announce_estimate
+from separeg.runtime.events import Events, EventType, ListSink
+from separeg.runtime.training import setup_runtime
 
 
 def _checkpoint_bytes(cfg: PretrainConfig) -> int:

@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from separeg import metrics
-from separeg.segmodel import GridSpec, from_canonical, from_model_grid, to_canonical, to_model_grid
+from separeg.evaluate import metrics
+from separeg.segment.network import GridSpec, from_canonical, from_model_grid, to_canonical, to_model_grid
 
 FEW = settings(max_examples=12, deadline=None, derandomize=True, print_blob=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -126,7 +126,7 @@ def test_model_grid_round_trip_keeps_organs(ratio, seed) -> None:
 
 @pytest.fixture(scope="module")
 def rt_table():
-    from separeg.labels import LabelTable
+    from separeg.rt.labels import LabelTable
 
     return LabelTable.from_names(["Brainstem", "SpinalCord", "Parotid_L"])
 
@@ -140,9 +140,9 @@ def test_labelmap_rtstruct_labelmap_round_trip(rt_table, tmp_path_factory, spaci
     doc); holes and islands come back through the even-odd rule."""
     import SimpleITK as sitk
 
-    from separeg.dicom_ct import Algorithm, read_ct_series
-    from separeg.dicom_rt import read_rtstruct, write_rtstruct
-    from separeg.dicom_write import write_ct_series
+    from separeg.io.dicom_ct import Algorithm, read_ct_series
+    from separeg.io.dicom_write import write_ct_series
+    from separeg.rt.rtstruct import read_rtstruct, write_rtstruct
 
     rng = np.random.default_rng(seed)
     shape = (4, 18, 22)

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from separeg.finetune import _widen_input
-from separeg.finetune_config import NNUNET_RECIPE, OLD_RECIPE, FinetuneConfig
-from separeg.finetune_data import SliceSet
-from separeg.finetune_objective import Objective
-from separeg.finetune_validation import choose_postprocessing
-from separeg.plseg import PLSegLoss, SegOutputs, cocl_loss, probability_maps
-from separeg.seg_augment import augment_batch
-from separeg.segmodel import GridSpec, build_unet, model_input, neighbour_index, unet_encoder, with_context
-from separeg.training import warmup_lr
+from separeg.runtime.training import warmup_lr
+from separeg.segment.augment import augment_batch
+from separeg.segment.finetune import _widen_input
+from separeg.segment.finetune_config import NNUNET_RECIPE, OLD_RECIPE, FinetuneConfig
+from separeg.segment.finetune_data import SliceSet
+from separeg.segment.finetune_objective import Objective
+from separeg.segment.finetune_validation import choose_postprocessing
+from separeg.segment.network import GridSpec, build_unet, model_input, neighbour_index, unet_encoder, with_context
+from separeg.segment.plseg import PLSegLoss, SegOutputs, cocl_loss, probability_maps
 
 
 def test_context_stacks_neighbours_channel_major_and_clamps_at_the_ends() -> None:
@@ -47,7 +47,7 @@ def test_training_slices_are_the_inputs_contour_gives_the_network(openkbp) -> No
                            annotated=frozenset({1, 2}))
     spec = GridSpec(spacing_xy=(7.8, 7.8), context_slices=1)
     slices = SliceSet([case], 8, spec, torch.device("cpu"))
-    from separeg.segmodel import to_canonical
+    from separeg.segment.network import to_canonical
 
     contour_input = model_input([sitk.GetArrayFromImage(to_canonical(image))], image.GetSpacing()[:2], spec)
     torch.testing.assert_close(slices.network_input(slice(0, len(slices))), contour_input)
@@ -197,7 +197,7 @@ def test_defaults_are_the_measured_best_and_the_nnunet_recipe_is_one_setting_awa
 def test_contour_applies_the_post_processing_the_model_chose() -> None:
     from pathlib import Path
 
-    from separeg.contour import ContourJob, _postprocessing_organs
+    from separeg.segment.contour import ContourJob, _postprocessing_organs
 
     job = ContourJob(volume=Path("ct.nii.gz"), model="m", out_dir=Path("out"))
     chosen = {"largest_component": [1, 3], "fill_holes": [3]}

@@ -7,9 +7,10 @@ import pytest
 import SimpleITK as sitk
 from skimage.segmentation import slic
 
-from separeg.errors import InputError
-from separeg.events import Events, EventType, ListSink
-from separeg.regions import (
+from separeg.runtime.errors import InputError
+from separeg.runtime.events import Events, EventType, ListSink
+from separeg.sis.job import organ_coverage
+from separeg.sis.regions import (
     RegionMaps,
     SISConfig,
     body_mask,
@@ -18,7 +19,6 @@ from separeg.regions import (
     slic_slice,
     to_uint8,
 )
-from separeg.regions_job import organ_coverage
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_all_air_volume_has_no_regions() -> None:
 
 
 def test_a_volume_stored_sagittally_is_separated_on_its_axial_slices(openkbp: Path, tmp_path: Path) -> None:
-    from separeg.regions_job import separate_image
+    from separeg.sis.job import separate_image
 
     image = sitk.ReadImage(str(openkbp / "pt_1_ct.nii.gz"))[:, :, 40:56]  # 16 axial slices keep it quick
     sagittal = sitk.DICOMOrient(image, "ASL")  # the same scan, another axis order in the file

@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from separeg.figures import MIN_BOX, box_or_points  # noqa: E402
-from separeg.pretrain_report import cluster_figure, loss_figure, loss_meaning  # noqa: E402
+from separeg.pretrain.report import cluster_figure, loss_figure, loss_meaning  # noqa: E402
+from separeg.sis.figures import MIN_BOX, box_or_points  # noqa: E402
 
 
 def test_loss_axes_say_what_is_best() -> None:

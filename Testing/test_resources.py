@@ -17,17 +17,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from separeg.atomic import PARTIAL_MARK, DiskFullError, format_bytes, write_json
-from separeg.bundle import save_bundle
 from separeg.cli import main
-from separeg.contour import SEGMENTATION_FILE, ContourJob, ContourMemoryError, predict_labels, run_contour
-from separeg.errors import InputError
-from separeg.events import Events, EventType, ListSink
-from separeg.labels import load_label_table
-from separeg.rundir import check_identity
-from separeg.runlock import LOCK_FILE, RunLockedError, acquire_run_lock, holds_run_lock, release_run_lock
-from separeg.segmodel import GridSpec, build_unet
-from separeg.training import Runtime, load_checkpoint, save_checkpoint, verify_checkpoint
+from separeg.pretrain.rundir import check_identity
+from separeg.rt.labels import load_label_table
+from separeg.runtime.atomic import PARTIAL_MARK, DiskFullError, format_bytes, write_json
+from separeg.runtime.bundle import save_bundle
+from separeg.runtime.errors import InputError
+from separeg.runtime.events import Events, EventType, ListSink
+from separeg.runtime.runlock import LOCK_FILE, RunLockedError, acquire_run_lock, holds_run_lock, release_run_lock
+from separeg.runtime.training import Runtime, load_checkpoint, save_checkpoint, verify_checkpoint
+from separeg.segment.contour import SEGMENTATION_FILE, ContourJob, ContourMemoryError, predict_labels, run_contour
+from separeg.segment.network import GridSpec, build_unet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Pa
     save_checkpoint(path, {"step": 3, "weights": torch.ones(50_000)})
     size = path.stat().st_size
     real_open = open
-    monkeypatch.setattr("separeg.training.open", lambda *a, **k: _FillsUpAfter(real_open(*a, **k), size // 2),
+    monkeypatch.setattr("separeg.runtime.training.open", lambda *a, **k: _FillsUpAfter(real_open(*a, **k), size // 2),
                         raising=False)
     with pytest.raises(DiskFullError) as caught:
         save_checkpoint(path, {"step": 4, "weights": torch.zeros(50_000)})
@@ -141,7 +141,7 @@ def test_contour_halves_the_batch_when_out_of_memory(small_ct: Path, model_bundl
         batches.append(fail_above(model, limit=4))
         return model
 
-    monkeypatch.setattr("separeg.contour.build_unet", build_limited)
+    monkeypatch.setattr("separeg.segment.contour.build_unet", build_limited)
     sink = ListSink()
     run_contour(ContourJob(volume=small_ct, model=str(model_bundle), out_dir=tmp_path / "out", device="cpu",
                            batch_size=16), Events(sink))
@@ -167,7 +167,7 @@ def test_out_of_memory_with_one_slice_says_what_to_do() -> None:
 
 
 def _hold_lock_in_another_process(root: Path) -> subprocess.Popen:
-    code = ("import sys, time; from separeg.runlock import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
+    code = ("import sys, time; from separeg.runtime.runlock import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(root), "--out", "x"], stdout=subprocess.PIPE,
                               text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

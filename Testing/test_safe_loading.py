@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from separeg.bundle import BundleError, load_bundle, read_bundle_info, save_bundle
-from separeg.errors import InputError
-from separeg.training import load_checkpoint, save_checkpoint
+from separeg.runtime.bundle import BundleError, load_bundle, read_bundle_info, save_bundle
+from separeg.runtime.errors import InputError
+from separeg.runtime.training import load_checkpoint, save_checkpoint
 
 _SPEC = importlib.util.spec_from_file_location("make_corpus", Path(__file__).parent / "corpus" / "make_corpus.py")
 corpus = sys.modules.setdefault("make_corpus", importlib.util.module_from_spec(_SPEC))

@@ -18,8 +18,8 @@ from SepaRegPretrainLib.Logic import (
     stage_of,
 )
 
-from separeg.background import RunState
-from separeg.events import Event, EventType
+from separeg.runtime.background import RunState
+from separeg.runtime.events import Event, EventType
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--crop-size", "32")
@@ -43,9 +43,9 @@ def wait(logic: PretrainLogic, until, timeout: float = 600) -> None:
 
 
 def test_stage_names_match_the_core() -> None:
-    from separeg.nets import ENCODERS as CORE_ENCODERS
-    from separeg.pretrain_config import STAGES as CORE_STAGES
-    from separeg.ssl import METHODS as CORE_METHODS
+    from separeg.pretrain.config import STAGES as CORE_STAGES
+    from separeg.pretrain.encoders import ENCODERS as CORE_ENCODERS
+    from separeg.pretrain.ssl import METHODS as CORE_METHODS
 
     assert STAGES == CORE_STAGES
     assert METHODS == tuple(CORE_METHODS) and ENCODERS == tuple(CORE_ENCODERS)

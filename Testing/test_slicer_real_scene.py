@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import slicer_tier
 from SepaRegSegmentLib.Logic import CONTOUR_MODEL_ATTRIBUTE, TrainingCase
 
-from separeg.background import RunState
+from separeg.runtime.background import RunState
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"
@@ -83,7 +83,7 @@ def segments(node) -> dict:
 def test_volumes_load_with_the_core_geometry(real_slicer, logic, lung1_subset: Path, tmp_path: Path) -> None:
     """NIfTI, a DICOM series (non-zero origin) read by Slicer's reader, and a rotated copy: IJK-to-RAS and voxels
     as the core reads them; a volume written by the module (``exportNode``) reads back identically in the core."""
-    from separeg.volumes import read_dicom_series, read_volume
+    from separeg.io.volumes import read_dicom_series, read_volume
 
     slicer = real_slicer
     dicom = read_dicom_series(lung1_subset)
@@ -186,7 +186,7 @@ def test_auto_contour_with_hn_oar_7_then_evaluate(real_slicer, logic, tmp_path: 
         logic.evaluate(node, raw, volume)
     rows = {r["organ"]: r for r in logic.evaluate(node, raw, volume, labels=labels)}
     reference_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "pt_203_oar.nii.gz")))
-    from separeg.metrics import organ_metrics
+    from separeg.evaluate.metrics import organ_metrics
 
     spacing = tuple(float(s) for s in volume.GetSpacing())
     for organ, row in rows.items():
@@ -327,7 +327,7 @@ def test_export_of_auto_contours_names_the_model_until_a_planner_edits_them(real
 def test_correct_and_learn_on_real_nodes(real_slicer, logic, tmp_path: Path) -> None:
     """Corrected cases (label maps as Slicer loads them: Segment_<value>) go into the model's training set named
     by the model's table; Update model fine-tunes the installed model on them and keeps the previous version."""
-    from separeg.models import resolve_model
+    from separeg.runtime.model_store import resolve_model
 
     slicer = real_slicer
     logic.importModel(resolve_model("hn-oar-7"), "hn-oar-7 local")

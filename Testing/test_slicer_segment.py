@@ -18,8 +18,8 @@ import slicer_fakes
 from SepaRegSegmentLib.Logic import FinetuneRequest, SegmentLogic, TrainingCase, matchSegments
 from SepaRegSegmentLib.SceneIO import SceneIO
 
-from separeg.background import RunState, Signal
-from separeg.models import resolve_model
+from separeg.runtime.background import RunState, Signal
+from separeg.runtime.model_store import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"
@@ -127,7 +127,7 @@ def test_a_model_that_found_no_organ_is_not_installed(tmp_path: Path) -> None:
     import torch
     from SepaRegSegmentLib.Logic import refuseUselessModel
 
-    from separeg.bundle import save_bundle
+    from separeg.runtime.bundle import save_bundle
 
     def bundle(name: str, validation: dict) -> Path:
         return save_bundle(tmp_path / f"{name}.separeg", kind="segmentation", architecture={"backbone": "x"},

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import fixed_batch_losses, region_crops
-from separeg.errors import InputError
-from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
-from separeg.segmodel import build_unet, unet_encoder
-from separeg.ssl import METHODS, SSLModel, channel_kl, negative_cosine, nt_xent
+from separeg.pretrain.encoders import ENCODER_DIMS, PooledEncoder, build_encoder
+from separeg.pretrain.ssl import METHODS, SSLModel, channel_kl, negative_cosine, nt_xent
+from separeg.runtime.errors import InputError
+from separeg.segment.network import build_unet, unet_encoder
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_unknown_names_list_the_valid_ones() -> None:
 
 
 def test_dense_pairs_pixels_that_show_the_same_place() -> None:
-    from separeg.augment import AugmentConfig, augment_with_geometry
-    from separeg.ssl.dense import DenseSSLModel, corresponding_points
+    from separeg.pretrain.augment import AugmentConfig, augment_with_geometry
+    from separeg.pretrain.ssl.dense import DenseSSLModel, corresponding_points
 
     # A horizontal flip: pixel column j of one view is column w-1-j of the other.
     identity = torch.tensor([[[1.0, 0, 0], [0, 1, 0]]])

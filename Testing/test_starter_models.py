@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from separeg.bundle import WEIGHTS_MEMBER, load_bundle, read_bundle_info
 from separeg.cli import main
-from separeg.finetune import FinetuneConfig, FinetuneJob, run_finetune
-from separeg.metrics import dice
-from separeg.models import list_models, resolve_model, shipped_model_dir
+from separeg.evaluate.metrics import dice
+from separeg.runtime.bundle import WEIGHTS_MEMBER, load_bundle, read_bundle_info
+from separeg.runtime.model_store import list_models, resolve_model, shipped_model_dir
+from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"

@@ -10,7 +10,7 @@ import pytest
 
 SCRIPT = """
 import os, signal, sys, time
-from separeg.training import StopRequest
+from separeg.runtime.training import StopRequest
 with StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C during a step
     time.sleep(0.3)

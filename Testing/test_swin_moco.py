@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import fixed_batch_losses, region_crops
-from separeg.bundle import load_bundle
-from separeg.errors import InputError
-from separeg.nets import ENCODER_DIMS, PooledEncoder, build_encoder
-from separeg.plseg import DeepSupervision
-from separeg.pretrain import run_pretrain
-from separeg.pretrain_config import PretrainConfig, PretrainJob
-from separeg.segmodel import build_unet, load_encoder_weights, unet_architecture, unet_encoder
-from separeg.ssl import SSLModel, info_nce
+from separeg.pretrain.config import PretrainConfig, PretrainJob
+from separeg.pretrain.encoders import ENCODER_DIMS, PooledEncoder, build_encoder
+from separeg.pretrain.ssl import SSLModel, info_nce
+from separeg.pretrain.stages import run_pretrain
+from separeg.runtime.bundle import load_bundle
+from separeg.runtime.errors import InputError
+from separeg.segment.network import build_unet, load_encoder_weights, unet_architecture, unet_encoder
+from separeg.segment.plseg import DeepSupervision
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Checkpoints with checksums, and the step loop's resume rules (separeg.training)."""
+"""Checkpoints with checksums, and the step loop's resume rules (separeg.runtime.training)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from separeg import training
-from separeg.events import Events, EventType, ListSink
-from separeg.training import (
+from separeg.runtime import training
+from separeg.runtime.events import Events, EventType, ListSink
+from separeg.runtime.training import (
     CorruptCheckpointError,
     Runtime,
     StopRequest,

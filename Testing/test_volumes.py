@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import write_image
-from separeg.errors import SeriesError, VolumeReadError
-from separeg.volumes import Geometry, content_hash, read_dicom_series, read_volume, write_volume
+from separeg.io.volumes import Geometry, content_hash, read_dicom_series, read_volume, write_volume
+from separeg.runtime.errors import SeriesError, VolumeReadError
 
 
 def test_reads_openkbp_nifti_with_geometry(openkbp: Path) -> None:

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import CancelledError, SepaRegError
-from .events import Events, JsonLinesSink, TerminalSink
+from separeg.runtime.errors import CancelledError, SepaRegError
+from separeg.runtime.events import Events, JsonLinesSink, TerminalSink
 
 __all__ = ["main", "build_parser"]
 
@@ -45,7 +45,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sis(parser: argparse.ArgumentParser) -> None:
-    from .regions import SEPARATION_EXTENTS, SEPARATION_MODES, SISConfig
+    from separeg.sis.regions import SEPARATION_EXTENTS, SEPARATION_MODES, SISConfig
 
     d = SISConfig()
     group = parser.add_argument_group("structure-aware image separation")
@@ -66,9 +66,9 @@ CHANNELS_HELP = ("input channels, comma-separated NAME[:window|percentile|zscore
 
 
 def _add_pretrain(parser: argparse.ArgumentParser) -> None:
-    from .nets import ENCODER_DIMS
-    from .pretrain_config import STAGES, PretrainConfig
-    from .ssl import METHODS
+    from separeg.pretrain.config import STAGES, PretrainConfig
+    from separeg.pretrain.encoders import ENCODER_DIMS
+    from separeg.pretrain.ssl import METHODS
 
     d = PretrainConfig()
     group = parser.add_argument_group("pretraining")
@@ -109,8 +109,8 @@ def _add_running(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def _run_pretrain(args: argparse.Namespace, events: Events) -> int:
-    from .pretrain import run_pretrain
-    from .pretrain_config import PretrainConfig, PretrainJob
+    from separeg.pretrain.config import PretrainConfig, PretrainJob
+    from separeg.pretrain.stages import run_pretrain
 
     config = PretrainConfig(method=args.method, encoder=args.encoder, sis=_sis_config(args), crop_size=args.crop_size,
                             iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
@@ -126,10 +126,10 @@ def _run_pretrain(args: argparse.Namespace, events: Events) -> int:
 
 
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
-    from .finetune import FinetuneConfig
-    from .finetune_config import POSTPROCESSING_MODES, SCHEDULES
-    from .nets import ENCODER_DIMS
-    from .seg_augment import AUGMENTATIONS
+    from separeg.pretrain.encoders import ENCODER_DIMS
+    from separeg.segment.augment import AUGMENTATIONS
+    from separeg.segment.finetune import FinetuneConfig
+    from separeg.segment.finetune_config import POSTPROCESSING_MODES, SCHEDULES
 
     d = FinetuneConfig()
     group = parser.add_argument_group("fine-tuning")
@@ -191,7 +191,7 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_finetune(args: argparse.Namespace, events: Events) -> int:
-    from .finetune import FinetuneConfig, FinetuneJob, run_finetune
+    from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
 
     config = FinetuneConfig(encoder=args.encoder, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                             batch_size=args.batch_size, lr=args.lr, patience=args.patience,
@@ -215,8 +215,8 @@ def _run_finetune(args: argparse.Namespace, events: Events) -> int:
 
 
 def _run_experiment(args: argparse.Namespace, events: Events) -> int:
-    from .experiment import load_experiment, run_experiment
-    from .experiment_report import write_report
+    from separeg.experiments.protocol import load_experiment, run_experiment
+    from separeg.experiments.report import write_report
 
     if args.report_only:
         path = write_report(load_experiment(args.config), args.out)
@@ -228,8 +228,8 @@ def _run_experiment(args: argparse.Namespace, events: Events) -> int:
 
 
 def _run_contour(args: argparse.Namespace, events: Events) -> int:
-    from .contour import ContourJob, run_contour
-    from .outdir import output_folder
+    from separeg.runtime.outdir import output_folder
+    from separeg.segment.contour import ContourJob, run_contour
 
     with output_folder(args.out):  # checked before inference, locked while written
         run_contour(ContourJob(volume=args.volume[0], channels=tuple(args.volume[1:]), model=args.model,
@@ -242,7 +242,7 @@ def _run_contour(args: argparse.Namespace, events: Events) -> int:
 
 
 def _run_atlas(args: argparse.Namespace, events: Events) -> int:
-    from .atlas import AtlasJob, RegistrationConfig, run_atlas
+    from separeg.segment.atlas import AtlasJob, RegistrationConfig, run_atlas
 
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip()) if args.cases else ()
     registration = RegistrationConfig(bspline_mesh=0) if args.affine_only else RegistrationConfig()
@@ -261,7 +261,7 @@ def _add_patient(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace, events: Events) -> int:
-    from .export import FORMATS, ExportJob, run_export
+    from separeg.rt.export import FORMATS, ExportJob, run_export
 
     formats = tuple(f for f in FORMATS if getattr(args, f)) or FORMATS
     run_export(ExportJob(labelmap=args.labelmap, ct=args.ct, out_dir=args.out, labels=args.labels, formats=formats,
@@ -272,7 +272,7 @@ def _run_export(args: argparse.Namespace, events: Events) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace, events: Events) -> int:
-    from .evaluate import EvaluateJob, run_evaluate
+    from separeg.evaluate.job import EvaluateJob, run_evaluate
 
     run_evaluate(EvaluateJob(pred=args.pred, ref=args.ref, out_dir=args.out, labels=args.labels,
                              unknown=args.unknown_labels), events)
@@ -281,8 +281,8 @@ def _run_evaluate(args: argparse.Namespace, events: Events) -> int:
 
 
 def _run_models(args: argparse.Namespace, events: Events) -> int:
-    from .bundle import read_bundle_info
-    from .models import list_models, model_dirs, shipped_model_dir
+    from separeg.runtime.bundle import read_bundle_info
+    from separeg.runtime.model_store import list_models, model_dirs, shipped_model_dir
 
     found = list_models()
     for path in found:
@@ -300,8 +300,8 @@ def _run_models(args: argparse.Namespace, events: Events) -> int:
 def _run_pack(args: argparse.Namespace, events: Events) -> int:
     import json
 
-    from .bundle import pack_bundle
-    from .errors import InputError, read_text_table
+    from separeg.runtime.bundle import pack_bundle
+    from separeg.runtime.errors import InputError, read_text_table
 
     metadata = None
     if args.metadata is not None:
@@ -317,7 +317,7 @@ def _run_pack(args: argparse.Namespace, events: Events) -> int:
 
 
 def _sis_config(args: argparse.Namespace):
-    from .regions import SISConfig
+    from separeg.sis.regions import SISConfig
 
     return SISConfig(mode=args.separation, extent=args.extent, n_segments=args.n_segments,
                      compactness=args.compactness, sigma=args.sigma, body_threshold_hu=args.body_threshold)
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(contour)
     contour.set_defaults(handler=_run_contour)
 
-    from .atlas import FUSIONS
+    from separeg.segment.atlas import FUSIONS
 
     atlas = sub.add_parser("atlas", help="multi-atlas contouring (register labelled CTs, fuse their organs): the "
                            "classical baseline -> OUT/segmentation.nii.gz + segmentation.json")
@@ -487,7 +487,7 @@ def _version() -> str:
 
 
 def _run_scan(args: argparse.Namespace, events: Events) -> int:
-    from .archive import format_table, scan_archive
+    from separeg.io.archive import format_table, scan_archive
 
     manifest = scan_archive(args.archive, modality=args.modality, events=events, workers=args.workers)
     if args.out:
@@ -501,7 +501,7 @@ def _run_scan(args: argparse.Namespace, events: Events) -> int:
 
 
 def _run_regions(args: argparse.Namespace, events: Events) -> int:
-    from .regions_job import RegionsJob, run_regions
+    from separeg.sis.job import RegionsJob, run_regions
 
     job = RegionsJob(volume=args.volume, out_dir=args.out, sis=_sis_config(args), reference=args.reference,
                      overlay_slices=args.slices, workers=args.workers)
@@ -514,7 +514,7 @@ def _run_regions(args: argparse.Namespace, events: Events) -> int:
 
 
 def _run_demo(args: argparse.Namespace, events: Events) -> int:
-    from .demo import SAMPLE_DATA, DemoJob, run_demo
+    from separeg.experiments.demo import SAMPLE_DATA, DemoJob, run_demo
 
     run_demo(DemoJob(out_dir=args.out, data_dir=args.data or SAMPLE_DATA, sis=_sis_config(args),
                      iterations=args.iterations, epochs=args.epochs, device=args.device, workers=args.workers),

@@ -1,7 +1,7 @@
 """SepaRegPretrain logic: archive scan, start / stop / resume of ``separeg pretrain`` in the background.
 
 No Slicer, Qt or widget imports: the widget calls this, and the tests drive it with a real background process.
-Progress arrives as events (``separeg.events``); :class:`PretrainProgress` folds them into one row per pipeline
+Progress arrives as events (``separeg.runtime.events``); :class:`PretrainProgress` folds them into one row per pipeline
 stage for the per-stage progress bars.
 """
 
@@ -13,14 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from separeg.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
-from separeg.events import Event, EventType
+from separeg.runtime.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
+from separeg.runtime.events import Event, EventType
 
-# The pipeline stages, in order (separeg.pretrain_config.STAGES, which imports torch; tests check they agree).
+# The pipeline stages, in order (separeg.pretrain.config.STAGES, which imports torch; tests check they agree).
 STAGES = ("sis", "inter", "cluster", "intra", "distill", "export")
 STAGE_TITLES = {"sis": "Image separation", "inter": "Inter-organ SSL", "cluster": "Organ groups",
                 "intra": "Intra-organ SSL", "distill": "Distillation", "export": "Export"}
-# Likewise separeg.ssl.METHODS and separeg.nets.ENCODERS (tests check they agree).
+# Likewise separeg.pretrain.ssl.METHODS and separeg.pretrain.encoders.ENCODERS (tests check they agree).
 METHODS = ("simsiam", "byol", "simclr", "mocov3")
 ENCODERS = ("resnet50", "resnet18", "resnet18-slim", "swin")
 STOP_FILE = "STOP"  # in the run folder: separeg checks it between steps, checkpoints, then exits
@@ -51,7 +51,7 @@ class PretrainRequest:
     device: str = "auto"
     modality: str = "CT"
     restart: bool = False
-    channels: str = ""  # e.g. "T1,T2" (separeg.channels.parse_channels); empty: one CT channel
+    channels: str = ""  # e.g. "T1,T2" (separeg.io.channels.parse_channels); empty: one CT channel
     extraArgs: tuple[str, ...] = ()  # further `separeg pretrain` flags (advanced settings, tests)
 
     def problems(self) -> list[str]:
@@ -72,8 +72,8 @@ class PretrainRequest:
         if self.iterations < 1 or self.batch_size < 1 or self.clusters < 1:
             found.append("iterations, batch size and organ groups must be at least 1")
         if self.channels:
-            from separeg.channels import parse_channels
-            from separeg.errors import InputError
+            from separeg.io.channels import parse_channels
+            from separeg.runtime.errors import InputError
 
             try:
                 parse_channels(self.channels)
@@ -183,8 +183,8 @@ class PretrainLogic:
     @staticmethod
     def shippedEncodersText() -> str:
         """One line per encoder in the model folders (shipped or installed), for the module's header."""
-        from separeg.bundle import read_bundle_info
-        from separeg.models import list_models
+        from separeg.runtime.bundle import read_bundle_info
+        from separeg.runtime.model_store import list_models
 
         lines = []
         for path in list_models():

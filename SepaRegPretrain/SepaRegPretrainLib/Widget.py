@@ -73,7 +73,7 @@ class Widget:
         self.timer.stop()
 
     def fillDevices(self):
-        from separeg.devices import list_devices
+        from separeg.runtime.devices import list_devices
 
         self.ui.deviceComboBox.clear()
         for device, label in list_devices():

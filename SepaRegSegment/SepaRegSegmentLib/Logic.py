@@ -1,8 +1,8 @@
 """SepaRegSegment logic: fine-tune, Auto-contour, evaluate, correct-and-learn and export.
 
 No widgets and no direct MRML calls: the scene is reached through an injected :class:`SceneIO`-like object and
-the core runs as ``separeg`` background processes (:class:`separeg.background.BackgroundRun`), so the tests drive
-this class with a fake scene and real processes. Every task is one background run at a time; results come back
+the core runs as ``separeg`` background processes (:class:`separeg.runtime.background.BackgroundRun`), so the tests
+drive this class with a fake scene and real processes. Every task is one background run at a time; results come back
 through signals, on the thread that calls :meth:`poll` (the widget's timer).
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from separeg.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
-from separeg.events import Event, EventType
+from separeg.runtime.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
+from separeg.runtime.events import Event, EventType
 
 STOP_FILE = "STOP"
 TRAINING_SET_LABELS = "labels.json"
@@ -37,7 +37,7 @@ CONTOUR_SEGMENTS_ATTRIBUTE = "SepaReg.ContourSegments"
 def refuseUselessModel(path: Path) -> None:
     """A fine-tuned model whose best validation DSC is 0 % found no organ: it is not installed over a working one
     (the run folder keeps it). A best epoch chosen on training data is accepted: the core's log says so."""
-    from separeg.bundle import read_bundle_info
+    from separeg.runtime.bundle import read_bundle_info
 
     validation = read_bundle_info(path).get("validation") or {}
     if validation.get("mean_dsc") == 0:
@@ -93,8 +93,8 @@ class FinetuneRequest:
         if not re.fullmatch(r"[\w .-]+", self.modelName or ""):
             found.append("name the model with letters, digits, spaces, '-', '_' or '.'")
         if self.init is not None and not Path(self.init).is_file():
-            from separeg.errors import InputError
-            from separeg.models import resolve_model
+            from separeg.runtime.errors import InputError
+            from separeg.runtime.model_store import resolve_model
 
             try:
                 resolve_model(self.init)
@@ -138,7 +138,7 @@ class TaskResult:
 
 def matchSegments(segmentNames: Sequence[str], organs: Sequence[str]) -> dict[str, str]:
     """Segment name -> organ (TG-263) name, through the core's synonym table ("Parotid L" -> "Parotid_L")."""
-    from separeg.labels import to_tg263
+    from separeg.rt.labels import to_tg263
 
     wanted = {organ: organ for organ in organs}
     wanted.update({to_tg263(organ) or organ: organ for organ in organs})
@@ -154,7 +154,7 @@ def labelNamesByValue(table) -> dict[int, str]:
     """Organ name (TG-263 when known) by label value, from a label table file (labels.json, CSV; the core's
     formats) or from a list of labels as in a model (``[{"value", "name", "tg263"}, ...]``)."""
     if isinstance(table, str | os.PathLike):
-        from separeg.labels import load_label_table
+        from separeg.rt.labels import load_label_table
 
         table = [label.to_dict() for label in load_label_table(table)]
     return {int(lb["value"]): lb.get("tg263") or lb["name"] for lb in table}
@@ -179,7 +179,7 @@ def unnamedSegmentsHint(names: Sequence[str]) -> str:
 
 def labelTable(organs: Sequence[str]) -> dict:
     """A label table (values 1..N in the given order) in the core's JSON format."""
-    from separeg.labels import LabelTable
+    from separeg.rt.labels import LabelTable
 
     return LabelTable.from_names(organs).to_dict()
 
@@ -265,8 +265,8 @@ class SegmentLogic:
         return node
 
     def _bundles(self, kind: str) -> list[ModelInfo]:
-        from separeg.bundle import read_bundle_info
-        from separeg.models import list_models
+        from separeg.runtime.bundle import read_bundle_info
+        from separeg.runtime.model_store import list_models
 
         found = []
         for path in list_models():
@@ -301,7 +301,7 @@ class SegmentLogic:
         raise ValueError(f"no installed model named {name!r}; import one or fine-tune one first")
 
     def importModel(self, path: str | os.PathLike, name: str | None = None, replace: bool = False) -> Path:
-        from separeg.models import install_model
+        from separeg.runtime.model_store import install_model
 
         return install_model(path, name, replace=replace)
 
@@ -497,7 +497,7 @@ class SegmentLogic:
 
     # ------------------------------------------------------------------------------------- correct and learn
     def trainingSetDir(self, modelName: str) -> Path:
-        from separeg.models import user_model_dir
+        from separeg.runtime.model_store import user_model_dir
 
         return user_model_dir() / "training" / safeName(modelName)
 
@@ -546,8 +546,8 @@ class SegmentLogic:
         ``labels`` (a label table, e.g. the selected model's labels) names ``Segment_<v>`` segments of either
         segmentation first (:meth:`nameSegmentsByValue`).
         """
-        from separeg.labels import to_tg263
-        from separeg.metrics import organ_metrics
+        from separeg.evaluate.metrics import organ_metrics
+        from separeg.rt.labels import to_tg263
 
         if labels is not None:
             for node in (predictionNode, referenceNode):

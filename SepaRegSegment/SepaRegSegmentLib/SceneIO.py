@@ -35,7 +35,7 @@ def removeNode(node, colorNode: bool = False) -> None:
 
 def terminologyEntry(label: dict) -> str | None:
     """Slicer's ``~``-separated terminology entry for a label of ``segmentation.json`` (core registry codes)."""
-    from separeg.terminology import terminology
+    from separeg.rt.terminology import terminology
 
     codes = terminology(label.get("tg263") or "")
     return codes.slicer_entry() if codes is not None else None

@@ -88,7 +88,7 @@ class Widget:
 
     # ------------------------------------------------------------------------------------------------- models
     def fillDevices(self):
-        from separeg.devices import list_devices
+        from separeg.runtime.devices import list_devices
 
         for device, label in list_devices():
             self.ui.deviceComboBox.addItem(label, device)

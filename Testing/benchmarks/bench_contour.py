@@ -2,7 +2,7 @@
 
 Every measurement is a fresh ``separeg contour --device cpu`` process with the shipped model ``hn-oar-7``: the wall
 time includes the start-up (Python, torch, MONAI, reading the CT), and the peak RSS is the child's own
-(``wait4``). ``old`` is ``separeg.contour._run_contour_legacy`` (whole-volume windowing, one slice at a time,
+(``wait4``). ``old`` is ``separeg.segment.contour._run_contour_legacy`` (whole-volume windowing, one slice at a time,
 8-channel float logits resampled to every input slice, whole-volume post-processing, OpenMP's default wait
 policy); ``new`` is ``separeg contour`` as shipped. The two alternate, ``--repeats`` times each, on:
 - ``lung1``: the LUNG1 DICOM series (134 x 512 x 512, 0.98 mm pixels; the model works at 3.9 mm);
@@ -36,12 +36,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from separeg.atomic import write_json  # noqa: E402
+from separeg.runtime.atomic import write_json  # noqa: E402
 
 DATA = Path(os.environ.get("SEPAREG_SHARED_DATA", REPO.parent / "shared" / "data"))
 CASES = {"lung1": DATA / "lung1_dicom" / "ct", "openkbp": DATA / "openkbp" / "pt_209_ct.nii.gz"}
 MODEL = "hn-oar-7"
-OLD = ("import sys; import separeg.contour as c; c.run_contour = c._run_contour_legacy; "
+OLD = ("import sys; import separeg.segment.contour as c; c.run_contour = c._run_contour_legacy; "
        "from separeg.cli import main; sys.exit(main(sys.argv[1:]))")
 STAGES_LOG = "contour seconds per stage: "
 
@@ -73,7 +73,7 @@ def _labels(path: Path) -> np.ndarray:
 
 
 def _dsc(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    from separeg.metrics import dice
+    from separeg.evaluate.metrics import dice
 
     return {str(v): round(float(dice(a == v, b == v)), 5) for v in range(1, 256) if (a == v).any() or (b == v).any()}
 
@@ -113,10 +113,10 @@ def _one_mm(volume: Path, out: Path) -> Path:
 
 def agreement(work: Path) -> dict:
     """Per-organ DSC between the two paths on the validation patients of the model, native and at 1 mm."""
-    from separeg.bundle import load_bundle
-    from separeg.contour import ContourJob, _run_contour_legacy, run_contour
-    from separeg.events import Events
-    from separeg.models import resolve_model
+    from separeg.runtime.bundle import load_bundle
+    from separeg.runtime.events import Events
+    from separeg.runtime.model_store import resolve_model
+    from separeg.segment.contour import ContourJob, _run_contour_legacy, run_contour
 
     patients = load_bundle(resolve_model(MODEL)).metadata["release"]["validation"]["patients"]
     rows = {}

@@ -27,12 +27,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from separeg.atomic import write_json  # noqa: E402
-from separeg.augment import TwoViews  # noqa: E402
-from separeg.crops import naive_crops  # noqa: E402
-from separeg.regions import SISConfig, compute_region_maps, window_hu  # noqa: E402
-from separeg.regionset import RegionSet, VolumeRegions  # noqa: E402
-from separeg.ssl import SSLModel  # noqa: E402
+from separeg.pretrain.augment import TwoViews  # noqa: E402
+from separeg.pretrain.ssl import SSLModel  # noqa: E402
+from separeg.runtime.atomic import write_json  # noqa: E402
+from separeg.sis.crops import naive_crops  # noqa: E402
+from separeg.sis.regions import SISConfig, compute_region_maps, window_hu  # noqa: E402
+from separeg.sis.regionset import RegionSet, VolumeRegions  # noqa: E402
 
 PAPER_ITERATIONS = 100_000
 BATCH = 32

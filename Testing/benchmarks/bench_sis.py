@@ -3,8 +3,8 @@
 Measures, in one run, on the LUNG1 DICOM series (512 x 512 slices) and a few OpenKBP volumes (128 x 128):
 
 (a) First-pass superpixels, slices/s.
-    - ``end_to_end``: :func:`separeg.regions.compute_region_maps` (body mask, threaded SLIC, region table).
-    - ``ours_threads``: the superpixel step alone, :func:`separeg.regions.slic_slice` on each slice's body
+    - ``end_to_end``: :func:`separeg.sis.regions.compute_region_maps` (body mask, threaded SLIC, region table).
+    - ``ours_threads``: the superpixel step alone, :func:`separeg.sis.regions.slic_slice` on each slice's body
       bounding box in a ``ThreadPoolExecutor`` with ``os.cpu_count()`` workers, as ``compute_region_maps`` does
       (one pool per chunk of ``8 * workers`` slices, see below).
     - ``ours_1thread``: the same in a plain loop (the algorithmic gain without the threads).
@@ -13,8 +13,8 @@ Measures, in one run, on the LUNG1 DICOM series (512 x 512 slices) and a few Ope
     - ``ours_slice_threads`` / ``naive_slice``: the same two on whole slices (``extent="slice"``, as the
       paper's reference code does).
     Labels of ours and naive are compared slice by slice (fraction of identical label maps).
-(b) Training-batch production from the cached maps, regions/s: :class:`separeg.crops.RegionCropper`
-    versus :func:`separeg.crops.naive_crops` (per-region loop with ``F.interpolate``) and versus a
+(b) Training-batch production from the cached maps, regions/s: :class:`separeg.sis.crops.RegionCropper`
+    versus :func:`separeg.sis.crops.naive_crops` (per-region loop with ``F.interpolate``) and versus a
     reference-code style loop (numpy crop, mask, ``np.pad``, ``skimage.transform.resize``, ``torch.stack``),
     for random batches of 32 and 256 regions.
 (c) When CUDA is available, (b) with the cropper on the GPU.
@@ -60,9 +60,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from separeg.atomic import atomic_path  # noqa: E402
-from separeg.crops import RegionCropper, naive_crops, region_square  # noqa: E402
-from separeg.regions import (  # noqa: E402
+from separeg.io.volumes import read_volume  # noqa: E402
+from separeg.runtime.atomic import atomic_path  # noqa: E402
+from separeg.sis.crops import RegionCropper, naive_crops, region_square  # noqa: E402
+from separeg.sis.regions import (  # noqa: E402
     RegionMaps,
     SISConfig,
     body_box,
@@ -72,7 +73,6 @@ from separeg.regions import (  # noqa: E402
     to_uint8,
     window_hu,
 )
-from separeg.volumes import read_volume  # noqa: E402
 
 DEFAULT_PATIENTS = ("pt_1", "pt_2", "pt_3")
 BATCH_SIZES = (32, 256)
@@ -91,7 +91,7 @@ def shared_data_dir() -> Path:
 
 
 def load_hu(path: Path) -> np.ndarray:
-    """``(Z, H, W)`` HU array of a volume file or DICOM folder, read with :func:`separeg.volumes.read_volume`."""
+    """``(Z, H, W)`` HU array of a volume file or DICOM folder, read with :func:`separeg.io.volumes.read_volume`."""
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(read_volume(path))

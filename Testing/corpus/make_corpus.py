@@ -115,7 +115,7 @@ def _bundle(path: Path) -> Path:
     """A small, valid segmentation bundle (one tensor): the base of the damaged-bundle items."""
     import torch
 
-    from separeg.bundle import save_bundle
+    from separeg.runtime.bundle import save_bundle
 
     generator = torch.Generator().manual_seed(0)
     return save_bundle(path, kind="segmentation", architecture={"backbone": "resnet18", "out_channels": 8},

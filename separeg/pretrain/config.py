@@ -1,0 +1,164 @@
+"""Configuration of `separeg pretrain`: one frozen dataclass, paper defaults, saved as ``config.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from separeg.pretrain.augment import AugmentConfig
+from separeg.pretrain.encoders import ENCODER_DIMS
+from separeg.pretrain.ssl import METHODS
+from separeg.registry import DISTILL_LOSSES, PAPER_PRETRAIN_ITERATIONS, STAGES
+from separeg.runtime.errors import InputError
+from separeg.sis.regions import SISConfig
+
+__all__ = ["STAGES", "PretrainConfig", "PretrainJob", "config_differences", "config_from_dict"]
+
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What defines a pretraining run (a changed value needs ``--restart``).
+
+    Defaults follow the paper ("Implementation details"): SimSiam, ResNet-50, regions of 128 x 128,
+    100k iterations of batch 32 in total, K = 5 organ groups, distillation temperature 0.1. Where the
+    paper is silent we follow SimSiam (SGD, momentum 0.9, weight decay 1e-4, lr 0.05 x batch/256,
+    cosine decay) and split the iterations 40 % inter-organ, 40 % intra-organ (over the K groups in
+    proportion to their sizes) and 20 % distillation.
+    """
+
+    method: str = "simsiam"
+    encoder: str = "resnet50"
+    in_channels: int = 1
+    sis: SISConfig = field(default_factory=SISConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    crop_size: int = 128
+    iterations: int = PAPER_PRETRAIN_ITERATIONS
+    batch_size: int = 32
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    temperature: float | None = None  # None: the method's (0.1; MoCo v3 0.2)
+    ema: float = 0.996
+    clusters: int = 5
+    iid: bool = True
+    distill_loss: str = "both"
+    distill_tau: float = 0.1
+    stage_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)
+    seed: int = 0
+    modality: str = "CT"
+    channels: str | None = None  # --channels (separeg.io.channels.parse_channels); None: one CT channel
+    sis_channel: int | None = None  # the channel SIS separates (0-based); None: the first
+
+    def input_channels(self) -> tuple:
+        from separeg.io.channels import parse_channels
+
+        return parse_channels(self.channels, self.sis.hu_window)
+
+    @property
+    def normalised_inputs(self) -> bool:
+        """Whether volumes go through per-channel normalisation (several channels, or one that is not a CT)."""
+        return self.in_channels > 1 or self.input_channels()[0].normalisation != "window"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.encoder not in ENCODER_DIMS:
+            raise InputError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODER_DIMS)}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise InputError(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}")
+        for name in ("iterations", "batch_size", "clusters", "crop_size", "in_channels"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.temperature is None:  # resolved here, so a saved config names the value used
+            object.__setattr__(self, "temperature", METHODS[self.method].temperature)
+        if self.channels is not None:
+            count = len(self.input_channels())
+            if self.in_channels not in (1, count):
+                raise InputError(f"in_channels {self.in_channels} contradicts --channels {self.channels!r}")
+            object.__setattr__(self, "in_channels", count)
+        if self.sis_channel is not None and not 0 <= self.sis_channel < self.in_channels:
+            raise InputError(f"--sis-channel must be between 0 and {self.in_channels - 1} (channels are counted from 0 "
+                             f"in --channels order), got {self.sis_channel}")
+        if self.batch_size < 2:
+            raise InputError("batch size must be at least 2 (BatchNorm and the contrastive losses need pairs)")
+        if self.crop_size < 32:
+            raise InputError(f"crop size must be at least 32 (the encoder downsamples 32x), got {self.crop_size}")
+        if len(self.stage_fractions) != 3 or min(self.stage_fractions) < 0 or sum(self.stage_fractions) <= 0:
+            raise InputError("stage fractions must be three non-negative numbers (inter, intra, distill)")
+        object.__setattr__(self, "stage_fractions", tuple(float(f) for f in self.stage_fractions))
+        if self.sis.mode == "dense" and (self.iid or self.method != "simsiam"):
+            raise InputError("--separation dense is the paper's no-separation ablation of the inter-organ stage: "
+                             "it runs with --method simsiam and --no-iid")
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else 0.05 * self.batch_size / 256
+
+    def inter_steps(self) -> int:
+        if not self.iid:
+            return self.iterations
+        inter, intra, distill = self.stage_fractions
+        return max(1, round(self.iterations * inter / (inter + intra + distill)))
+
+    def intra_steps(self, cluster_sizes: list[int]) -> list[int]:
+        """Steps per organ group, in proportion to its number of regions (at least 1 for a non-empty group)."""
+        inter, intra, distill = self.stage_fractions
+        total = self.iterations * intra / (inter + intra + distill)
+        n = max(sum(cluster_sizes), 1)
+        return [max(1, round(total * size / n)) if size else 0 for size in cluster_sizes]
+
+    def distill_steps(self) -> int:
+        inter, intra, distill = self.stage_fractions
+        return max(1, round(self.iterations * distill / (inter + intra + distill)))
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """A run: the config plus where and how it runs (these may change between a run and its resumption)."""
+
+    archive: Path
+    run_dir: Path
+    config: PretrainConfig = field(default_factory=PretrainConfig)
+    device: str = "auto"
+    stages: tuple[str, ...] = STAGES
+    restart: bool = False
+    resume: bool = False
+    stop_file: Path | None = None
+    checkpoint_minutes: float = 10.0
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise InputError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        if self.restart and self.resume:
+            raise InputError("--restart and --resume contradict each other; give one")
+
+
+def config_from_dict(data: dict) -> PretrainConfig:
+    values = dict(data)
+    values["sis"] = SISConfig(**{**values["sis"], "hu_window": tuple(values["sis"]["hu_window"])})
+    augment = values["augment"]
+    values["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()})
+    values["stage_fractions"] = tuple(values["stage_fractions"])
+    known = {f.name for f in fields(PretrainConfig)}
+    return PretrainConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two config dicts, e.g. ``batch_size: 32 -> 64``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def as_json_dict(config: PretrainConfig) -> dict:
+    """The config as JSON types (tuples become lists), as it is saved and compared."""
+    import json
+
+    return json.loads(json.dumps(asdict(config)))

@@ -1,0 +1,466 @@
+"""`separeg pretrain`: the staged SepaReg pipeline, resumable, on CPU, one GPU or torchrun ranks.
+
+sis -> inter -> cluster -> intra -> distill -> export (paper, "Method"; DESIGN §2 steps 3-8). Each stage
+leaves ``stage_<name>.done`` in the run directory; checkpoints are written atomically every few
+minutes, at the end of each stage and when a stop is requested. Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from separeg.io.archive import Manifest, format_table, scan_archive
+from separeg.io.volumes import canonical_voxels, content_hash
+from separeg.pretrain.augment import TwoViews, augment, augment_with_geometry
+from separeg.pretrain.config import PretrainJob, as_json_dict
+from separeg.pretrain.encoders import ENCODERS, PooledEncoder
+from separeg.pretrain.rundir import RunDir, prepare_run_dir
+from separeg.pretrain.ssl import SSLModel, channel_kl, negative_cosine
+from separeg.pretrain.ssl.dense import DenseSSLModel
+from separeg.runtime.atomic import atomic_path
+from separeg.runtime.errors import ArchiveError, CancelledError, InputError
+from separeg.runtime.events import Events, FileSink
+from separeg.runtime.runlock import release_run_lock
+from separeg.runtime.training import (
+    CorruptCheckpointError,
+    Runtime,
+    StopRequest,
+    load_checkpoint,
+    setup_runtime,
+    step_seed,
+    train_steps,
+    verify_checkpoint,
+)
+from separeg.sis.regions import load_or_compute
+from separeg.sis.regionset import RegionSet, VolumeRegions
+
+__all__ = ["run_pretrain", "load_region_set"]
+
+CPU_STEP_WARNING = 2_000  # more iterations than this on a CPU gets a warning with a smaller suggestion
+
+
+def run_pretrain(job: PretrainJob, events: Events | None = None) -> Path:
+    """Run (or resume) the pretraining stages of ``job``; returns the encoder bundle path.
+
+    Raises:
+        InputError, ArchiveError: bad input or a configuration clash, with what to do.
+        CancelledError: stopped by a signal or the stop file; checkpoints were saved.
+    """
+    events = events or Events()
+    runtime = setup_runtime(job.device)
+    run = RunDir(Path(job.run_dir))
+    prepare_run_dir(job, run, runtime)  # locks the run directory (rank 0) until the run ends
+    try:
+        return _run_stages(job, run, runtime, events)
+    finally:
+        if runtime.is_main:
+            release_run_lock(run.root)
+
+
+def _run_stages(job: PretrainJob, run: RunDir, runtime: Runtime, events: Events) -> Path:
+    if runtime.is_main:
+        events.add_sink(FileSink(run.root / "events.jsonl"))
+    else:
+        events = Events()  # one voice: rank 0 reports
+    cfg = job.config
+    events.log(f"device {_describe_device(runtime)}; method {cfg.method}, encoder {cfg.encoder}, "
+               f"{cfg.iterations} iterations of batch {cfg.batch_size}", stage="pretrain")
+    if runtime.device.type == "cpu" and cfg.iterations > CPU_STEP_WARNING:
+        events.warning(f"running {cfg.iterations} iterations on a CPU will take very long (about 1-5 s per "
+                       f"iteration); for a trial use --iterations 200 --encoder resnet18, and a GPU for the "
+                       "paper's budget", stage="pretrain")
+    if runtime.is_main and cfg.sis.mode != "dense" and any(
+            s in job.stages and not run.done(s).exists() for s in ("inter", "intra", "distill")):
+        _announce_estimate(cfg, runtime, events)
+    torch.manual_seed(cfg.seed)
+    stages = {"sis": _stage_sis, "inter": _stage_inter, "cluster": _stage_cluster, "intra": _stage_intra,
+              "distill": _stage_distill, "export": _stage_export}
+    if not cfg.iid:
+        stages = {k: v for k, v in stages.items() if k not in ("cluster", "intra", "distill")}
+    context = _Context(job, run, runtime, events)
+    with StopRequest(job.stop_file) as stop:
+        context.stop = stop
+        for name, stage in stages.items():
+            if name not in job.stages:
+                continue
+            if run.done(name).exists() and _outputs_intact(context, name):
+                events.log("already done", stage=name)
+                continue
+            started = time.monotonic()
+            stage(context)
+            runtime.barrier()
+            if runtime.is_main:
+                run.done(name).write_text(f"{time.time():.0f}\n", encoding="utf-8")
+            events.log(f"done in {time.monotonic() - started:.1f} s", stage=name)
+    if runtime.is_main and "export" in job.stages:
+        from separeg.pretrain.report import write_report
+
+        write_report(run, events, regions=context.regions if run.clusters.exists() else None)
+    events.done(f"pretraining finished: {run.encoder}" if run.encoder.exists() else "stages finished")
+    return run.encoder
+
+
+def _announce_estimate(cfg, runtime: Runtime, events: Events) -> None:
+    """Time and disk up front (:mod:`separeg.pretrain.estimate`); on a CPU a warning at any budget."""
+    from separeg.pretrain.estimate import estimate_pretraining
+
+    text = estimate_pretraining(cfg, runtime.device).describe()
+    if runtime.device.type != "cpu":
+        events.log(text, stage="pretrain")
+        return
+    hint = ("; --encoder resnet18-slim (the starter models' encoder) is several times faster on a CPU"
+            if cfg.encoder not in ("resnet18-slim",) else "")
+    events.warning(f"pretraining on a CPU: {text}{hint}", stage="pretrain")
+
+
+def _outputs_intact(ctx: _Context, stage: str) -> bool:
+    """Whether a finished stage's checkpoints pass their checksums; if not, the stage runs again (saying so)."""
+    names = {"inter": ["inter"], "intra": sorted(p.stem for p in ctx.run.checkpoints.glob("intra*.pt")),
+             "distill": ["distill"]}.get(stage, [])
+    for name in names:
+        try:
+            verify_checkpoint(ctx.run.checkpoint(name))
+        except CorruptCheckpointError as exc:
+            ctx.events.warning(f"{exc.problem}; running the {stage} stage again", stage=stage)
+            ctx.runtime.barrier()  # every rank has checked before rank 0 removes the marker
+            if ctx.runtime.is_main:
+                ctx.run.done(stage).unlink(missing_ok=True)
+            return False
+    return True
+
+
+def _describe_device(runtime: Runtime) -> str:
+    name = str(runtime.device)
+    if runtime.device.type == "cuda":
+        props = torch.cuda.get_device_properties(runtime.device)
+        name += f" ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+    if runtime.distributed:
+        name += f", rank {runtime.rank} of {runtime.world_size}"
+    return name
+
+
+class _Context:
+    """What the stages share within one invocation (the region set is built once, when first needed)."""
+
+    def __init__(self, job: PretrainJob, run: RunDir, runtime: Runtime, events: Events) -> None:
+        self.job, self.run, self.runtime, self.events = job, run, runtime, events
+        self.cfg = job.config
+        self.stop: StopRequest
+        self._regions: RegionSet | None = None
+        self.views = TwoViews(self.cfg.augment)
+
+    @property
+    def regions(self) -> RegionSet:
+        if self._regions is None:
+            self._regions = load_region_set(self.run, self.cfg, self.runtime.device, self.events, self.job.workers)
+        return self._regions
+
+    def batch(self, stage: str, step: int, pool: np.ndarray | None = None, shard: bool = True) -> torch.Tensor:
+        """Step ``step``'s batch: the same global draw on every rank; with ``shard``, this rank's share of it."""
+        rng = np.random.default_rng(step_seed(self.cfg.seed, stage, step))
+        size = len(pool) if pool is not None else len(self.regions)
+        index = rng.integers(0, size, self.cfg.batch_size)
+        if pool is not None:
+            index = pool[index]
+        if shard:
+            index = index[self.runtime.rank::self.runtime.world_size]
+        x = self.regions.crops(index)
+        return x.contiguous(memory_format=torch.channels_last) if self.runtime.device.type == "cuda" else x
+
+    def generator(self, stage: str, step: int) -> torch.Generator:
+        gen = torch.Generator(device=self.runtime.device)
+        gen.manual_seed(step_seed(self.cfg.seed, stage, step, "augment", self.runtime.rank))
+        return gen
+
+    def checkpoint_seconds(self) -> float:
+        return self.job.checkpoint_minutes * 60.0
+
+    def extra_state(self) -> dict:
+        return {"config": json.dumps(as_json_dict(self.cfg), sort_keys=True)}
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def _stage_sis(ctx: _Context) -> None:
+    """Scan the archive and cache the region label maps of every usable volume."""
+    # A multichannel case mixes modalities (T1 and T2, CT and PET): every image volume is a candidate channel.
+    modality = ctx.cfg.modality if ctx.cfg.in_channels == 1 else "any"
+    manifest = scan_archive(ctx.job.archive, modality=modality, events=ctx.events, workers=ctx.job.workers)
+    ctx.events.log("archive scan:\n" + format_table(manifest), stage="sis")
+    usable = manifest.require_usable()
+    if ctx.runtime.is_main:
+        manifest.save(ctx.run.manifest)
+        if ctx.cfg.normalised_inputs:
+            _sis_multichannel(ctx, manifest)
+            return
+        for i, entry in enumerate(usable, 1):
+            if ctx.stop.requested:
+                raise CancelledError(f"sis stopped after {i - 1}/{len(usable)} volumes ({ctx.stop.requested}); "
+                                     "their region maps are cached, re-run the same command to continue")
+            ctx.events.log(f"volume {i}/{len(usable)}: {entry.path}", stage="sis")
+            image = entry.read(manifest.root)
+            hu, key = canonical_voxels(image, entry.content_hash)  # axial slices, whatever the file's axis order
+            load_or_compute(hu, key, ctx.cfg.sis, ctx.run.cache, events=ctx.events, workers=ctx.job.workers)
+
+
+def _sis_multichannel(ctx: _Context, manifest: Manifest) -> None:
+    """SIS of every multichannel case of the archive, on its reference channel (:mod:`separeg.io.channel_archive`)."""
+    from separeg.io.channel_archive import group_channels, read_channels
+
+    cfg = ctx.cfg
+    groups, skipped = group_channels(manifest.usable(), cfg.in_channels)
+    for reason in skipped:
+        ctx.events.warning(f"left out: {reason}", stage="sis")
+    for i, (case, group) in enumerate(groups, 1):
+        if ctx.stop.requested:
+            raise CancelledError(f"sis stopped after {i - 1}/{len(groups)} cases ({ctx.stop.requested}); "
+                                 "their region maps are cached, re-run the same command to continue")
+        ctx.events.log(f"case {i}/{len(groups)}: {case} ({cfg.in_channels} channels)", stage="sis")
+        _, sis_hu, key, warnings = read_channels(group, manifest.root, cfg.input_channels(), cfg.sis_channel or 0)
+        for note in warnings:
+            ctx.events.warning(f"{case}: {note}", stage="sis")
+        load_or_compute(sis_hu, key, cfg.sis, ctx.run.cache, events=ctx.events, workers=ctx.job.workers)
+
+
+def _multichannel_volumes(manifest: Manifest, cfg, run: RunDir, events: Events,
+                          workers: int | None) -> list[VolumeRegions]:
+    from separeg.io.channel_archive import group_channels, read_channels
+
+    volumes = []
+    for case, group in group_channels(manifest.usable(), cfg.in_channels)[0]:
+        stack, sis_hu, key, _ = read_channels(group, manifest.root, cfg.input_channels(), cfg.sis_channel or 0)
+        maps, _ = load_or_compute(sis_hu, key, cfg.sis, run.cache, events=events, workers=workers)
+        volumes.append(VolumeRegions(case, stack, maps))
+    return volumes
+
+
+def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, workers: int | None = None) -> RegionSet:
+    """The region set of a run's archive, from the SIS cache (computed where missing)."""
+    if not run.manifest.exists():
+        raise InputError(f"{run.manifest} is missing: run the sis stage first (--stages sis)")
+    manifest = Manifest.load(run.manifest)
+    volumes = _multichannel_volumes(manifest, cfg, run, events, workers) if cfg.normalised_inputs else []
+    for entry in manifest.usable() if not cfg.normalised_inputs else []:
+        image = entry.read(manifest.root)
+        if content_hash(image) != entry.content_hash:
+            raise ArchiveError(f"{entry.path} changed since the archive was scanned; use --restart to rescan")
+        hu, key = canonical_voxels(image, entry.content_hash)
+        maps, _ = load_or_compute(hu, key, cfg.sis, run.cache, events=events, workers=workers)
+        volumes.append(VolumeRegions(entry.path, hu, maps))
+    regions = RegionSet(volumes, cfg.sis.hu_window, cfg.crop_size, device)
+    if len(regions) < cfg.batch_size:
+        raise ArchiveError(f"the archive yields {len(regions)} regions, fewer than one batch ({cfg.batch_size}); "
+                           "add volumes or lower --batch-size")
+    events.log(f"{len(regions)} regions from {len(volumes)} volumes", stage="data")
+    return regions
+
+
+def _ssl_model(ctx: _Context) -> SSLModel | DenseSSLModel:
+    cfg = ctx.cfg
+    if cfg.sis.mode == "dense":
+        model = DenseSSLModel(cfg.encoder, cfg.in_channels)
+    else:
+        model = SSLModel(cfg.method, cfg.encoder, cfg.in_channels, temperature=cfg.temperature, momentum=cfg.ema)
+    model = model.to(ctx.runtime.device)
+    if ctx.runtime.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _optimizer(ctx: _Context, params) -> torch.optim.Optimizer:
+    fused = {"fused": True} if ctx.runtime.device.type == "cuda" else {}
+    return torch.optim.SGD(params, lr=ctx.cfg.base_lr, momentum=0.9, weight_decay=ctx.cfg.weight_decay, **fused)
+
+
+def _wrap(ctx: _Context, model: nn.Module) -> nn.Module:
+    if not ctx.runtime.distributed:
+        return model
+    ids = [ctx.runtime.device.index] if ctx.runtime.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _train_ssl(ctx: _Context, stage: str, total: int, pool: np.ndarray | None, distributed: bool) -> SSLModel:
+    """Φ_CLR on the regions (``pool``: a subset of region indices), resumable under ``checkpoints/<stage>.pt``.
+
+    ``distributed=False`` trains on this rank alone (intra-organ groups are spread over the ranks): no
+    collectives, and this rank writes its own checkpoint.
+    """
+    model = _ssl_model(ctx)
+    runtime = ctx.runtime if distributed else Runtime(ctx.runtime.device)
+    trained = _wrap(ctx, model) if distributed else model
+    optimizer = _optimizer(ctx, model.parameters())
+
+    def step_loss(step: int) -> torch.Tensor:
+        x = ctx.batch(stage, step, pool, shard=distributed)
+        if isinstance(model, DenseSSLModel):  # pixel pairs need the views' geometry
+            views, theta = augment_with_geometry(torch.cat([x, x]), ctx.cfg.augment, ctx.generator(stage, step))
+            return model.loss(trained(views[: len(x)], views[len(x):]), theta[: len(x)], theta[len(x):])
+        v1, v2 = ctx.views(x, ctx.generator(stage, step))
+        return model.loss(trained(v1, v2))
+
+    train_steps(stage=stage, model=trained, optimizer=optimizer, total=total, base_lr=ctx.cfg.base_lr,
+                step_loss=step_loss, after_step=lambda s: model.after_step(s / total),
+                checkpoint=ctx.run.checkpoint(stage), extra_state=ctx.extra_state, runtime=runtime,
+                events=ctx.events, stop=ctx.stop, checkpoint_seconds=ctx.checkpoint_seconds())
+    return model
+
+
+def _stage_inter(ctx: _Context) -> None:
+    _train_ssl(ctx, "inter", ctx.cfg.inter_steps(), None, distributed=True)
+
+
+def _load_ssl(ctx: _Context, name: str) -> SSLModel:
+    path = ctx.run.checkpoint(name)
+    if not path.exists():
+        raise InputError(f"{path} is missing: run the stage that makes it first")
+    model = _ssl_model(ctx)
+    model.load_state_dict(load_checkpoint(path, ctx.runtime.device)["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def _embed(ctx: _Context, fn: Callable[[torch.Tensor], torch.Tensor], batch: int = 256) -> np.ndarray:
+    """``fn`` over every region's crop (no augmentation), in batches."""
+    out = []
+    for start in range(0, len(ctx.regions), batch):
+        x = ctx.regions.crops(np.arange(start, min(start + batch, len(ctx.regions))))
+        with ctx.runtime.autocast:
+            out.append(fn(x).float().cpu())
+        ctx.events.progress("embed", min(start + batch, len(ctx.regions)), len(ctx.regions))
+    return torch.cat(out).numpy()
+
+
+def _stage_cluster(ctx: _Context) -> None:
+    """k-means (K organ groups) on the L2-normalised inter-organ projections of all regions."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    k = ctx.cfg.clusters
+    if len(ctx.regions) < k:
+        raise ArchiveError(f"{len(ctx.regions)} regions cannot form {k} clusters; lower --clusters")
+    model = _load_ssl(ctx, "inter")
+    z = _embed(ctx, model.project)
+    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+    # Full k-means is exact and fast up to tens of thousands of regions; mini-batch beyond (DESIGN §2.5).
+    kmeans = (KMeans(k, n_init=10, random_state=ctx.cfg.seed) if len(z) <= 50_000
+              else MiniBatchKMeans(k, n_init=3, random_state=ctx.cfg.seed, batch_size=4096))
+    assignments = kmeans.fit_predict(z).astype(np.int32)
+    counts = np.bincount(assignments, minlength=k)
+    ctx.events.log("cluster sizes: " + ", ".join(f"{i}: {n}" for i, n in enumerate(counts)), stage="cluster")
+    if ctx.runtime.is_main:
+        with atomic_path(ctx.run.clusters, suffix=".npz") as tmp:
+            np.savez(tmp, assignments=assignments, counts=counts, centers=kmeans.cluster_centers_.astype(np.float32),
+                     mean_hu=ctx.regions.mean_hu, distance=kmeans.transform(z).min(axis=1).astype(np.float32))
+
+
+def _clusters(ctx: _Context) -> tuple[np.ndarray, np.ndarray]:
+    if not ctx.run.clusters.exists():
+        raise InputError(f"{ctx.run.clusters} is missing: run the cluster stage first")
+    with np.load(ctx.run.clusters) as data:
+        assignments, counts = data["assignments"], data["counts"]
+    if len(assignments) != len(ctx.regions):
+        raise InputError("the cluster assignments do not match the region set; re-run with --restart")
+    return assignments, counts
+
+
+def _stage_intra(ctx: _Context) -> None:
+    """One encoder per organ group, from scratch, on that group's regions; groups are spread over the ranks."""
+    assignments, counts = _clusters(ctx)
+    steps = ctx.cfg.intra_steps(counts.tolist())
+    for k in range(ctx.cfg.clusters):
+        if k % ctx.runtime.world_size != ctx.runtime.rank or steps[k] == 0:
+            continue
+        ctx.events.log(f"group {k}: {counts[k]} regions, {steps[k]} steps", stage="intra")
+        _train_ssl(ctx, f"intra{k}", steps[k], np.flatnonzero(assignments == k), distributed=False)
+
+
+def _stage_distill(ctx: _Context) -> None:
+    """Student encoder from the intra-organ teachers (Eq. 4) and the inter-organ projection (Eq. 5)."""
+    cfg = ctx.cfg
+    assignments, counts = _clusters(ctx)
+    inter = _load_ssl(ctx, "inter").requires_grad_(False)
+    teachers = {k: _load_ssl(ctx, f"intra{k}").backbone.requires_grad_(False)
+                for k in range(cfg.clusters) if counts[k] > 0}
+    student = PooledEncoder(cfg.encoder, cfg.in_channels).to(ctx.runtime.device)
+    trained = _wrap(ctx, student)
+    optimizer = _optimizer(ctx, student.parameters())
+    assignments_t = torch.as_tensor(assignments, device=ctx.runtime.device)
+
+    def step_loss(step: int) -> torch.Tensor:
+        rng = np.random.default_rng(step_seed(cfg.seed, "distill", step))
+        index = rng.integers(0, len(ctx.regions), cfg.batch_size)[ctx.runtime.rank::ctx.runtime.world_size]
+        x = augment(ctx.regions.crops(index), cfg.augment, ctx.generator("distill", step))
+        features = trained(x)
+        with torch.no_grad():
+            groups = assignments_t[torch.as_tensor(index, device=ctx.runtime.device)]
+            target = torch.empty_like(features)
+            for k, teacher in teachers.items():  # each region's own teacher (paper: chosen by its cluster)
+                members = groups == k
+                if members.any():
+                    target[members] = teacher(x[members]).to(target.dtype)
+        loss = channel_kl(features.float(), target.float(), cfg.distill_tau)
+        if cfg.distill_loss == "both":
+            with torch.no_grad():
+                z_inter = inter.project(x)
+            loss = loss + negative_cosine(inter.projector(features), z_inter)
+        return loss
+
+    train_steps(stage="distill", model=trained, optimizer=optimizer, total=cfg.distill_steps(), base_lr=cfg.base_lr,
+                step_loss=step_loss, after_step=None, checkpoint=ctx.run.checkpoint("distill"),
+                extra_state=ctx.extra_state, runtime=ctx.runtime, events=ctx.events, stop=ctx.stop,
+                checkpoint_seconds=ctx.checkpoint_seconds())
+
+
+def _implementation(encoder: str) -> dict:
+    """What the encoder bundle's weights are and where they load (documentation for other tools)."""
+    if ENCODERS[encoder].swin is not None:
+        return {"implementation": f"monai.networks.nets.swin_unetr.SwinTransformer(spatial_dims=2, "
+                                  f"embed_dim={ENCODERS[encoder].swin.feature_size})",
+                "loads_into": "monai.networks.nets.SwinUNETR.swinViT"}
+    return {"implementation": "monai.networks.nets.resnet.ResNetEncoder(spatial_dims=2)",
+            "loads_into": "monai.networks.nets.FlexibleUNet.encoder"}
+
+
+def _stage_export(ctx: _Context) -> None:
+    """The student (or, without IID, the inter-organ) encoder as ``encoder.separeg``."""
+    from separeg import __version__
+    from separeg.runtime.bundle import save_bundle
+
+    if not ctx.runtime.is_main:
+        return
+    cfg = ctx.cfg
+    if cfg.iid:
+        encoder = PooledEncoder(cfg.encoder, cfg.in_channels)
+        encoder.load_state_dict(load_checkpoint(ctx.run.checkpoint("distill"))["model"])
+    else:
+        encoder = SSLModel(cfg.method, cfg.encoder, cfg.in_channels).backbone
+        state = load_checkpoint(ctx.run.checkpoint("inter"))["model"]
+        encoder.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    manifest = Manifest.load(ctx.run.manifest)
+    losses = {}
+    for path in sorted(ctx.run.checkpoints.glob("*.pt")):
+        history = load_checkpoint(path)["losses"]
+        tail = history[-max(1, len(history) // 10):]
+        losses[path.stem] = {"steps": len(history), "final_mean": float(np.mean(tail)) if tail else None}
+    clusters = None
+    if ctx.run.clusters.exists():
+        with np.load(ctx.run.clusters) as data:
+            clusters = data["counts"].tolist()
+    save_bundle(
+        ctx.run.encoder, kind="encoder",
+        architecture={"encoder": cfg.encoder, "in_channels": cfg.in_channels, "feature_dim": encoder.dim,
+                      **_implementation(cfg.encoder)},
+        state_dict=encoder.encoder.state_dict(),
+        metadata={"inputs": {"channels": [c.to_dict() for c in cfg.input_channels()],
+                             "hu_window": list(cfg.sis.hu_window), "scale": "[0, 1]", "crop_size": cfg.crop_size,
+                             "sis_channel": cfg.sis_channel or 0},
+                  "training": {"config": as_json_dict(cfg), "manifest_hash": manifest.hash,
+                               "volumes": len(manifest.usable()), "regions": len(ctx.regions),
+                               "cluster_sizes": clusters, "stage_losses": losses, "separeg": __version__}})

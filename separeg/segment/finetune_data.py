@@ -1,0 +1,118 @@
+"""Fine-tuning data: the training and validation slices on the model grid, and the batches drawn from them.
+
+Slices are held once, as ``(N, C, H, W)``; 2.5D inputs (``GridSpec.context_slices`` k > 0) are gathered per batch
+from each slice's neighbours within its own case (:func:`separeg.segment.network.neighbour_index`), in the channel order
+:func:`separeg.segment.network.with_context` gives at contour time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from separeg.io.channels import check_channel_count
+from separeg.segment.network import GridSpec, model_input, neighbour_index, to_canonical, to_model_grid
+
+__all__ = ["SliceSet", "sample_patches"]
+
+
+class SliceSet:
+    """Slices and label maps of a list of cases on the model grid, on one device.
+
+    Attributes:
+        images: ``(N, C, H, W)`` float (C input channels); labels: ``(N, H, W)`` int64; annotated: ``(N, K)`` bool
+        per slice (its case's annotated organs, background always); case_of: ``(N,)`` case index per slice;
+        neighbours: ``(N, 2k + 1)`` rows of ``images`` that make each slice's 2.5D input.
+    """
+
+    def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device) -> None:
+        import SimpleITK as sitk
+
+        images, labels, annotated, case_of, neighbours = [], [], [], [], []
+        shape, offset = None, 0
+        for i, case in enumerate(cases):
+            check_channel_count(len(case.images), spec.input_channels, f"case {case.name}")
+            canonical = [to_canonical(image) for image in case.images]
+            lab = sitk.GetArrayFromImage(to_canonical(_label_image(case)))
+            spacing = canonical[0].GetSpacing()[:2]
+            x = model_input([sitk.GetArrayFromImage(c) for c in canonical], spacing, spec, device=device,
+                            context=False)
+            y = to_model_grid(lab, spacing, spec, labels=True, device=device)[:, 0]
+            if shape is not None and x.shape[-2:] != shape:
+                x, y = _fit(x, shape), _fit(y[:, None].float(), shape)[:, 0].long()
+            shape = tuple(x.shape[-2:])
+            mask = torch.zeros(n_classes, dtype=torch.bool)
+            mask[0] = True
+            mask[sorted(case.annotated)] = True
+            images.append(x)
+            labels.append(y)
+            annotated.append(mask.expand(len(x), -1))
+            case_of.append(torch.full((len(x),), i))
+            neighbours.append(neighbour_index(len(x), spec.context_slices) + offset)
+            offset += len(x)
+        self.images = torch.cat(images)
+        self.labels = torch.cat(labels)
+        self.annotated = torch.cat(annotated).to(device)
+        self.case_of = torch.cat(case_of).numpy()
+        self.neighbours = torch.cat(neighbours).to(device)
+        self.foreground = np.flatnonzero((self.labels > 0).flatten(1).any(1).cpu().numpy())
+        # (slice, y, x) of every voxel of each organ, for class-balanced patch centres.
+        labels_cpu = self.labels.cpu()
+        self.organ_voxels = {int(v): torch.nonzero(labels_cpu == v).numpy()
+                             for v in torch.unique(labels_cpu).tolist() if v > 0}
+        self.names = [c.name for c in cases]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def network_input(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The network's ``(B, C * (2k + 1), H, W)`` input for slices ``rows``."""
+        stacked = self.images[self.neighbours[rows]]  # (B, 2k+1, C, H, W)
+        return stacked.transpose(1, 2).flatten(1, 2)
+
+
+def sample_patches(slices: SliceSet, batch: int, patch: int, foreground_fraction: float,
+                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training batch of ``patch x patch`` crops: ``(images, labels, annotated)``; images carry the 2.5D
+    neighbours as channels.
+
+    A ``foreground_fraction`` of the batch is centred (with jitter of a quarter patch) on a voxel of an organ
+    drawn uniformly among the organs present (class-balanced oversampling: an organ of a few hundred voxels is
+    seen as often as the mandible); the rest is centred anywhere.
+    """
+    _, _, height, width = slices.images.shape
+    patch = min(patch, height, width)
+    organs = sorted(slices.organ_voxels)
+    n_fg = int(round(batch * foreground_fraction)) if organs else 0
+    centres = []
+    for i in range(batch):
+        if i < n_fg:
+            voxels = slices.organ_voxels[organs[rng.integers(len(organs))]]
+            k, y, x = voxels[rng.integers(len(voxels))]
+            y, x = y + rng.integers(-patch // 4, patch // 4 + 1), x + rng.integers(-patch // 4, patch // 4 + 1)
+        else:
+            k, y, x = rng.integers(len(slices)), rng.integers(height), rng.integers(width)
+        y0 = int(np.clip(y - patch // 2, 0, height - patch))
+        x0 = int(np.clip(x - patch // 2, 0, width - patch))
+        centres.append((int(k), y0, x0))
+    index = torch.as_tensor([c[0] for c in centres], device=slices.images.device)
+    images = torch.stack([slices.images[slices.neighbours[k], :, y0:y0 + patch, x0:x0 + patch].transpose(0, 1)
+                          .flatten(0, 1) for k, y0, x0 in centres])
+    labels = torch.stack([slices.labels[k, y0:y0 + patch, x0:x0 + patch] for k, y0, x0 in centres])
+    return images, labels, slices.annotated[index]
+
+
+def _label_image(case):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(case.labels.astype(np.uint8))
+    image.CopyInformation(case.image)
+    return image
+
+
+def _fit(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad or crop ``(N, C, H, W)`` at the bottom/right to ``shape`` (cases of different extents)."""
+    h, w = shape
+    x = x[..., :h, :w]
+    return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
