@@ -42,13 +42,21 @@ def wait(logic: PretrainLogic, until, timeout: float = 600) -> None:
         time.sleep(0.05)
 
 
-def test_stage_names_match_the_core() -> None:
-    from separeg.pretrain.config import STAGES as CORE_STAGES
-    from separeg.pretrain.encoders import ENCODERS as CORE_ENCODERS
-    from separeg.pretrain.ssl import METHODS as CORE_METHODS
+def test_logic_reads_its_choices_from_the_core_registry() -> None:
+    """The stages, titles, SSL methods and encoders are the registry's objects, not copies of them."""
+    import ast
 
-    assert STAGES == CORE_STAGES
-    assert METHODS == tuple(CORE_METHODS) and ENCODERS == tuple(CORE_ENCODERS)
+    from SepaRegPretrainLib import Logic
+
+    from separeg import registry
+
+    assert STAGES is registry.STAGES and METHODS is registry.SSL_METHODS and ENCODERS is registry.ENCODERS
+    assert Logic.STAGE_TITLES is registry.STAGE_TITLES
+    tree = ast.parse(Path(Logic.__file__).read_text(encoding="utf-8"))
+    literals = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Tuple | ast.List | ast.Set)
+                and any(isinstance(e, ast.Constant) and e.value in (*registry.STAGES, *registry.SSL_METHODS,
+                                                                    *registry.ENCODERS) for e in node.elts)]
+    assert not literals, f"choices copied into the logic: {literals}"
     assert [stage_of(s) for s in ("sis", "inter", "embed", "intra0", "intra12", "distill", "data")] == [
         "sis", "inter", "cluster", "intra", "intra", "distill", None]
 

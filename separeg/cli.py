@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from separeg import registry
 from separeg.runtime.errors import CancelledError, SepaRegError
 from separeg.runtime.events import Events, JsonLinesSink, TerminalSink
 
@@ -45,14 +46,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sis(parser: argparse.ArgumentParser) -> None:
-    from separeg.sis.regions import SEPARATION_EXTENTS, SEPARATION_MODES, SISConfig
+    from separeg.sis.regions import SISConfig
 
     d = SISConfig()
     group = parser.add_argument_group("structure-aware image separation")
-    group.add_argument("--separation", choices=SEPARATION_MODES, default=d.mode,
+    group.add_argument("--separation", choices=registry.SEPARATIONS, default=d.mode,
                        help="sis: SLIC superpixels (paper); regular: square grid; image: whole slices (image-level "
                        "baselines); dense: pixel pairs on feature maps (the 'no separation' ablation)")
-    group.add_argument("--extent", choices=SEPARATION_EXTENTS, default=d.extent,
+    group.add_argument("--extent", choices=registry.SEPARATION_EXTENTS, default=d.extent,
                        help="separate the body's bounding box (default) or the whole slice (reference code)")
     group.add_argument("--n-segments", type=_positive_int, default=d.n_segments, help="superpixels per slice (32)")
     group.add_argument("--compactness", type=float, default=d.compactness, help="SLIC compactness (15)")
@@ -66,14 +67,12 @@ CHANNELS_HELP = ("input channels, comma-separated NAME[:window|percentile|zscore
 
 
 def _add_pretrain(parser: argparse.ArgumentParser) -> None:
-    from separeg.pretrain.config import STAGES, PretrainConfig
-    from separeg.pretrain.encoders import ENCODER_DIMS
-    from separeg.pretrain.ssl import METHODS
+    from separeg.pretrain.config import PretrainConfig
 
     d = PretrainConfig()
     group = parser.add_argument_group("pretraining")
-    group.add_argument("--method", choices=list(METHODS), default=d.method, help="Φ_CLR (default simsiam)")
-    group.add_argument("--encoder", choices=list(ENCODER_DIMS), default=d.encoder,
+    group.add_argument("--method", choices=registry.SSL_METHODS, default=d.method, help="Φ_CLR (default simsiam)")
+    group.add_argument("--encoder", choices=registry.ENCODERS, default=d.encoder,
                        help="resnet50 (paper) or resnet18 (CPU-only sites)")
     group.add_argument("--iterations", type=_positive_int, default=d.iterations,
                        help=f"iterations over all stages ({d.iterations}, the paper's budget)")
@@ -82,7 +81,7 @@ def _add_pretrain(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.05 x batch / 256)")
     group.add_argument("--crop-size", type=_positive_int, default=d.crop_size, help="region crop side (128)")
     group.add_argument("--clusters", type=_positive_int, default=d.clusters, help="organ groups K (5)")
-    group.add_argument("--distill-loss", choices=("both", "intra"), default=d.distill_loss,
+    group.add_argument("--distill-loss", choices=registry.DISTILL_LOSSES, default=d.distill_loss,
                        help="L_intra + L_inter (default) or L_intra only (ablation)")
     group.add_argument("--no-iid", action="store_true", help="stop after the inter stage (the 'SIS only' ablation)")
     group.add_argument("--seed", type=int, default=d.seed, help="random seed (runs are deterministic per seed)")
@@ -92,7 +91,8 @@ def _add_pretrain(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sis-channel", type=int, default=None,
                        help="the channel (0-based, --channels order) that structure-aware separation runs on (0)")
     run = _add_running(parser)
-    run.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    run.add_argument("--stages", default=",".join(registry.STAGES),
+                     help=f"comma-separated subset of {','.join(registry.STAGES)}")
 
 
 def _add_running(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -126,14 +126,11 @@ def _run_pretrain(args: argparse.Namespace, events: Events) -> int:
 
 
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
-    from separeg.pretrain.encoders import ENCODER_DIMS
-    from separeg.segment.augment import AUGMENTATIONS
     from separeg.segment.finetune import FinetuneConfig
-    from separeg.segment.finetune_config import POSTPROCESSING_MODES, SCHEDULES
 
     d = FinetuneConfig()
     group = parser.add_argument_group("fine-tuning")
-    group.add_argument("--encoder", choices=list(ENCODER_DIMS), default=d.encoder,
+    group.add_argument("--encoder", choices=registry.ENCODERS, default=d.encoder,
                        help="used without --init (with it, the bundle's encoder)")
     group.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs ({d.epochs}, the paper's)")
     group.add_argument("--steps-per-epoch", type=_positive_int, default=None,
@@ -153,24 +150,24 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
                                        "are options, see README)")
     recipe.add_argument("--context-slices", type=int, default=d.context_slices,
                         help="2.5D: neighbouring slices on each side as extra input channels (0 = 2D; %(default)s)")
-    recipe.add_argument("--augmentation", choices=AUGMENTATIONS, default=d.augmentation,
+    recipe.add_argument("--augmentation", choices=registry.AUGMENTATIONS, default=d.augmentation,
                         help="nnunet (nnU-Net's set without mirroring), light (the earlier recipe) or none "
                              "(%(default)s)")
     recipe.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, default=d.deep_supervision,
                         help="also supervise the 3 coarser decoder scales (%(default)s)")
-    recipe.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+    recipe.add_argument("--schedule", choices=registry.SCHEDULES, default=d.schedule,
                         help="learning-rate decay after the warm-up (%(default)s)")
     recipe.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                         help="linear warm-up steps, at most a tenth of the run (%(default)s)")
     recipe.add_argument("--encoder-lr-scale", type=float, default=d.encoder_lr_scale,
                         help="encoder learning rate relative to the decoder's (%(default)s)")
-    recipe.add_argument("--postprocessing", choices=POSTPROCESSING_MODES, default=d.postprocessing,
+    recipe.add_argument("--postprocessing", choices=registry.POSTPROCESSING_MODES, default=d.postprocessing,
                         help="per-organ largest component and hole filling: chosen on the validation cases, for "
                              "every organ (all), or none (%(default)s)")
     recipe.add_argument("--patch-mm", type=float, default=d.patch_mm,
                         help="side of the square training patches in mm (%(default)s)")
     partial = parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher")
-    partial.add_argument("--partial-labels", choices=["auto", "plseg", "marginal", "background"],
+    partial.add_argument("--partial-labels", choices=registry.PARTIAL_LABEL_MODES,
                          default=d.partial_labels,
                          help="how to treat organs a case does not annotate: plseg (PL-Seg losses), marginal "
                               "(marginal Dice + CE), background (naive: unlabelled voxels are background); auto: "
@@ -389,8 +386,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(contour)
     contour.set_defaults(handler=_run_contour)
 
-    from separeg.segment.atlas import FUSIONS
-
     atlas = sub.add_parser("atlas", help="multi-atlas contouring (register labelled CTs, fuse their organs): the "
                            "classical baseline -> OUT/segmentation.nii.gz + segmentation.json")
     atlas.add_argument("volume", type=_existing_path, help="the CT to contour (a volume file or a DICOM series folder)")
@@ -399,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     atlas.add_argument("--cases", default=None, help="comma-separated atlas case names (default: every case)")
     atlas.add_argument("--labels", type=_existing_path, default=None,
                        help="label table (labels.json or CSV); default: labels.json in the atlas folder")
-    atlas.add_argument("--fusion", choices=FUSIONS, default="vote",
+    atlas.add_argument("--fusion", choices=registry.FUSIONS, default="vote",
                        help="per-organ majority vote or STAPLE over the atlases that annotate the organ (vote)")
     atlas.add_argument("--affine-only", action="store_true", help="skip the B-spline (deformable) stage")
     atlas.add_argument("--out", type=Path, required=True, help="output folder")

@@ -13,16 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from separeg.registry import ENCODERS, STAGE_TITLES, STAGES
+from separeg.registry import SSL_METHODS as METHODS
 from separeg.runtime.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
 from separeg.runtime.events import Event, EventType
 
-# The pipeline stages, in order (separeg.pretrain.config.STAGES, which imports torch; tests check they agree).
-STAGES = ("sis", "inter", "cluster", "intra", "distill", "export")
-STAGE_TITLES = {"sis": "Image separation", "inter": "Inter-organ SSL", "cluster": "Organ groups",
-                "intra": "Intra-organ SSL", "distill": "Distillation", "export": "Export"}
-# Likewise separeg.pretrain.ssl.METHODS and separeg.pretrain.encoders.ENCODERS (tests check they agree).
-METHODS = ("simsiam", "byol", "simclr", "mocov3")
-ENCODERS = ("resnet50", "resnet18", "resnet18-slim", "swin")
+# The choices (pipeline stages in order, their titles, SSL methods, encoders) come from the core's torch-free
+# registry, the same table the CLI and the configs read.
 STOP_FILE = "STOP"  # in the run folder: separeg checks it between steps, checkpoints, then exits
 
 

@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from separeg.experiments.plan import (
-    PAPER_FINETUNE_EPOCHS,
-    PAPER_PRETRAIN_ITERATIONS,
     ExperimentConfig,
     Method,
     RunSpec,
     load_experiment,
     plan_runs,
 )
+from separeg.registry import PAPER_FINETUNE_EPOCHS, PAPER_PRETRAIN_ITERATIONS
 from separeg.runtime.atomic import atomic_path, write_json
 from separeg.runtime.events import Events
 
