@@ -14,7 +14,8 @@ import SimpleITK as sitk
 
 from separeg.cli import main
 from separeg.runtime.errors import InputError
-from separeg.segment.atlas import AtlasJob, RegistrationConfig, _fuse, _Fusion, run_atlas
+from separeg.segment.atlas import AtlasJob, _fuse, _Fusion, run_atlas
+from separeg.segment.atlas_registration import RegistrationConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"

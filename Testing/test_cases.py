@@ -15,7 +15,8 @@ from separeg.io.dicom_ct import read_ct_series
 from separeg.rt.labels import LabelTable, load_label_table
 from separeg.rt.rtstruct import read_rtstruct
 from separeg.runtime.errors import InputError, VolumeReadError
-from separeg.segment.cases import Case, find_cases, load_case, read_case_list
+from separeg.segment.case_loading import load_case
+from separeg.segment.cases import Case, find_cases, read_case_list
 
 
 @pytest.fixture(scope="module")

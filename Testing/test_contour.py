@@ -177,7 +177,7 @@ def test_upsampled_argmax_equals_the_argmax_of_resampled_logits() -> None:
 
 
 def test_postprocess_in_bounding_boxes_equals_the_whole_volume() -> None:
-    from separeg.segment.contour import _postprocess_legacy
+    from separeg.segment.contour_legacy import _postprocess_legacy
 
     rng = np.random.default_rng(0)
     labels = np.zeros((12, 40, 40), np.uint8)
@@ -200,7 +200,7 @@ def _dsc_per_organ(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
 
 
 def _old_and_new(volume: Path, model: str, out: Path) -> tuple[np.ndarray, np.ndarray]:
-    from separeg.segment.contour import _run_contour_legacy
+    from separeg.segment.contour_legacy import _run_contour_legacy
 
     arrays = []
     for name, run in (("new", run_contour), ("old", _run_contour_legacy)):
@@ -248,7 +248,7 @@ def test_a_25d_model_contours_with_its_context_slices(openkbp: Path, tmp_path: P
         network.forward = lambda x: inputs.append(x.clone()) or forward(x)
         return network
 
-    monkeypatch.setattr("separeg.segment.contour.build_unet", recording)
+    monkeypatch.setattr("separeg.segment.network.build_unet", recording)
     volume = tmp_path / "pt_203_part.nii.gz"
     sitk.WriteImage(read_volume(openkbp / "pt_203_ct.nii.gz")[:, :, 50:90], str(volume))  # 40 slices: 3 chunks
     new, old = _old_and_new(volume, str(model), tmp_path / "out")

@@ -251,8 +251,8 @@ def test_rtstruct_referencing_missing_slices_is_placed_by_position_with_a_warnin
 
 
 def test_rtstruct_drawn_on_another_series_is_refused_by_the_importer(shared_data: Path, tmp_path: Path) -> None:
+    from separeg.rt.dicom_cases import load_dicom_case
     from separeg.rt.labels import load_label_table
-    from separeg.rt.rtstruct import load_dicom_case
     from separeg.runtime.errors import InputError
 
     item = corpus.make_item("rtstruct_other_series", tmp_path / "corpus", shared_data)

@@ -26,7 +26,8 @@ from separeg.io.dicom_write import write_ct_series
 from separeg.rt.export import ExportJob, run_export
 from separeg.rt.keyhole import keyhole, nesting
 from separeg.rt.labels import LabelTable, load_label_table
-from separeg.rt.rtstruct import _slice_contours, read_rtstruct, write_rtstruct
+from separeg.rt.rtstruct import read_rtstruct
+from separeg.rt.rtstruct_write import _slice_contours, write_rtstruct
 
 DCIODVFY = shutil.which("dciodvfy")
 PLASTIMATCH = shutil.which("plastimatch")
@@ -254,7 +255,7 @@ def test_plastimatch_cross_check_of_the_lung1_export(lung1: Path, tmp_path: Path
     rois = read_rtstruct(next((lung1 / "rtstruct").glob("*.dcm")), ct).rois
     table = LabelTable.from_names([r.name for r in rois])
     masks = {label.tg263 or label.name: roi.mask for label, roi in zip(table, rois, strict=True)}
-    from separeg.rt.rtstruct import write_rtstruct_masks
+    from separeg.rt.rtstruct_write import write_rtstruct_masks
 
     path = write_rtstruct_masks(tmp_path / "rt.dcm", masks, ct, algorithm=None, holes="keyhole")
     back = _plastimatch(path, ct.folder, tmp_path / "pm")

@@ -15,15 +15,10 @@ from skimage.draw import polygon2mask
 from test_dicom_ct import rotation, write_series
 
 from separeg.io.dicom_ct import Algorithm, CtSeries, read_ct_series
+from separeg.rt.dicom_cases import load_synonyms
 from separeg.rt.labels import Label, LabelTable
-from separeg.rt.rtstruct import (
-    RTSTRUCT_SOP_CLASS,
-    interpreted_type,
-    load_synonyms,
-    read_rtstruct,
-    write_rtstruct,
-    write_rtstruct_masks,
-)
+from separeg.rt.rtstruct import RTSTRUCT_SOP_CLASS, read_rtstruct
+from separeg.rt.rtstruct_write import interpreted_type, write_rtstruct, write_rtstruct_masks
 from separeg.runtime.errors import InputError
 
 ALGORITHM = Algorithm("test-model", "0.0.1", "ab" * 32)
@@ -200,7 +195,7 @@ def test_lung1_labelmap_round_trip(lung1_ct: CtSeries, lung1_import, tmp_path: P
     assert match.warnings == ["5981 voxels are in both 'Lung-Left' and 'GTV-1'; they go to the smaller, 'GTV-1'"]
     gtv = lung1_import.roi("GTV-1").mask
     assert np.all(match.labelmap[gtv] == 1)
-    with caplog.at_level(logging.WARNING, logger="separeg.rt.rtstruct"):
+    with caplog.at_level(logging.WARNING, logger="separeg.rt.rtstruct_write"):
         path = write_rtstruct(tmp_path / "rt.dcm", match.labelmap, table, lung1_ct, algorithm=ALGORITHM)
     check_references(path, lung1_ct)
     again = read_rtstruct(path, lung1_ct)
@@ -381,7 +376,7 @@ def test_export_checks_and_character_set(tmp_path: Path, caplog) -> None:
                         Label(3, "Heart", "Heart", (7, 8, 9))))
     labelmap = np.zeros(ct.shape, np.uint8)
     labelmap[1, 2:5, 2:5], labelmap[1, 6:8, 6:8] = 1, 2
-    with caplog.at_level(logging.WARNING, logger="separeg.rt.rtstruct"):
+    with caplog.at_level(logging.WARNING, logger="separeg.rt.rtstruct_write"):
         path = write_rtstruct(tmp_path / "rt.dcm", labelmap, table, ct, algorithm=ALGORITHM,
                               interpreted_types={"Esophagus": "AVOIDANCE"})
     assert "label 3 (Heart) has no voxel; no ROI written for it" in caplog.text

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import write_image
-from separeg.evaluate.job import EvaluateJob, match_cases, read_labels, run_evaluate
+from separeg.evaluate.inputs import match_cases, read_labels
+from separeg.evaluate.job import EvaluateJob, run_evaluate
 from separeg.evaluate.metrics import STATUS_MISSED, STATUS_NOT_IN_REFERENCE, STATUS_OK
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events, EventType, ListSink

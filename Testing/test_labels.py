@@ -6,19 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from separeg.rt.labels import (
-    ORGAN_COLORS,
-    SYNONYMS,
-    CodedConcept,
-    Label,
-    LabelTable,
-    Terminology,
-    default_color,
-    display_name,
-    load_label_table,
-    terminology,
-    to_tg263,
-)
+from separeg.rt.labels import CodedConcept, Label, LabelTable, Terminology, display_name, load_label_table, terminology
+from separeg.rt.organs import ORGAN_COLORS, SYNONYMS, default_color, to_tg263
 from separeg.runtime.errors import InputError
 
 REQUIRED = (

@@ -22,7 +22,8 @@ from separeg.pretrain.stages import run_pretrain
 from separeg.rt.labels import load_label_table
 from separeg.runtime.bundle import load_bundle
 from separeg.runtime.errors import InputError
-from separeg.segment.cases import find_cases, load_case, read_case_list
+from separeg.segment.case_loading import load_case
+from separeg.segment.cases import find_cases, read_case_list
 from separeg.segment.contour import ContourJob, run_contour
 from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
 

@@ -11,8 +11,11 @@ import SimpleITK as sitk
 
 from separeg.io.dicom_ct import Algorithm, read_ct_series
 from separeg.io.dicom_write import write_ct_series
-from separeg.rt.labels import Label, LabelTable, load_label_table, normalise_name
-from separeg.rt.rtstruct import load_synonyms, read_rtstruct, write_rtstruct_masks
+from separeg.rt.dicom_cases import load_synonyms
+from separeg.rt.labels import Label, LabelTable, load_label_table
+from separeg.rt.organs import normalise_name
+from separeg.rt.rtstruct import read_rtstruct
+from separeg.rt.rtstruct_write import write_rtstruct_masks
 from separeg.runtime.errors import InputError
 
 # A clinic's names: Russian, Greek, Chinese and Japanese, plus one that is punctuation alone.
@@ -71,7 +74,7 @@ def test_ambiguous_names_are_refused(tmp_path: Path) -> None:
 
 
 def test_registry_names_with_a_translation_still_match() -> None:
-    from separeg.rt.labels import to_tg263
+    from separeg.rt.organs import to_tg263
 
     assert to_tg263("Parotid L (腮腺)") == to_tg263("Parotid L") == "Parotid_L"
     assert to_tg263("Parotid L (PRV)") is None and to_tg263("Спинной мозг") is None

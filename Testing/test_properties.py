@@ -142,7 +142,8 @@ def test_labelmap_rtstruct_labelmap_round_trip(rt_table, tmp_path_factory, spaci
 
     from separeg.io.dicom_ct import Algorithm, read_ct_series
     from separeg.io.dicom_write import write_ct_series
-    from separeg.rt.rtstruct import read_rtstruct, write_rtstruct
+    from separeg.rt.rtstruct import read_rtstruct
+    from separeg.rt.rtstruct_write import write_rtstruct
 
     rng = np.random.default_rng(seed)
     shape = (4, 18, 22)

@@ -141,7 +141,7 @@ def test_contour_halves_the_batch_when_out_of_memory(small_ct: Path, model_bundl
         batches.append(fail_above(model, limit=4))
         return model
 
-    monkeypatch.setattr("separeg.segment.contour.build_unet", build_limited)
+    monkeypatch.setattr("separeg.segment.network.build_unet", build_limited)
     sink = ListSink()
     run_contour(ContourJob(volume=small_ct, model=str(model_bundle), out_dir=tmp_path / "out", device="cpu",
                            batch_size=16), Events(sink))

@@ -83,7 +83,8 @@ def segments(node) -> dict:
 def test_volumes_load_with_the_core_geometry(real_slicer, logic, lung1_subset: Path, tmp_path: Path) -> None:
     """NIfTI, a DICOM series (non-zero origin) read by Slicer's reader, and a rotated copy: IJK-to-RAS and voxels
     as the core reads them; a volume written by the module (``exportNode``) reads back identically in the core."""
-    from separeg.io.volumes import read_dicom_series, read_volume
+    from separeg.io.dicom_series import read_dicom_series
+    from separeg.io.volumes import read_volume
 
     slicer = real_slicer
     dicom = read_dicom_series(lung1_subset)

@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import write_image
-from separeg.io.volumes import Geometry, content_hash, read_dicom_series, read_volume, write_volume
+from separeg.io.dicom_series import read_dicom_series
+from separeg.io.volumes import Geometry, content_hash, read_volume, write_volume
 from separeg.runtime.errors import SeriesError, VolumeReadError
 
 

@@ -138,7 +138,7 @@ class TaskResult:
 
 def matchSegments(segmentNames: Sequence[str], organs: Sequence[str]) -> dict[str, str]:
     """Segment name -> organ (TG-263) name, through the core's synonym table ("Parotid L" -> "Parotid_L")."""
-    from separeg.rt.labels import to_tg263
+    from separeg.rt.organs import to_tg263
 
     wanted = {organ: organ for organ in organs}
     wanted.update({to_tg263(organ) or organ: organ for organ in organs})
@@ -547,7 +547,7 @@ class SegmentLogic:
         segmentation first (:meth:`nameSegmentsByValue`).
         """
         from separeg.evaluate.metrics import organ_metrics
-        from separeg.rt.labels import to_tg263
+        from separeg.rt.organs import to_tg263
 
         if labels is not None:
             for node in (predictionNode, referenceNode):

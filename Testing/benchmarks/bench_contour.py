@@ -2,8 +2,8 @@
 
 Every measurement is a fresh ``separeg contour --device cpu`` process with the shipped model ``hn-oar-7``: the wall
 time includes the start-up (Python, torch, MONAI, reading the CT), and the peak RSS is the child's own
-(``wait4``). ``old`` is ``separeg.segment.contour._run_contour_legacy`` (whole-volume windowing, one slice at a time,
-8-channel float logits resampled to every input slice, whole-volume post-processing, OpenMP's default wait
+(``wait4``). ``old`` is ``separeg.segment.contour_legacy._run_contour_legacy`` (whole-volume windowing, one slice
+at a time, 8-channel float logits resampled to every input slice, whole-volume post-processing, OpenMP's default wait
 policy); ``new`` is ``separeg contour`` as shipped. The two alternate, ``--repeats`` times each, on:
 - ``lung1``: the LUNG1 DICOM series (134 x 512 x 512, 0.98 mm pixels; the model works at 3.9 mm);
 - ``openkbp``: OpenKBP pt_209 (128^3 NIfTI at 3.9 mm, the model's own grid).
@@ -41,7 +41,8 @@ from separeg.runtime.atomic import write_json  # noqa: E402
 DATA = Path(os.environ.get("SEPAREG_SHARED_DATA", REPO.parent / "shared" / "data"))
 CASES = {"lung1": DATA / "lung1_dicom" / "ct", "openkbp": DATA / "openkbp" / "pt_209_ct.nii.gz"}
 MODEL = "hn-oar-7"
-OLD = ("import sys; import separeg.segment.contour as c; c.run_contour = c._run_contour_legacy; "
+OLD = ("import sys; import separeg.segment.contour as c, separeg.segment.contour_legacy as legacy; "
+       "c.run_contour = legacy._run_contour_legacy; "
        "from separeg.cli import main; sys.exit(main(sys.argv[1:]))")
 STAGES_LOG = "contour seconds per stage: "
 
@@ -116,7 +117,8 @@ def agreement(work: Path) -> dict:
     from separeg.runtime.bundle import load_bundle
     from separeg.runtime.events import Events
     from separeg.runtime.model_store import resolve_model
-    from separeg.segment.contour import ContourJob, _run_contour_legacy, run_contour
+    from separeg.segment.contour import ContourJob, run_contour
+    from separeg.segment.contour_legacy import _run_contour_legacy
 
     patients = load_bundle(resolve_model(MODEL)).metadata["release"]["validation"]["patients"]
     rows = {}

@@ -1,5 +1,6 @@
-"""Evaluation: metrics in mm with a written-down empty-mask policy (``metrics``: DSC, HD95, ...) and the
-``separeg evaluate`` command (``job``).
+"""Evaluation: metrics in mm with a written-down empty-mask policy (``metrics``: DSC, HD95, ...), the inputs of
+``separeg evaluate`` (``inputs``: prediction/reference pairs, label maps, organ names) and the command itself
+(``job``: per-case metrics, summary tables and plots).
 
 May import: :mod:`separeg.runtime`, :mod:`separeg.io`, :mod:`separeg.rt` (label tables), :mod:`separeg.sis`
 (figures), :mod:`separeg.registry`.

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from separeg.evaluate.job import EvaluateJob, read_labels, run_evaluate
+from separeg.evaluate.inputs import read_labels
+from separeg.evaluate.job import EvaluateJob, run_evaluate
 from separeg.io.archive import format_table, scan_archive
 from separeg.pretrain.config import PretrainConfig, PretrainJob
 from separeg.pretrain.stages import run_pretrain

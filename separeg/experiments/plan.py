@@ -22,7 +22,8 @@ class Method:
     """``pretrain``: keyword arguments of :class:`separeg.pretrain.config.PretrainConfig` (``separation`` sets
     ``sis.mode``) or None for random init; ``finetune``: of :class:`separeg.segment.finetune.FinetuneConfig`;
     ``unlabelled``: Mean Teacher reads the pretraining set. ``atlas``: multi-atlas contouring instead of a model
-    (``fusion``, ``threads`` and :class:`separeg.segment.atlas.RegistrationConfig` fields); X_tr is the atlas set."""
+    (``fusion``, ``threads`` and :class:`separeg.segment.atlas_registration.RegistrationConfig` fields); X_tr is the
+    atlas set."""
 
     name: str
     pretrain: dict[str, Any] | None = None

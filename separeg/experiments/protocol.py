@@ -124,7 +124,8 @@ def _device_name(device: str) -> str:
 def _atlas_contourer(run: RunSpec, data: Path, run_dir: Path, hidden: dict,
                      events: Events) -> Callable[[Path, Path], Path]:
     """The atlas method's "training": its X_tr cases (as partial as the protocol makes them) become the atlases."""
-    from separeg.segment.atlas import AtlasJob, RegistrationConfig, run_atlas
+    from separeg.segment.atlas import AtlasJob, run_atlas
+    from separeg.segment.atlas_registration import RegistrationConfig
 
     settings = dict(run.method.atlas or {})
     fusion, threads = settings.pop("fusion", "vote"), settings.pop("threads", None)

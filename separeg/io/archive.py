@@ -20,15 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from separeg.io.volumes import (
-    DicomSeries,
-    check_volume,
-    content_hash,
-    index_dicom_files,
-    is_volume_file,
-    read_dicom_series,
-    read_volume,
-)
+from separeg.io.dicom_series import DicomSeries, index_dicom_files, read_dicom_series
+from separeg.io.volumes import check_volume, content_hash, is_volume_file, read_volume
 from separeg.runtime.atomic import write_json
 from separeg.runtime.errors import ArchiveError, SepaRegError
 from separeg.runtime.events import Events

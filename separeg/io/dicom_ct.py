@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from separeg.io.volumes import (
+from separeg.io.dicom_series import (
     IMAGE_MODALITIES,
     DicomSeries,
-    Geometry,
     _first_line,
     _list_series,
     _sorted_slices,
@@ -27,6 +26,7 @@ from separeg.io.volumes import (
     unreadable_series,
     usable_image_series,
 )
+from separeg.io.volumes import Geometry
 from separeg.runtime.errors import InputError, SeriesError, VolumeReadError
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ def read_ct_series(source: str | Path | DicomSeries, *, series_uid: str | None =
     """Index, sort and check one CT (or MR/PET) series, reading headers only.
 
     Args:
-        source: a folder (searched recursively) or an indexed :class:`~separeg.io.volumes.DicomSeries`.
+        source: a folder (searched recursively) or an indexed :class:`~separeg.io.dicom_series.DicomSeries`.
         series_uid: which series to use when the folder holds several image series.
 
     Returns:

@@ -178,7 +178,7 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
     """
     from separeg.io.dicom_ct import generation_type, read_ct_series
     from separeg.io.dicom_write import dicom_grid, write_ct_series
-    from separeg.rt.rtstruct import HOLE_NOTES
+    from separeg.rt.rtstruct_write import HOLE_NOTES
     from separeg.rt.seg import segment_terminology
 
     events = events or Events()
@@ -244,7 +244,7 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
             outputs[fmt] = write_seg(out_dir / SEG_FILE, dicom_array, table, ct, algorithm=algorithm,
                                      series_description=description, generation=kind)
         else:
-            from separeg.rt.rtstruct import write_rtstruct
+            from separeg.rt.rtstruct_write import write_rtstruct
 
             outputs[fmt] = write_rtstruct(out_dir / RTSTRUCT_FILE, dicom_array, table, ct, algorithm=algorithm,
                                           series_description=description, generation=kind, holes=holes)

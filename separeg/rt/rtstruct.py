@@ -1,4 +1,5 @@
-"""RTSTRUCT <-> masks on a CT series: import (rasterise contours), export (contours from masks), DICOM cases.
+"""RTSTRUCT import: the contours of an RTSTRUCT rasterised onto its CT series (writing is
+:mod:`separeg.rt.rtstruct_write`, DICOM training cases :mod:`separeg.rt.dicom_cases`).
 
 Rasterisation convention (as plastimatch and SlicerRT's planar-contour rasterisers: voxel centres): a voxel is inside
 an ROI when its centre lies inside the ROI's polygons on its slice under the even-odd rule, so nested contours on one
@@ -11,77 +12,33 @@ floating-point noise. A contour belongs to the slice whose index its points roun
 slice spacing off every slice, or beyond the first or last slice, is left out with a warning, never moved. Points
 outside the slice's field of view are clipped.
 
-Export writes, per slice, the boundaries :func:`skimage.measure.find_contours` finds at level 0.5 on the zero-padded
-mask: vertices halfway between an inside and an outside voxel centre, so no voxel centre lies on an edge and
-re-importing gives back exactly the mask. Holes are written as separate contours (read back by the XOR rule), or
-with ``holes="keyhole"`` joined to the boundary around them by zero-width cuts, which readers that OR contours
-(plastimatch, several planning systems) also read right (:mod:`separeg.rt.keyhole`). The convention is recorded
-in the RTSTRUCT (StructureSetDescription) and in ``export.json``.
-
-The generation type (ROI Generation Algorithm) is AUTOMATIC with a model, MANUAL without one
-(:func:`~separeg.io.dicom_ct.generation_type`); only automatic contours carry the "not reviewed" notice.
-Colinear points are dropped (exact). Duplicate ROI names in an imported RTSTRUCT are kept apart: the second and later
+Duplicate ROI names in an imported RTSTRUCT are kept apart: the second and later
 get ``" [ROI <number>]"`` appended, with a warning.
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
-import json
 import logging
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from separeg import __version__
-from separeg.io.dicom_ct import (
-    Algorithm,
-    CtSeries,
-    copy_patient_study,
-    ensure_character_set,
-    generation_type,
-    read_ct_series,
-)
-from separeg.io.volumes import IMAGE_MODALITIES, _first_line, _referenced_series, index_dicom_files
-from separeg.rt.keyhole import HOLE_CONVENTIONS, keyhole
-from separeg.rt.labels import RGB, LabelTable, default_color, normalise_name, to_tg263
-from separeg.runtime.atomic import atomic_path
-from separeg.runtime.errors import InputError, read_text_table
+from separeg.io.dicom_ct import CtSeries
+from separeg.io.dicom_series import _first_line, _referenced_series
+from separeg.rt.labels import LabelTable
+from separeg.rt.organs import RGB, normalise_name, to_tg263
+from separeg.runtime.errors import InputError
 
-__all__ = [
-    "RoiMask",
-    "RtImport",
-    "LabelmapMatch",
-    "DicomCase",
-    "read_rtstruct",
-    "write_rtstruct",
-    "write_rtstruct_masks",
-    "load_synonyms",
-    "interpreted_type",
-    "find_dicom_cases",
-    "load_dicom_case",
-]
+__all__ = ["RoiMask", "RtImport", "LabelmapMatch", "read_rtstruct"]
 
 log = logging.getLogger(__name__)
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
-# What the RT Referenced Study item names as the study's SOP class (Detached Study Management; what TPSs write).
-STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 SLICE_TOLERANCE = 0.25  # of the slice spacing: how far a contour may lie from the slice it is put on
 _INDEX_DECIMALS = 6
 _CLOSED = ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR", "CLOSED_PLANAR_XOR")
-_TARGET = re.compile(r"^(gtv|ctv|itv|ptv)", re.IGNORECASE)
-_EXTERNAL = {"external", "body", "skin", "outline", "bodycontour"}
-_PROGRAM = "SepaReg"
-RTSTRUCT_SERIES_NUMBER = 302  # beside the SEG's 301
-HOLE_NOTES = {
-    "separate": "holes are separate CLOSED_PLANAR contours: combine a slice's contours by the even-odd rule",
-    "keyhole": "holes are joined to their outer contour by zero-width keyhole cuts",
-}
 
 
 @dataclass
@@ -91,7 +48,7 @@ class RoiMask:
     Attributes:
         number: ROI Number in the RTSTRUCT.
         name: ROI Name (duplicates disambiguated, see the module doc).
-        tg263: its TG-263 name from the registry (:func:`~separeg.rt.labels.to_tg263`), None if not in it.
+        tg263: its TG-263 name from the registry (:func:`~separeg.rt.organs.to_tg263`), None if not in it.
         interpreted_type: RT ROI Interpreted Type ("ORGAN", "GTV", ...; "" when not given).
         color: ROI Display Color, None if not given.
         warnings: what went wrong importing this ROI (contours left out, clipped).
@@ -439,414 +396,14 @@ def _fill_slice(polys: list[np.ndarray], height: int, width: int):
 # ----------------------------------------------------------------------------------------------- export
 
 
-@dataclass
-class _RoiOut:
-    name: str
-    color: RGB
-    interpreted_type: str
-    box: tuple[slice, slice, slice]
-    crop: np.ndarray
-
-
-def interpreted_type(name: str, tg263: str = "", overrides: Mapping[str, str] | None = None) -> str:
-    """RT ROI Interpreted Type of a structure: ``overrides[name or tg263]``, GTV/CTV/PTV for targets named so in
-    TG-263 (ITV, an expanded CTV, as CTV), EXTERNAL for the body outline, else ORGAN."""
-    for key in (name, tg263):
-        if overrides and key in overrides:
-            return str(overrides[key]).upper()
-    match = _TARGET.match(tg263 or name) or _TARGET.match(name)
-    if match:
-        kind = match.group(1).upper()
-        return "CTV" if kind == "ITV" else kind
-    return "EXTERNAL" if _normalise(tg263 or name) in _EXTERNAL else "ORGAN"
-
-
-def write_rtstruct(path: str | Path, labelmap: np.ndarray, table: LabelTable, ct: CtSeries, *,
-                   algorithm: Algorithm | None, series_description: str = "SepaReg auto-contours",
-                   interpreted_types: Mapping[str, str] | None = None, generation: str | None = None,
-                   holes: str = "separate") -> Path:
-    """Write a label map as an RTSTRUCT that references ``ct``: one ROI per label present, named by its TG-263 name
-    (its own name when it has none) and coloured as in ``table``. Labels without a voxel are left out (logged).
-
-    Args:
-        path: the file to write (atomically).
-        labelmap: ``(z, y, x)`` integer array aligned with ``ct``'s array.
-        table: the organs; values of ``labelmap`` outside it are refused.
-        ct: the series the label map lies on.
-        algorithm: the model that made the contours (model, version, bundle hash); None: no model (MANUAL).
-        series_description: SeriesDescription and StructureSetName.
-        interpreted_types: RT ROI Interpreted Type by label name or TG-263 name (default: :func:`interpreted_type`).
-        generation: ROI Generation Algorithm (default AUTOMATIC with a model, MANUAL without).
-        holes: "separate" or "keyhole" (see the module doc).
-
-    Raises:
-        InputError: the label map's shape is not the CT's, or it holds values not in ``table``; a generation type
-            that needs a model without one; an unknown hole convention.
-    """
-    from scipy import ndimage
-
-    labelmap = np.asarray(labelmap)
-    _check_shape(labelmap, ct, "label map")
-    if not np.issubdtype(labelmap.dtype, np.integer):
-        raise InputError(f"the label map has voxel type {labelmap.dtype}; integer label values are needed")
-    boxes = ndimage.find_objects(labelmap) if labelmap.any() else []
-    unknown = [v + 1 for v, box in enumerate(boxes) if box is not None and v + 1 not in table.values]
-    if unknown or labelmap.min() < 0:
-        raise InputError(f"the label map holds values {', '.join(map(str, unknown)) or 'below 0'} that are not in the "
-                         f"label table ({', '.join(map(str, table.values))}); relabel it or use the model's table")
-    rois = []
-    for label in table:
-        box = boxes[label.value - 1] if label.value <= len(boxes) else None
-        if box is None:
-            log.warning("label %d (%s) has no voxel; no ROI written for it", label.value, label.name)
-            continue
-        name = label.tg263 or label.name
-        rois.append(_RoiOut(name, label.color, interpreted_type(label.name, label.tg263, interpreted_types), box,
-                            labelmap[box] == label.value))
-    return _write(Path(path), rois, ct, algorithm, series_description, generation, holes)
-
-
-def write_rtstruct_masks(path: str | Path, masks: Mapping[str, np.ndarray], ct: CtSeries, *,
-                         algorithm: Algorithm | None, colors: Mapping[str, RGB] | None = None,
-                         series_description: str = "SepaReg auto-contours",
-                         interpreted_types: Mapping[str, str] | None = None, generation: str | None = None,
-                         holes: str = "separate") -> Path:
-    """Write possibly overlapping masks as an RTSTRUCT that references ``ct``, one ROI per non-empty mask.
-
-    Args:
-        path: the file to write (atomically).
-        masks: ROI name -> bool ``(z, y, x)`` mask aligned with ``ct``'s array; written in this order.
-        ct: the series.
-        algorithm: the model that made the contours; None: no model (MANUAL).
-        colors: ROI name -> RGB; default: the registry colour of the name's TG-263 form.
-        series_description: SeriesDescription and StructureSetName.
-        interpreted_types: RT ROI Interpreted Type by ROI name (default: :func:`interpreted_type`).
-        generation, holes: as for :func:`write_rtstruct`.
-
-    Raises:
-        InputError: a mask's shape is not the CT's; see :func:`write_rtstruct`.
-    """
-    rois = []
-    for i, (name, mask) in enumerate(masks.items(), start=1):
-        mask = np.asarray(mask).astype(bool, copy=False)
-        _check_shape(mask, ct, f"mask {name!r}")
-        box = _bounding_box(mask)
-        if box is None:
-            log.warning("mask %r is empty; no ROI written for it", name)
-            continue
-        tg263 = to_tg263(name) or ""
-        color = tuple(colors[name]) if colors and name in colors else default_color(tg263, i)
-        rois.append(_RoiOut(name, color, interpreted_type(name, tg263, interpreted_types), box, mask[box]))
-    return _write(Path(path), rois, ct, algorithm, series_description, generation, holes)
-
-
-def _check_shape(array: np.ndarray, ct: CtSeries, what: str) -> None:
-    if array.shape != ct.shape:
-        raise InputError(f"the {what} has shape {array.shape} (z, y, x), the CT series {ct.series_instance_uid} "
-                         f"{ct.shape}; it must lie on the CT's grid")
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    box = []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)  # type: ignore[return-value]
-
-
-def _slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
-    """Closed boundaries of a 2D mask as ``(N, 2)`` (x, y) index polygons, colinear points removed."""
-    from skimage.measure import find_contours
-
-    out = []
-    for contour in find_contours(np.pad(mask2d, 1).astype(np.float32), 0.5):
-        xy = contour[:-1, ::-1] - 1.0 if np.array_equal(contour[0], contour[-1]) else contour[:, ::-1] - 1.0
-        before, after = xy - np.roll(xy, 1, axis=0), np.roll(xy, -1, axis=0) - xy
-        cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
-        keep = (np.abs(cross) > 1e-9) | ((before * after).sum(axis=1) <= 0)
-        xy = xy[keep]
-        if len(xy) >= 3:
-            out.append(xy)
-    return out
-
-
-def _contour_data(values: np.ndarray):
-    """ContourData as an encoded DS element: 0.1 um precision, trailing zeros dropped.
-
-    Built as raw bytes because pydicom's per-value DS conversion and checks take most of the export's time
-    (LUNG1: 1.9 of 2.7 s).
-    """
-    from pydicom.dataelem import RawDataElement
-    from pydicom.tag import Tag
-
-    text = "\\".join(f"{v:.4f}".rstrip("0").rstrip(".") for v in values.tolist()).encode("ascii")
-    if len(text) % 2:
-        text += b" "
-    return RawDataElement(Tag(0x30060050), "DS", len(text), text, 0, False, True)
-
-
-def _notice(kind: str, algorithm: Algorithm | None) -> str | None:
-    """Who made the contours, for StructureSetDescription and ROIObservationDescription (None for manual ones)."""
-    if kind == "AUTOMATIC":
-        return f"Automatic contour by {_PROGRAM} model {algorithm.describe()}; not reviewed by a clinician"
-    if kind == "SEMIAUTOMATIC":
-        return f"Contour by {_PROGRAM} model {algorithm.describe()}, edited by a user"
-    return None
-
-
-def _write(path: Path, rois: list[_RoiOut], ct: CtSeries, algorithm: Algorithm | None, description: str,
-           generation: str | None = None, holes: str = "separate") -> Path:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-
-    names = [r.name for r in rois]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InputError(f"ROI names {', '.join(duplicates)} are given twice; every ROI needs its own name")
-    if holes not in HOLE_CONVENTIONS:
-        raise InputError(f"unknown hole convention {holes!r}; choose from {', '.join(HOLE_CONVENTIONS)}")
-    kind = generation_type(algorithm, generation)
-    now = datetime.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    author = _notice(kind, algorithm)
-    matrix, origin = ct.index_to_lps()
-
-    ds = pydicom.Dataset()
-    header = ct.header()
-    copy_patient_study(header, ds)
-    ds.SOPClassUID = RTSTRUCT_SOP_CLASS
-    ds.SOPInstanceUID = generate_uid()
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = RTSTRUCT_SERIES_NUMBER
-    ds.SeriesDate, ds.SeriesTime = date, time
-    ds.SeriesDescription = description[:64]
-    ds.OperatorsName = ""
-    # Frame of Reference module (the CT's): top level since the RT Structure Set IOD includes the module.
-    ds.FrameOfReferenceUID = ct.frame_of_reference_uid
-    ds.PositionReferenceIndicator = header.get("PositionReferenceIndicator", "") or ""
-    ds.Manufacturer = _PROGRAM
-    ds.ManufacturerModelName = (algorithm.name if algorithm else "separeg")[:64]
-    ds.SoftwareVersions = (algorithm.version if algorithm else __version__)[:64]
-    ds.StructureSetLabel = {"AUTOMATIC": "SepaReg auto", "SEMIAUTOMATIC": "SepaReg edited"}.get(kind, "SepaReg export")
-    ds.StructureSetName = description[:64]
-    ds.StructureSetDescription = f"{author + '. ' if author else ''}Contours: {HOLE_NOTES[holes]}."[:1024]
-    ds.StructureSetDate, ds.StructureSetTime = date, time
-    ds.ApprovalStatus = "UNAPPROVED"
-    images = Sequence([pydicom.Dataset() for _ in ct.sop_instance_uids])
-    for item, uid in zip(images, ct.sop_instance_uids, strict=True):
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ct.sop_class_uid, uid
-    series = pydicom.Dataset()
-    series.SeriesInstanceUID, series.ContourImageSequence = ct.series_instance_uid, images
-    study = pydicom.Dataset()
-    study.ReferencedSOPClassUID, study.ReferencedSOPInstanceUID = STUDY_SOP_CLASS, ct.study_instance_uid
-    study.RTReferencedSeriesSequence = [series]
-    frame = pydicom.Dataset()
-    frame.FrameOfReferenceUID, frame.RTReferencedStudySequence = ct.frame_of_reference_uid, [study]
-    ds.ReferencedFrameOfReferenceSequence = [frame]
-
-    structure_set, roi_contours, observations = Sequence(), Sequence(), Sequence()
-    for number, roi in enumerate(rois, start=1):
-        item = pydicom.Dataset()
-        item.ROINumber, item.ReferencedFrameOfReferenceUID = number, ct.frame_of_reference_uid
-        item.ROIName = roi.name[:64]
-        item.ROIGenerationAlgorithm = kind
-        if algorithm is not None:
-            item.ROIGenerationDescription = f"{_PROGRAM} {algorithm.name} {algorithm.version}"[:64]
-        structure_set.append(item)
-        contour = pydicom.Dataset()
-        contour.ROIDisplayColor = [int(c) for c in roi.color]
-        contour.ReferencedROINumber = number
-        roi_contours.append(contour)
-        observation = pydicom.Dataset()
-        observation.ObservationNumber, observation.ReferencedROINumber = number, number
-        if author:
-            observation.ROIObservationLabel = f"{_PROGRAM} {'auto' if kind == 'AUTOMATIC' else 'edited'}"
-            observation.ROIObservationDescription = author
-        observation.RTROIInterpretedType = roi.interpreted_type
-        observation.ROIInterpreter = ""  # Type 2: a person's name; none for a program's output
-        observations.append(observation)
-    ds.StructureSetROISequence = structure_set
-    ds.ROIContourSequence = roi_contours
-    ds.RTROIObservationsSequence = observations
-
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ensure_character_set(ds)  # before the contours: it reads every element, which would decode their raw data
-    for roi, contour in zip(rois, roi_contours, strict=True):
-        contour.ContourSequence = _contour_items(roi, matrix, origin, ct, holes)
-    if not rois:
-        log.warning("%s lists no structure: the label map or masks are empty", path)
-    with atomic_path(path, suffix=".dcm") as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
-    log.info("wrote %d ROIs to %s", len(rois), path)
-    return path
-
-
-def _contour_items(roi: _RoiOut, matrix: np.ndarray, origin: np.ndarray, ct: CtSeries, holes: str = "separate"):
-    import pydicom
-    from pydicom.sequence import Sequence
-
-    items = Sequence()
-    z0, y0, x0 = (s.start for s in roi.box)
-    for dz, plane in enumerate(roi.crop):
-        if not plane.any():
-            continue
-        k = z0 + dz
-        contours = _slice_contours(plane)
-        for xy in keyhole(contours) if holes == "keyhole" and len(contours) > 1 else contours:
-            index = np.column_stack([xy[:, 0] + x0, xy[:, 1] + y0, np.full(len(xy), k, float)])
-            lps = index @ matrix.T + origin
-            item = pydicom.Dataset()
-            reference = pydicom.Dataset()
-            reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = \
-                ct.sop_class_uid, ct.sop_instance_uids[k]
-            item.ContourImageSequence = [reference]
-            item.ContourGeometricType = "CLOSED_PLANAR"
-            item.NumberOfContourPoints = len(lps)
-            item.ContourNumber = len(items) + 1
-            item[0x30060050] = _contour_data(lps.ravel())  # ContourData
-            items.append(item)
-    return items
-
-
 # ----------------------------------------------------------------------------------------------- synonyms
 
 
 def _normalise(name: str) -> str:
-    """See :func:`separeg.rt.labels.normalise_name` (every script kept); a name of punctuation alone stays itself."""
+    """See :func:`separeg.rt.organs.normalise_name` (every script kept); a name of punctuation alone stays itself."""
     return normalise_name(name) or str(name)
-
-
-def load_synonyms(path: str | Path) -> dict[str, str]:
-    """Read a user synonym table: JSON ``{"their name": "TG263name", ...}`` or CSV with two columns (their name,
-    TG-263 or label name; an optional header such as ``name,tg263``; ``#`` comment lines).
-
-    Returns:
-        their name -> target name (TG-263 spelling when the target is a registry name).
-
-    Raises:
-        InputError: missing or unreadable file, malformed content, a name mapped to two different targets.
-    """
-    path = Path(path)
-    text = read_text_table(path, "synonym table")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"synonym table {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-            raise InputError(f"synonym table {path} must be a JSON object {{\"their name\": \"TG263name\", ...}}")
-        rows = list(data.items())
-    else:
-        lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        delimiter = max(",;\t", key=lines[0].count) if lines else ","
-        rows = []
-        for number, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
-            if len(row) != 2:
-                raise InputError(f"synonym table {path}: row {number} has {len(row)} fields; each row is "
-                                 "'their name,TG263name'")
-            if number == 1 and _normalise(row[1]) in {"tg263", "tg263name", "target", "label", "to", "organ"}:
-                continue
-            rows.append((row[0], row[1]))
-    synonyms: dict[str, str] = {}
-    for theirs, target in rows:
-        theirs, target = theirs.strip(), target.strip()
-        if not theirs or not target:
-            raise InputError(f"synonym table {path}: an entry has an empty name ({theirs!r} -> {target!r})")
-        target = to_tg263(target) or target
-        if not normalise_name(theirs):
-            raise InputError(f"synonym table {path}: the name {theirs!r} has no letter or digit; names are matched "
-                             "ignoring case, spaces and punctuation, so it would match nothing")
-        same = next((k for k in synonyms if _normalise(k) == _normalise(theirs)), theirs)
-        if synonyms.setdefault(same, target) != target:
-            also = f" ({same!r} and {theirs!r} are the same name ignoring case and punctuation)" if same != theirs \
-                else ""
-            raise InputError(f"synonym table {path} maps {theirs!r} to both {synonyms[same]!r} and {target!r}{also}")
-    return synonyms
 
 
 # ----------------------------------------------------------------------------------------------- DICOM cases
 
 
-@dataclass(frozen=True)
-class DicomCase:
-    """A CT series and the RTSTRUCT drawn on it, found by :func:`find_dicom_cases`."""
-
-    name: str
-    ct_folder: Path
-    series_uid: str
-    rtstruct: Path
-    files: tuple[Path, ...] = field(default=(), compare=False, repr=False)
-
-
-def find_dicom_cases(files: Iterable[Path]) -> tuple[list[DicomCase], list[Path]]:
-    """Pair image series with the RTSTRUCTs that reference them (by SeriesInstanceUID).
-
-    Args:
-        files: candidate files (non-DICOM files are ignored).
-
-    Returns:
-        ``(cases, unpaired)``: cases named by PatientID (with the series folder's name when a patient has several),
-        sorted by name; unpaired: folders of image series without an RTSTRUCT and RTSTRUCTs whose series is absent.
-
-    Raises:
-        InputError: an image series referenced by two RTSTRUCT files (keep one).
-    """
-    import pydicom
-
-    series, _ = index_dicom_files(files)
-    images = {uid: s for uid, s in series.items() if s.modality in IMAGE_MODALITIES}
-    structures: dict[str, list[Path]] = {}
-    unpaired: list[Path] = []
-    for entry in series.values():
-        if entry.modality != "RTSTRUCT":
-            continue
-        for path in entry.files:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ReferencedFrameOfReferenceSequence"])
-            targets = [uid for uid in _referenced_series(ds) if uid in images]
-            if not targets:
-                unpaired.append(path)
-            for uid in targets:
-                structures.setdefault(uid, []).append(path)
-    found = []
-    for uid, image in images.items():
-        if uid not in structures:
-            unpaired.append(image.folder)
-            continue
-        if len(structures[uid]) > 1:
-            raise InputError(f"the image series {uid} in {image.folder} has {len(structures[uid])} RTSTRUCTs: "
-                             f"{', '.join(str(p) for p in structures[uid])}; keep one (move the others out)")
-        header = pydicom.dcmread(image.files[0], stop_before_pixels=True, specific_tags=["PatientID"])
-        found.append((str(header.get("PatientID", "") or image.folder.name), image, structures[uid][0]))
-    counts: dict[str, int] = {}
-    for patient, _, _ in found:
-        counts[patient] = counts.get(patient, 0) + 1
-    cases = [DicomCase(patient if counts[patient] == 1 else f"{patient}_{image.folder.name}", image.folder,
-                       image.series_uid, rtstruct, tuple(image.files)) for patient, image, rtstruct in found]
-    return sorted(cases, key=lambda c: c.name), sorted(unpaired)
-
-
-def load_dicom_case(ct_folder: str | Path, rtstruct: str | Path, table: LabelTable, *, series_uid: str | None = None,
-                    synonyms: Mapping[str, str] | None = None):
-    """Read a CT series and rasterise its RTSTRUCT into ``table``'s label map.
-
-    Returns:
-        ``(image, labelmap, annotated, unmatched)``: the SimpleITK image, the ``(z, y, x)`` label map on its grid,
-        the label values an ROI was found for (the others were not contoured: not annotated), and the ROI names
-        that matched no label.
-
-    Raises:
-        InputError, SeriesError: from :func:`~separeg.io.dicom_ct.read_ct_series` and :func:`read_rtstruct`.
-    """
-    ct = read_ct_series(ct_folder, series_uid=series_uid)
-    match = read_rtstruct(rtstruct, ct).match(table, synonyms=synonyms)
-    return ct.image(), match.labelmap, frozenset(match.matched), match.unmatched

@@ -21,7 +21,8 @@ import numpy as np
 
 from separeg import __version__
 from separeg.io.dicom_ct import copy_patient_study, ensure_character_set, generation_type
-from separeg.rt.labels import Label, LabelTable, to_tg263
+from separeg.rt.labels import Label, LabelTable
+from separeg.rt.organs import to_tg263
 from separeg.rt.terminology import CodedConcept, Terminology, generic_terminology, terminology
 from separeg.runtime.atomic import atomic_path
 from separeg.runtime.errors import InputError

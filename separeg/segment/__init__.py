@@ -1,8 +1,10 @@
-"""Few-shot segmentation: cases (``cases``), the U-Net built on a pretrained encoder (``network``), fine-tuning
-(``finetune_config``, ``finetune_data``, ``finetune_objective``, ``finetune_validation``, ``finetune``),
-partial labels (``plseg``), Mean Teacher (``mean_teacher``), segmentation augmentation and losses
-(``augment``, ``losses``), Auto-contour (``contour``) and the atlas baseline (``atlas``).
+"""Few-shot segmentation: training cases (``cases``: finding them; ``case_loading``: reading one), the U-Net on a
+pretrained encoder (``network``, with :func:`~separeg.segment.network.load_segmentation_model`), fine-tuning as
+hooks (``finetune_config``, ``finetune_data``, ``finetune_objective``, ``finetune_validation``, and the loop in
+``finetune``), partial labels (``plseg``), Mean Teacher (``mean_teacher``), segmentation augmentation and losses
+(``augment``, ``losses``), Auto-contour (``contour``; the path before issue 24 in ``contour_legacy``) and the
+multi-atlas baseline (``atlas``, ``atlas_registration``).
 
-May import: :mod:`separeg.runtime`, :mod:`separeg.io`, :mod:`separeg.rt`, :mod:`separeg.pretrain` (encoders,
-channels of a pretrained bundle), :mod:`separeg.registry`; the validation plots come from :mod:`separeg.sis`.
+May import: :mod:`separeg.runtime`, :mod:`separeg.io`, :mod:`separeg.rt`, :mod:`separeg.pretrain` (encoders, the
+channels of a pretrained bundle), :mod:`separeg.registry`.
 """

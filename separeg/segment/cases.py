@@ -20,27 +20,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-from separeg.io.volumes import VOLUME_SUFFIXES, Geometry, _looks_like_dicom, read_volume
-from separeg.rt.labels import LabelTable
+from separeg.io.dicom_series import _looks_like_dicom
+from separeg.io.volumes import VOLUME_SUFFIXES
 from separeg.runtime.errors import InputError, read_text_table
 
-if TYPE_CHECKING:
-    import SimpleITK as sitk
-
-__all__ = [
-    "IMAGE_SUFFIX",
-    "LABEL_SUFFIXES",
-    "FOLDER_PAIRS",
-    "Case",
-    "LoadedCase",
-    "find_cases",
-    "read_case_list",
-    "load_case",
-]
+__all__ = ["IMAGE_SUFFIX", "LABEL_SUFFIXES", "FOLDER_PAIRS", "Case", "find_cases", "read_case_list"]
 
 # <case>_ct.<ext> beside <case>_oar.<ext> (OpenKBP), <case>_seg, <case>_label or <case>_labels; any volume ext.
 IMAGE_SUFFIX = "_ct"
@@ -77,36 +62,6 @@ class Case:
     def is_dicom(self) -> bool:
         """True when the labels are an RTSTRUCT (a DICOM file) rather than a label map volume."""
         return self.series_uid is not None or (_split_name(self.labels.name) is None and _looks_like_dicom(self.labels))
-
-
-@dataclass
-class LoadedCase:
-    """A case read into memory.
-
-    Attributes:
-        name: the case name.
-        image: the image volume, geometry kept (LPS).
-        labels: the label map, (Z, Y, X) like ``sitk.GetArrayFromImage(image)``; uint8 when the table's values fit,
-            else uint16.
-        annotated: the label values present in this case. Organs of the table outside this set were not
-            annotated in this case: unknown, not background.
-    """
-
-    name: str
-    image: sitk.Image
-    labels: np.ndarray
-    annotated: frozenset[int]
-    channels: tuple[sitk.Image, ...] = ()  # every input channel on image's grid ([0] is image); empty: image only
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def images(self) -> tuple[sitk.Image, ...]:
-        """The input channels, in order, all on the image's grid."""
-        return self.channels or (self.image,)
-
-    def not_annotated(self, table: LabelTable) -> frozenset[int]:
-        """The table's label values this case has no voxel of (unknown in this case, not background)."""
-        return frozenset(table.values) - self.annotated
 
 
 def _split_name(name: str) -> tuple[str, str] | None:
@@ -150,7 +105,7 @@ def find_cases(folder: str | Path) -> tuple[list[Case], list[Path]]:
         InputError: ``folder`` is not a folder; no case found (the message says what was found and the
             conventions); a CT with two label maps or two RTSTRUCTs; two cases with the same name.
     """
-    from separeg.rt.rtstruct import find_dicom_cases
+    from separeg.rt.dicom_cases import find_dicom_cases
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -229,7 +184,7 @@ def _unpaired_rtstruct_detail(unpaired: list[Path]) -> str:
     """Which series the first unpaired RTSTRUCT was drawn on: the usual reason a DICOM case is not found."""
     import pydicom
 
-    from separeg.io.volumes import _referenced_series
+    from separeg.io.dicom_series import _referenced_series
 
     rtstruct = next((p for p in unpaired if p.is_file()), None)
     if rtstruct is None:
@@ -331,96 +286,3 @@ def _case_name(image: Path) -> str:
     return stem[: -len(IMAGE_SUFFIX)] if stem.lower().endswith(IMAGE_SUFFIX) and len(stem) > 3 else stem
 
 
-def load_case(case: Case, table: LabelTable, *, synonyms: Mapping[str, str] | None = None) -> LoadedCase:
-    """Read a case's image and label map and check them against each other and against ``table``.
-
-    Args:
-        case: the case.
-        table: the organs the label maps may hold.
-        synonyms: for DICOM cases, the user's ROI names -> label or TG-263 names
-            (:func:`~separeg.rt.rtstruct.load_synonyms`); ROIs that match no label are left out with a logged warning.
-
-    Returns:
-        The loaded case; ``annotated`` holds the label values with at least one voxel (organs of ``table`` outside
-        it were not contoured in this case: unknown, not background). For a DICOM case the label map is the
-        RTSTRUCT's ROIs rasterised on the CT's grid (see :mod:`separeg.rt.rtstruct`); the organs it has no ROI for are
-        not annotated.
-
-    Raises:
-        VolumeReadError: an unreadable file (from :func:`~separeg.io.volumes.read_volume`).
-        SeriesError: an unusable DICOM series (see :func:`~separeg.io.dicom_ct.read_ct_series`).
-        InputError: the label map's grid differs from the image's (both geometries are named), it holds
-            negative or fractional values, or values that are not in ``table``; an RTSTRUCT that is not one or was
-            drawn on another series.
-    """
-    import SimpleITK as sitk
-
-    if case.is_dicom:
-        from separeg.rt.rtstruct import load_dicom_case
-
-        image, labels, annotated, unmatched = load_dicom_case(case.image, case.labels, table,
-                                                              series_uid=case.series_uid, synonyms=synonyms)
-        if unmatched:
-            log.warning("case %s: ROIs %s of %s match no organ of the label table; left out", case.name,
-                        ", ".join(unmatched), case.labels)
-        return LoadedCase(case.name, image, labels, annotated)
-    image = read_volume(case.image)
-    channels, warnings = (), ()
-    if case.channels:
-        from separeg.io.channels import co_register
-
-        names = [p.name for p in case.images]
-        registered, notes = co_register([image, *(read_volume(p) for p in case.channels)], names)
-        channels, warnings = tuple(registered), tuple(f"case {case.name}: {note}" for note in notes)
-        for note in warnings:
-            log.warning("%s", note)
-    label_image = read_volume(case.labels)
-    image_geometry, label_geometry = Geometry.of(image), Geometry.of(label_image)
-    if not image_geometry.matches(label_geometry):
-        raise InputError(
-            f"case {case.name}: the label map does not lie on the image's grid: image {case.image}: "
-            f"{image_geometry.describe()}; labels {case.labels}: {label_geometry.describe()}. Export the label map "
-            "on the CT's grid (in Slicer: Segmentations > Export to label map with the CT as reference volume) or "
-            "pair the right files"
-        )
-    array = sitk.GetArrayFromImage(label_image)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise InputError(f"case {case.name}: the label map {case.labels} holds fractional values; it must hold "
-                             "whole label values (is it a probability map or an image?)")
-        array = array.astype(np.int64)
-    elif not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"case {case.name}: the label map {case.labels} has voxel type {array.dtype}; "
-                         "integer label values are needed")
-    if array.size and array.min() < 0:
-        raise InputError(f"case {case.name}: the label map {case.labels} holds negative values (min {array.min()}); "
-                         "label values are 0 (background) and the table's positive values")
-    present = _present_values(array)
-    unknown = sorted(present - set(table.values) - {0})
-    if unknown:
-        raise InputError(
-            f"case {case.name}: the label map {case.labels} holds values {', '.join(map(str, unknown))} that are not "
-            f"in the label table (values {', '.join(map(str, table.values))}: {', '.join(table.names)}). "
-            "Add them to the label table or relabel the map"
-        )
-    top = max(table.values, default=0)
-    dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
-    return LoadedCase(case.name, image, array.astype(dtype, copy=False), frozenset(present - {0}), channels, warnings)
-
-
-def _present_values(array: np.ndarray, chunk: int = 1 << 22) -> set[int]:
-    """Distinct values of a non-negative integer array.
-
-    Counted with bincount in chunks of ``chunk`` voxels: faster than ``np.unique`` (no sort) and without a
-    64-bit copy of a whole large volume.
-    """
-    if array.size == 0:
-        return set()
-    top = int(array.max())
-    if top >= 1 << 16:
-        return {int(v) for v in np.unique(array)}
-    flat = array.ravel()
-    counts = np.zeros(top + 1, dtype=np.int64)
-    for start in range(0, flat.size, chunk):
-        counts += np.bincount(flat[start:start + chunk], minlength=top + 1)
-    return {int(v) for v in np.flatnonzero(counts)}

@@ -38,9 +38,8 @@ from separeg.segment.network import (
     CANONICAL_ORIENTATION,
     GridSpec,
     _model_size,
-    build_unet,
     from_canonical,
-    from_model_grid,
+    load_segmentation_model,
     model_input,
     to_canonical,
     with_context,
@@ -220,13 +219,13 @@ def _warnings(image, data: dict) -> list[str]:
     goes on.
 
     One format, ``"<what>: <found> (training data: <range>); <why it matters>"``. Checked: the modality (the DICOM
-    Modality tag that :func:`~separeg.io.volumes.read_dicom_series` keeps), the intensity range, the field of view,
+    Modality tag that :func:`~separeg.io.dicom_series.read_dicom_series` keeps), the intensity range, the field of view,
     and in-plane voxels coarser than every training scan. Finer voxels (a 1 mm clinical CT) are resampled to the
     model's grid, so they are not reported.
     """
     import SimpleITK as sitk
 
-    from separeg.io.volumes import MODALITY_TAG
+    from separeg.io.dicom_series import MODALITY_TAG
 
     def number(value: float) -> str:  # -1000, 3000, 0.997: never "0 to 0" for a CT scaled 0-1
         return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
@@ -349,10 +348,7 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
     for note in warnings:
         events.warning(note, stage="contour")
     lap("input checks")
-    arch = bundle.architecture
-    model = build_unet(arch["backbone"], arch["out_channels"], arch.get("in_channels", 1))
-    model.load_state_dict(bundle.state_dict)
-    model = model.to(runtime.device).eval()
+    model = load_segmentation_model(bundle, runtime.device)
     lap("build network")
     batch = job.batch_size or (GPU_BATCH if runtime.device.type == "cuda" else cpu_batch)
     labels, canonical = segment(images, spec, model, runtime, batch, events)
@@ -409,33 +405,6 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
 # ---------------------------------------------------------------- the path before issue 24 (benchmark, agreement test)
 
 
-def _run_contour_legacy(job: ContourJob, events: Events | None = None) -> ContourResult:
-    """The contour path before issue 24, for ``bench_contour.py`` and the agreement test: the whole volume
-    windowed on the input grid, one slice at a time on a CPU (16 on a GPU) without channels-last, K float logits
-    resampled to every input slice and argmaxed there, post-processing on whole volumes."""
-    return _contour(job, events or Events(), _segment_legacy, cpu_batch=1, post=_postprocess_legacy)
-
-
-def _segment_legacy(images: list, spec: GridSpec, model: torch.nn.Module, runtime: Runtime, batch: int,
-                    events: Events) -> tuple[np.ndarray, object]:
-    import SimpleITK as sitk
-
-    canonical = to_canonical(images[0])
-    hu = sitk.GetArrayFromImage(canonical)
-    spacing = canonical.GetSpacing()[:2]
-    arrays = [hu] + [sitk.GetArrayFromImage(to_canonical(other)) for other in images[1:]]
-    slices = model_input(arrays, spacing, spec, device=runtime.device)
-    labels = np.zeros((len(slices), *hu.shape[1:]), np.uint8)
-    with torch.inference_mode():
-        for start in range(0, len(slices), batch):
-            with runtime.inference_autocast:
-                logits = model(slices[start:start + batch])
-            logits = from_model_grid(logits.float(), hu.shape[1:], spacing, spec)
-            labels[start:start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            events.progress("contour", start + len(logits), len(slices))
-    return labels, canonical
-
-
 def _organ(table, value: int) -> str:
     label = table.by_value(value)
     return label.tg263 or label.name
@@ -450,22 +419,3 @@ def _postprocessing_organs(chosen: dict | None, values: list[int], job: ContourJ
     return lcc, fill
 
 
-def _postprocess_legacy(labels: np.ndarray, values: list[int], *, largest_component: bool,
-                        fill_holes: bool) -> np.ndarray:
-    out = labels.copy()
-    for value in values:
-        mask = out == value
-        if not mask.any():
-            continue
-        if largest_component:
-            components, n = ndimage.label(mask)
-            if n > 1:
-                sizes = np.bincount(components.ravel())
-                sizes[0] = 0
-                out[mask & (components != int(np.argmax(sizes)))] = 0
-                mask = out == value
-        if fill_holes:
-            for k in np.flatnonzero(mask.any(axis=(1, 2))):
-                filled = ndimage.binary_fill_holes(mask[k])
-                out[k][filled & (out[k] == 0)] = value
-    return out

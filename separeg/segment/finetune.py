@@ -38,7 +38,14 @@ from separeg.segment.augment import augment_batch
 from separeg.segment.finetune_config import OLD_RECIPE, FinetuneConfig, FinetuneJob
 from separeg.segment.finetune_data import SliceSet, sample_patches
 from separeg.segment.finetune_validation import EpochValidator, choose_postprocessing, predict_slices
-from separeg.segment.network import GridSpec, build_unet, load_encoder_weights, unet_architecture, unet_encoder
+from separeg.segment.network import (
+    GridSpec,
+    build_unet,
+    load_encoder_weights,
+    load_segmentation_model,
+    unet_architecture,
+    unet_encoder,
+)
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "OLD_RECIPE", "run_finetune", "SliceSet"]
 
@@ -163,11 +170,11 @@ def _resolve_label_table(job: FinetuneJob, start: _Start):
 
 def _load_cases(job: FinetuneJob, cfg: FinetuneConfig, table, events: Events):
     """All cases, the training and validation split, and the synonym table used to read DICOM cases."""
-    from separeg.segment.cases import load_case
+    from separeg.segment.case_loading import load_case
 
     synonyms = None
     if job.synonyms is not None:
-        from separeg.rt.rtstruct import load_synonyms
+        from separeg.rt.dicom_cases import load_synonyms
 
         synonyms = load_synonyms(job.synonyms)
     cases = [load_case(c, table, synonyms=synonyms) for c in _case_list(job.data, events)]
@@ -189,10 +196,10 @@ def _load_cases(job: FinetuneJob, cfg: FinetuneConfig, table, events: Events):
 def _build_network(start: _Start, spec: GridSpec, n_classes: int, cfg: FinetuneConfig,
                    runtime: Runtime) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
+    if start.model is not None:  # continue from a fine-tuned model: its network, grid and organs
+        return load_segmentation_model(start.model, runtime.device).train()
     unet = build_unet(start.encoder, n_classes, spec.network_channels).to(runtime.device)
-    if start.model is not None:
-        unet.load_state_dict({k: v.to(runtime.device) for k, v in start.bundle.state_dict.items()})
-    elif start.bundle is not None:
+    if start.bundle is not None:
         load_encoder_weights(unet, _widen_input(start.bundle.state_dict, unet_encoder(unet).state_dict(), spec))
     return unet
 

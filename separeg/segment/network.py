@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
 __all__ = ["CANONICAL_ORIENTATION", "GridSpec", "build_unet", "unet_architecture", "unet_encoder", "decoder_blocks",
-           "load_encoder_weights", "to_canonical",
+           "load_encoder_weights", "load_segmentation_model", "to_canonical",
            "from_canonical", "to_model_grid", "model_input", "from_model_grid", "neighbour_index", "with_context"]
 
 
@@ -111,6 +111,21 @@ def decoder_blocks(unet: nn.Module) -> list[nn.Module]:
     if hasattr(unet, "swinViT"):
         return [unet.decoder5, unet.decoder4, unet.decoder3, unet.decoder2, unet.decoder1]
     return list(unet.decoder.blocks)
+
+
+def load_segmentation_model(bundle, device: torch.device | str = "cpu") -> nn.Module:
+    """The U-Net of a segmentation bundle with its weights, on ``device``, in eval mode: what Auto-contour runs and
+    what fine-tuning continues from ("Update model").
+
+    Args:
+        bundle: a :class:`separeg.runtime.bundle.Bundle` of kind ``segmentation`` (its ``architecture`` names the
+            backbone, output and input channels).
+        device: where the network goes.
+    """
+    arch = bundle.architecture
+    model = build_unet(arch["backbone"], arch["out_channels"], arch.get("in_channels", 1))
+    model.load_state_dict(bundle.state_dict)
+    return model.to(device).eval()
 
 
 def load_encoder_weights(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
