@@ -159,11 +159,12 @@ def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
 
 def test_an_unexpected_exception_is_one_line_and_its_traceback_goes_to_a_file(monkeypatch, capsys) -> None:
     import separeg.cli as cli
+    from separeg import commands
 
     def broken(args, events):
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    monkeypatch.setattr(cli, "_run_models", broken)
+    monkeypatch.setattr(commands, "run_models", broken)
     assert cli.main(["models"]) == 1
     err = capsys.readouterr().err
     assert "internal error (ZeroDivisionError: division by zero). This is a bug in separeg" in err

@@ -20,6 +20,7 @@ __all__ = [
     "DISTILL_LOSSES",
     "ENCODERS",
     "FUSIONS",
+    "MODALITIES",
     "PAPER_FINETUNE_EPOCHS",
     "PAPER_PRETRAIN_ITERATIONS",
     "PARTIAL_LABEL_MODES",
@@ -31,6 +32,9 @@ __all__ = [
     "STAGES",
     "STAGE_TITLES",
 ]
+
+# Which images of an archive are used (DICOM Modality; any: every image volume).
+MODALITIES: tuple[str, ...] = ("CT", "MR", "PT", "any")
 
 # Pretraining (paper §3): separation -> inter-organ SSL -> organ groups -> intra-organ SSL -> distillation -> export.
 STAGES: tuple[str, ...] = ("sis", "inter", "cluster", "intra", "distill", "export")

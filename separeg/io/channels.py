@@ -26,8 +26,12 @@ from separeg.runtime.errors import InputError
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-__all__ = ["NORMALISATIONS", "Channel", "CT_CHANNEL", "parse_channels", "channels_from_metadata", "normalise",
-           "normalise_channels", "co_register", "check_channel_count"]
+__all__ = ["CHANNELS_HELP", "NORMALISATIONS", "Channel", "CT_CHANNEL", "parse_channels", "channels_from_metadata",
+           "normalise", "normalise_channels", "co_register", "check_channel_count"]
+
+# The help of the --channels flag (pretrain, finetune).
+CHANNELS_HELP = ("input channels, comma-separated NAME[:window|percentile|zscore] in input order, e.g. T1,T2,STIR or "
+                 "CT,PET:zscore (CT: HU window; others: percentile by default)")
 
 NORMALISATIONS = ("window", "percentile", "zscore")
 _ZSCORE_RANGE = 3.0

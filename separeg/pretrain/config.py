@@ -5,15 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from separeg.io.channels import CHANNELS_HELP
 from separeg.pretrain.augment import AugmentConfig
 from separeg.pretrain.encoders import ENCODER_DIMS
 from separeg.pretrain.ssl import METHODS
-from separeg.registry import DISTILL_LOSSES, PAPER_PRETRAIN_ITERATIONS, STAGES
+from separeg.registry import DISTILL_LOSSES, ENCODERS, MODALITIES, PAPER_PRETRAIN_ITERATIONS, SSL_METHODS, STAGES
 from separeg.runtime.errors import InputError
+from separeg.runtime.flags import flag, positive_int
 from separeg.sis.regions import SISConfig
 
 __all__ = ["STAGES", "PretrainConfig", "PretrainJob", "config_differences", "config_from_dict"]
-
 
 
 @dataclass(frozen=True)
@@ -27,27 +28,33 @@ class PretrainConfig:
     proportion to their sizes) and 20 % distillation.
     """
 
-    method: str = "simsiam"
-    encoder: str = "resnet50"
+    method: str = field(default="simsiam", metadata=flag("Φ_CLR (%(default)s)", choices=SSL_METHODS))
+    encoder: str = field(default="resnet50", metadata=flag(
+        "resnet50 (paper; the default), resnet18 or resnet18-slim (CPU-only sites), swin", choices=ENCODERS))
     in_channels: int = 1
     sis: SISConfig = field(default_factory=SISConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    crop_size: int = 128
-    iterations: int = PAPER_PRETRAIN_ITERATIONS
-    batch_size: int = 32
-    lr: float | None = None
+    crop_size: int = field(default=128, metadata=flag("region crop side (%(default)s)", type=positive_int))
+    iterations: int = field(default=PAPER_PRETRAIN_ITERATIONS, metadata=flag(
+        "iterations over all stages (%(default)s, the paper's budget)", type=positive_int))
+    batch_size: int = field(default=32, metadata=flag("regions per step (%(default)s)", type=positive_int))
+    lr: float | None = field(default=None, metadata=flag("peak learning rate (default 0.05 x batch / 256)", type=float))
     weight_decay: float = 1e-4
     temperature: float | None = None  # None: the method's (0.1; MoCo v3 0.2)
     ema: float = 0.996
-    clusters: int = 5
-    iid: bool = True
-    distill_loss: str = "both"
+    clusters: int = field(default=5, metadata=flag("organ groups K (%(default)s)", type=positive_int))
+    iid: bool = field(default=True, metadata=flag("stop after the inter stage (the 'SIS only' ablation)", negate=True))
+    distill_loss: str = field(default="both", metadata=flag(
+        "L_intra + L_inter (both, the default) or L_intra only (ablation)", choices=DISTILL_LOSSES))
     distill_tau: float = 0.1
     stage_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)
-    seed: int = 0
-    modality: str = "CT"
-    channels: str | None = None  # --channels (separeg.io.channels.parse_channels); None: one CT channel
-    sis_channel: int | None = None  # the channel SIS separates (0-based); None: the first
+    seed: int = field(default=0, metadata=flag("random seed (runs are deterministic per seed)"))
+    modality: str = field(default="CT", metadata=flag("which images of the archive are used (%(default)s)",
+                                                      choices=MODALITIES))
+    channels: str | None = field(default=None, metadata=flag(  # None: one CT channel
+        CHANNELS_HELP + "; the archive then holds <case>_0000, <case>_0001, ... files, one per channel"))
+    sis_channel: int | None = field(default=None, metadata=flag(  # None: the first
+        "the channel (0-based, --channels order) that structure-aware separation runs on (0)", type=int))
 
     def input_channels(self) -> tuple:
         from separeg.io.channels import parse_channels

@@ -15,8 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from separeg.registry import PAPER_FINETUNE_EPOCHS, POSTPROCESSING_MODES, SCHEDULES
+from separeg.io.channels import CHANNELS_HELP
+from separeg.registry import (
+    AUGMENTATIONS,
+    COCL_SOURCES,
+    ENCODERS,
+    PAPER_FINETUNE_EPOCHS,
+    PARTIAL_LABEL_MODES,
+    POSTPROCESSING_MODES,
+    SCHEDULES,
+)
 from separeg.runtime.errors import InputError
+from separeg.runtime.flags import flag, positive_int
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "OLD_RECIPE", "NNUNET_RECIPE", "SCHEDULES", "POSTPROCESSING_MODES"]
 
@@ -33,47 +43,68 @@ NNUNET_RECIPE = {"context_slices": 1, "augmentation": "nnunet", "deep_supervisio
 class FinetuneConfig:
     """Training settings. Paper budget: 200 epochs; an epoch is one pass over the foreground slices."""
 
-    encoder: str = "resnet50"
-    epochs: int = PAPER_FINETUNE_EPOCHS  # the cap; early stopping (patience) usually ends training before it
-    steps_per_epoch: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-3
+    encoder: str = field(default="resnet50", metadata=flag(
+        "used without --init (with it, the bundle's encoder); %(default)s", choices=ENCODERS))
+    # The cap; early stopping (patience) usually ends training before it.
+    epochs: int = field(default=PAPER_FINETUNE_EPOCHS, metadata=flag("epochs (%(default)s, the paper's)",
+                                                                     type=positive_int))
+    steps_per_epoch: int | None = field(default=None, metadata=flag("default: foreground slices / batch size",
+                                                                    type=positive_int))
+    batch_size: int = field(default=16, metadata=flag("slices per step (%(default)s)", type=positive_int))
+    lr: float = field(default=1e-3, metadata=flag("AdamW learning rate (%(default)s)"))
     weight_decay: float = 1e-4
-    patience: int = 30
+    patience: int = field(default=30, metadata=flag("early stopping, in epochs (%(default)s)", type=positive_int))
     foreground_fraction: float = 0.67
-    patch_mm: float = 256.0  # square training patches of this side (full slices are used when smaller)
-    validation_cases: int | None = None  # default: 20 % of the cases (at least 1 when there are 2 or more)
+    # Square training patches of this side (full slices are used when smaller).
+    patch_mm: float = field(default=256.0, metadata=flag("side of the square training patches in mm (%(default)s)",
+                                                         group="recipe"))
+    # Default: 20 % of the cases (at least 1 when there are 2 or more).
+    validation_cases: int | None = field(default=None, metadata=flag("cases held out (default 20 %%)", type=int))
     spacing_xy: tuple[float, float] | None = None  # default: median in-plane spacing of the training cases
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
-    channels: str | None = None  # --channels, e.g. "T1,T2" (separeg.io.channels.parse_channels); None: one CT channel
-    seed: int = 0
+    channels: str | None = field(default=None, metadata=flag(  # e.g. "T1,T2"; None: one CT channel
+        CHANNELS_HELP + "; default: those of --init, else CT"))
+    seed: int = field(default=0, metadata=flag("random seed (%(default)s)"))
     # Defaults are the settings measured best with one labelled case and a few hundred steps (the recipe before
     # issue 21; Testing/results/recipe_cpu): every nnU-Net-grade part lowered DSC there (all together -4.1 points,
     # 2D + light augmentation still -3.2). hn-oar-7 v2 (36 cases) uses 2.5D, nnunet, deep supervision, poly and
     # validation post-processing.
-    context_slices: int = 0  # 2.5D: neighbouring slices on each side given as extra channels (0: 2D)
-    augmentation: str = "light"  # nnunet | light | none (separeg.segment.augment)
-    deep_supervision: bool = False  # supervise the coarser decoder scales too
-    schedule: str = "cosine"  # poly | cosine, after a linear warm-up
-    warmup_steps: int = 0  # at most a tenth of the run
-    encoder_lr_scale: float = 1.0  # the encoder's learning rate relative to the decoder's
-    postprocessing: str = "all"  # validation (per organ, kept where it helps) | all | none
-    partial_labels: str = "auto"  # auto | plseg | marginal | background (separeg.segment.finetune_objective)
-    hardness: bool = True  # PL-Seg: HADFL's hardness weights
-    psd_weight: float = 0.1  # PL-Seg: progressive self-distillation weight at the end (0: off)
-    cocl_weight: float = 0.1  # PL-Seg: classwise orthogonal contrastive loss weight (0: off)
+    context_slices: int = field(default=0, metadata=flag(
+        "2.5D: neighbouring slices on each side as extra input channels (0 = 2D; %(default)s)", group="recipe"))
+    augmentation: str = field(default="light", metadata=flag(  # separeg.segment.augment
+        "nnunet (nnU-Net's set without mirroring), light (the earlier recipe) or none (%(default)s)",
+        choices=AUGMENTATIONS, group="recipe"))
+    deep_supervision: bool = field(default=False, metadata=flag(
+        "also supervise the 3 coarser decoder scales (%(default)s)", optional=True, group="recipe"))
+    schedule: str = field(default="cosine", metadata=flag(  # after a linear warm-up
+        "learning-rate decay after the warm-up (%(default)s)", choices=SCHEDULES, group="recipe"))
+    warmup_steps: int = field(default=0, metadata=flag(
+        "linear warm-up steps, at most a tenth of the run (%(default)s)", group="recipe"))
+    encoder_lr_scale: float = field(default=1.0, metadata=flag(
+        "encoder learning rate relative to the decoder's (%(default)s)", group="recipe"))
+    postprocessing: str = field(default="all", metadata=flag(
+        "per-organ largest component and hole filling: chosen on the validation cases, for every organ (all), or "
+        "none (%(default)s)", choices=POSTPROCESSING_MODES, group="recipe"))
+    partial_labels: str = field(default="auto", metadata=flag(  # separeg.segment.finetune_objective
+        "how to treat organs a case does not annotate: plseg (PL-Seg losses), marginal (marginal Dice + CE), "
+        "background (naive: unlabelled voxels are background); auto: plseg when the training cases annotate "
+        "different organs, else background", choices=PARTIAL_LABEL_MODES, group="partial"))
+    hardness: bool = field(default=True, metadata=flag("PL-Seg without HADFL's hardness weights", negate=True,
+                                                       group="partial"))
+    psd_weight: float = field(default=0.1, metadata=flag(
+        "PL-Seg self-distillation weight, ramped up to it (0 = off; %(default)s)", group="partial"))
+    cocl_weight: float = field(default=0.1, metadata=flag(
+        "PL-Seg orthogonal contrastive loss weight (0 = off; %(default)s)", group="partial"))
     cocl_source: str = "probabilities"  # PL-Seg COCL on probability maps (the authors') or decoder features
-    mean_teacher: bool = False  # needs FinetuneJob.unlabelled
-    ema_decay: float = 0.99
-    consistency: float = 0.1  # Mean Teacher consistency weight after the ramp-up
+    mean_teacher: bool = field(default=False, metadata=flag(  # needs FinetuneJob.unlabelled
+        "add Mean Teacher consistency on unlabelled scans (needs --unlabelled)", group="partial"))
+    ema_decay: float = field(default=0.99, metadata=flag("teacher EMA decay (%(default)s)", group="partial"))
+    consistency: float = field(default=0.1, metadata=flag(  # Mean Teacher, after the ramp-up
+        "consistency loss weight after ramp-up (%(default)s)", group="partial"))
     consistency_rampup: float = 0.4  # fraction of training
     unlabelled_slices: int = 2048  # at most this many unlabelled slices held in memory
 
     def __post_init__(self) -> None:
-        from separeg.segment.augment import AUGMENTATIONS
-        from separeg.segment.finetune_objective import PARTIAL_LABEL_MODES
-        from separeg.segment.plseg import COCL_SOURCES
-
         for name in ("epochs", "batch_size", "patience", "unlabelled_slices"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1")

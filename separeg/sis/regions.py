@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from separeg.registry import SEPARATIONS as SEPARATION_MODES
 from separeg.runtime.atomic import atomic_path
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
+from separeg.runtime.flags import flag, positive_int
 
 __all__ = [
     "SEPARATION_MODES",
@@ -68,14 +69,20 @@ class SISConfig:
         crop_size: side of the square crops (paper: 128).
     """
 
-    mode: str = "sis"
-    extent: str = "body"
+    mode: str = field(default="sis", metadata=flag(
+        "sis: SLIC superpixels (paper); regular: square grid; image: whole slices (image-level baselines); dense: "
+        "pixel pairs on feature maps (the 'no separation' ablation); %(default)s", name="--separation",
+        choices=SEPARATION_MODES))
+    extent: str = field(default="body", metadata=flag(
+        "separate the body's bounding box (the default) or the whole slice (reference code)",
+        choices=SEPARATION_EXTENTS))
     body_margin: int = 4
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
-    n_segments: int = 32
-    compactness: float = 15.0
-    sigma: float = 0.8
-    body_threshold_hu: float = -500.0
+    n_segments: int = field(default=32, metadata=flag("superpixels per slice (%(default)s)", type=positive_int))
+    compactness: float = field(default=15.0, metadata=flag("SLIC compactness (%(default)s)"))
+    sigma: float = field(default=0.8, metadata=flag("SLIC Gaussian smoothing (%(default)s)"))
+    body_threshold_hu: float = field(default=-500.0, metadata=flag(
+        "HU above which a voxel belongs to the body mask (%(default)s)", name="--body-threshold"))
     min_body_fraction: float = 0.5
     min_region_pixels: int = 16
     crop_size: int = 128
