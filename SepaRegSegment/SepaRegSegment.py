@@ -11,7 +11,8 @@ import unittest
 from pathlib import Path
 
 import slicer
-from SepaRegSegmentLib.Logic import FinetuneRequest, SegmentLogic, TrainingCase
+from SepaRegSegmentLib.Logic import SegmentLogic
+from SepaRegSegmentLib.Requests import FinetuneRequest, TrainingCase
 from SepaRegSegmentLib.SceneIO import SceneIO
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,

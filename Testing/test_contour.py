@@ -163,7 +163,7 @@ def test_contour_writes_rtstruct_and_seg_referencing_the_input_series(model_bund
 def test_upsampled_argmax_equals_the_argmax_of_resampled_logits() -> None:
     import torch.nn.functional as F
 
-    from separeg.segment.contour import upsampled_argmax
+    from separeg.segment.inference import upsampled_argmax
 
     torch.manual_seed(0)
     for coarse, fine in (((32, 32), (128, 128)), ((25, 23), (83, 75)), ((16, 16), (10, 13)), ((5, 7), (5, 21))):

@@ -50,3 +50,6 @@ def test_the_cli_offers_the_registry_choices() -> None:
     assert choices[("finetune", "partial_labels")] == registry.PARTIAL_LABEL_MODES
     assert choices[("finetune", "augmentation")] == registry.AUGMENTATIONS
     assert choices[("atlas", "fusion")] == registry.FUSIONS
+    assert choices[("scan", "modality")] == choices[("pretrain", "modality")] == registry.MODALITIES
+    assert choices[("export", "holes")] == registry.HOLE_CONVENTIONS
+    assert choices[("evaluate", "unknown_labels")] == registry.UNKNOWN_LABEL_POLICIES

@@ -26,7 +26,8 @@ from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events, EventType, ListSink
 from separeg.runtime.runlock import LOCK_FILE, RunLockedError, acquire_run_lock, holds_run_lock, release_run_lock
 from separeg.runtime.training import Runtime, load_checkpoint, save_checkpoint, verify_checkpoint
-from separeg.segment.contour import SEGMENTATION_FILE, ContourJob, ContourMemoryError, predict_labels, run_contour
+from separeg.segment.contour import SEGMENTATION_FILE, ContourJob, run_contour
+from separeg.segment.inference import ContourMemoryError, predict_labels
 from separeg.segment.network import GridSpec, build_unet
 
 REPO = Path(__file__).resolve().parent.parent

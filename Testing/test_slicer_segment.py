@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 import slicer_fakes
-from SepaRegSegmentLib.Logic import FinetuneRequest, SegmentLogic, TrainingCase, matchSegments
+from SepaRegSegmentLib.Logic import SegmentLogic
+from SepaRegSegmentLib.Requests import FinetuneRequest, TrainingCase, matchSegments
 from SepaRegSegmentLib.SceneIO import SceneIO
 
 from separeg.runtime.background import RunState, Signal
@@ -125,7 +126,7 @@ def test_unlabelled_folder_adds_mean_teacher_to_the_command(monkeypatch, tmp_pat
 
 def test_a_model_that_found_no_organ_is_not_installed(tmp_path: Path) -> None:
     import torch
-    from SepaRegSegmentLib.Logic import refuseUselessModel
+    from SepaRegSegmentLib.Requests import refuseUselessModel
 
     from separeg.runtime.bundle import save_bundle
 

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--generation", choices=("automatic", "semiautomatic", "manual"), default=None,
                         help="how the contours were made (RTSTRUCT ROI Generation Algorithm, SEG algorithm type); "
                         "default: automatic when segmentation.json names the model, else manual")
-    export.add_argument("--holes", choices=("separate", "keyhole"), default="separate",
+    export.add_argument("--holes", choices=registry.HOLE_CONVENTIONS, default="separate",
                         help="RTSTRUCT holes: separate contours, even-odd rule (default), or joined to their outer "
                         "contour by keyhole cuts (for readers that OR contours)")
     _add_patient(export)
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", type=_existing_path, default=None,
                           help="label table for organ names (any form finetune reads: segmentation.json, labels.json, "
                           "CSV); default: segmentation.json or labels.json beside the reference, then the prediction")
-    evaluate.add_argument("--unknown-labels", choices=("error", "ignore"), default="error",
+    evaluate.add_argument("--unknown-labels", choices=registry.UNKNOWN_LABEL_POLICIES, default="error",
                           help="values the label table does not list (e.g. 255): refuse (default), or leave those "
                           "voxels out of every organ in both maps")
     _add_common(evaluate)

@@ -20,6 +20,7 @@ __all__ = [
     "DISTILL_LOSSES",
     "ENCODERS",
     "FUSIONS",
+    "HOLE_CONVENTIONS",
     "MODALITIES",
     "PAPER_FINETUNE_EPOCHS",
     "PAPER_PRETRAIN_ITERATIONS",
@@ -31,6 +32,7 @@ __all__ = [
     "SSL_METHODS",
     "STAGES",
     "STAGE_TITLES",
+    "UNKNOWN_LABEL_POLICIES",
 ]
 
 # Which images of an archive are used (DICOM Modality; any: every image volume).
@@ -55,6 +57,11 @@ SCHEDULES: tuple[str, ...] = ("poly", "cosine")
 POSTPROCESSING_MODES: tuple[str, ...] = ("validation", "all", "none")
 # Multi-atlas label fusion of `separeg atlas`.
 FUSIONS: tuple[str, ...] = ("vote", "staple")
+
+# Export: RTSTRUCT holes as separate contours (even-odd) or joined by keyhole cuts.
+HOLE_CONVENTIONS: tuple[str, ...] = ("separate", "keyhole")
+# Evaluate: label values the label table does not list are refused or left out of every organ.
+UNKNOWN_LABEL_POLICIES: tuple[str, ...] = ("error", "ignore")
 
 # The paper's budgets ("Implementation details"): 100k pretraining iterations of batch 32, 200 fine-tuning epochs.
 PAPER_PRETRAIN_ITERATIONS = 100_000

@@ -8,24 +8,35 @@ through signals, on the thread that calls :meth:`poll` (the widget's timer).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from separeg.runtime.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
 from separeg.runtime.events import Event, EventType
+from SepaRegSegmentLib.Models import ModelLibrary
+from SepaRegSegmentLib.Requests import (
+    SEGMENT_BY_VALUE,
+    TRAINING_SET_LABELS,
+    ContourOrigin,
+    FinetuneRequest,
+    TaskResult,
+    TrainingCase,
+    labelNamesByValue,
+    labelTable,
+    labelTableBeside,
+    maskFingerprint,
+    matchSegments,
+    refuseUselessModel,
+    safeName,
+    unnamedSegmentsHint,
+)
 
 STOP_FILE = "STOP"
-TRAINING_SET_LABELS = "labels.json"
-# Slicer's name for the segment of value v when it loads a label map without a table (loadSegmentation).
-SEGMENT_BY_VALUE = re.compile(r"Segment_(\d+)")
 # Node attributes Auto-contour leaves on its segmentation (saved with the scene): the model that made it
 # ({"model": {"path", "name", "sha256"}, "separeg_version"}, as in the core's segmentation.json) and each segment's
 # name and content fingerprint then ([{"id", "name", "sha256"}]), so Export can tell automatic contours from edited
@@ -34,171 +45,7 @@ CONTOUR_MODEL_ATTRIBUTE = "SepaReg.ContourModel"
 CONTOUR_SEGMENTS_ATTRIBUTE = "SepaReg.ContourSegments"
 
 
-def refuseUselessModel(path: Path) -> None:
-    """A fine-tuned model whose best validation DSC is 0 % found no organ: it is not installed over a working one
-    (the run folder keeps it). A best epoch chosen on training data is accepted: the core's log says so."""
-    from separeg.runtime.bundle import read_bundle_info
-
-    validation = read_bundle_info(path).get("validation") or {}
-    if validation.get("mean_dsc") == 0:
-        raise ValueError(f"its best {'training' if validation.get('on_training_data') else 'validation'} DSC is 0 %: "
-                         f"the model found none of the organs, so it was not installed ({path} is kept). Train "
-                         "longer, on more cases, or from a pretrained encoder")
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    path: Path
-    labels: list[dict]
-    backbone: str
-    description: str
-    channels: list[str] = field(default_factory=lambda: ["CT"])  # input channels, in order (segmentation models)
-
-    @property
-    def organNames(self) -> list[str]:
-        return [lb.get("tg263") or lb["name"] for lb in self.labels]
-
-
-@dataclass
-class TrainingCase:
-    """A loaded volume and its segmentation (scene nodes, passed through to the scene adapter)."""
-
-    name: str
-    volumeNode: object
-    segmentationNode: object
-
-
-@dataclass
-class FinetuneRequest:
-    outDir: Path
-    modelName: str
-    cases: Sequence[TrainingCase] = ()
-    dataFolder: Path | None = None  # instead of cases: a folder the core reads (NIfTI pairs or DICOM + RTSTRUCT)
-    organs: Sequence[str] = ()  # organ (TG-263) names to train; segment names are matched to them
-    init: Path | None = None  # encoder bundle (file or shipped name) from pretraining, or a model to continue
-    unlabelled: Path | None = None  # unlabelled CTs: adds Mean Teacher consistency training on them
-    epochs: int = 50
-    device: str = "auto"
-    extraArgs: Sequence[str] = ()
-
-    def problems(self) -> list[str]:
-        found = []
-        if not self.cases and self.dataFolder is None:
-            found.append("add at least one training case (a volume with its segmentation) or choose a data folder")
-        if self.cases and len(self.cases) < 2:
-            found.append("fine-tuning needs 2 cases (1 for training, 1 for validation); add another case")
-        if self.cases and not self.organs:
-            found.append("choose the organs to train")
-        if not re.fullmatch(r"[\w .-]+", self.modelName or ""):
-            found.append("name the model with letters, digits, spaces, '-', '_' or '.'")
-        if self.init is not None and not Path(self.init).is_file():
-            from separeg.runtime.errors import InputError
-            from separeg.runtime.model_store import resolve_model
-
-            try:
-                resolve_model(self.init)
-            except InputError:
-                found.append(f"initial model {self.init} does not exist")
-        if self.unlabelled is not None and not Path(self.unlabelled).is_dir():
-            found.append(f"the unlabelled CT folder {self.unlabelled} does not exist")
-        return found
-
-
-@dataclass
-class ContourOrigin:
-    """The model that made a segmentation (Auto-contour) and what a planner changed in it since.
-
-    Attributes:
-        model: ``{"model": {"path", "name", "sha256"}, "separeg_version"}``, as in the core's ``segmentation.json``.
-        changes: the segments edited, renamed, added or removed since Auto-contour ("Parotid_L edited"); empty when
-            the segments are still the model's output.
-    """
-
-    model: dict
-    changes: list[str] = field(default_factory=list)
-
-    @property
-    def generation(self) -> str:
-        """``separeg export --generation``: automatic (unchanged model output) or semiautomatic (edited by a person)."""
-        return "semiautomatic" if self.changes else "automatic"
-
-    @property
-    def modelName(self) -> str:
-        return str((self.model.get("model") or {}).get("name") or "?")
-
-
-@dataclass
-class TaskResult:
-    task: str
-    state: RunState
-    message: str
-    outputs: dict = field(default_factory=dict)
-
-
-def matchSegments(segmentNames: Sequence[str], organs: Sequence[str]) -> dict[str, str]:
-    """Segment name -> organ (TG-263) name, through the core's synonym table ("Parotid L" -> "Parotid_L")."""
-    from separeg.rt.organs import to_tg263
-
-    wanted = {organ: organ for organ in organs}
-    wanted.update({to_tg263(organ) or organ: organ for organ in organs})
-    matched = {}
-    for name in segmentNames:
-        organ = wanted.get(name) or wanted.get(to_tg263(name) or "")
-        if organ is not None and organ not in matched.values():
-            matched[name] = organ
-    return matched
-
-
-def labelNamesByValue(table) -> dict[int, str]:
-    """Organ name (TG-263 when known) by label value, from a label table file (labels.json, CSV; the core's
-    formats) or from a list of labels as in a model (``[{"value", "name", "tg263"}, ...]``)."""
-    if isinstance(table, str | os.PathLike):
-        from separeg.rt.labels import load_label_table
-
-        table = [label.to_dict() for label in load_label_table(table)]
-    return {int(lb["value"]): lb.get("tg263") or lb["name"] for lb in table}
-
-
-def labelTableBeside(path: str | os.PathLike) -> Path | None:
-    """``labels.json`` in the folder of a label map file, when there is one."""
-    candidate = Path(path).parent / TRAINING_SET_LABELS
-    return candidate if candidate.is_file() else None
-
-
-def unnamedSegmentsHint(names: Sequence[str]) -> str:
-    """What to do when segments carry Slicer's ``Segment_<value>`` names ("" when they do not)."""
-    unnamed = [n for n in names if SEGMENT_BY_VALUE.fullmatch(n)]
-    if not unnamed:
-        return ""
-    return (f". Segments named {', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''} are the values of a "
-            "label map Slicer loaded without a label table: select the model whose label table those values follow "
-            "(SepaReg then names them from it), put a labels.json beside the file before loading it, or rename the "
-            "segments in Segment Editor to organ names (TG-263, e.g. Parotid_L)")
-
-
-def labelTable(organs: Sequence[str]) -> dict:
-    """A label table (values 1..N in the given order) in the core's JSON format."""
-    from separeg.rt.labels import LabelTable
-
-    return LabelTable.from_names(organs).to_dict()
-
-
-def maskFingerprint(mask) -> str:
-    """SHA-256 of a boolean mask and its shape: equal for the same voxels on the same grid."""
-    import numpy as np
-
-    mask = np.asarray(mask, dtype=bool)
-    digest = hashlib.sha256(repr(tuple(mask.shape)).encode())
-    digest.update(np.packbits(mask, axis=None).tobytes())
-    return digest.hexdigest()
-
-
-def safeName(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "case"
-
-
-class SegmentLogic:
+class SegmentLogic(ModelLibrary):
     """Runs the segmentation tasks. ``scene`` is a :class:`SceneIO` (or a fake of it).
 
     Args:
@@ -223,15 +70,6 @@ class SegmentLogic:
         self.progress = Signal(str, int, int, object)
         self.logMessage = Signal(str, str)
         self.finished = Signal(TaskResult)
-
-    # ------------------------------------------------------------------------------------------------- models
-    def models(self) -> list[ModelInfo]:
-        """Installed segmentation models (per-user folder, then shipped models)."""
-        return self._bundles("segmentation")
-
-    def encoders(self) -> list[ModelInfo]:
-        """Pretrained encoders in the model folders (the shipped ``separeg-encoder-hn-ct`` first of all)."""
-        return self._bundles("encoder")
 
     # ------------------------------------------------------------------------------------- segment names
     def nameSegmentsByValue(self, segmentationNode, table) -> dict[str, str]:
@@ -263,56 +101,6 @@ class SegmentLogic:
         if table is not None:
             self.nameSegmentsByValue(node, table)
         return node
-
-    def _bundles(self, kind: str) -> list[ModelInfo]:
-        from separeg.runtime.bundle import read_bundle_info
-        from separeg.runtime.model_store import list_models
-
-        found = []
-        for path in list_models():
-            try:
-                info = read_bundle_info(path)
-            except Exception as exc:  # noqa: BLE001 - one damaged file must not hide the other models
-                self.logMessage.emit(f"skipping {path}: {exc}", "warning")
-                continue
-            if info.get("kind") != kind:
-                continue
-            labels = info.get("labels", {}).get("labels", [])
-            arch = info["architecture"]
-            backbone = str(arch.get("backbone") or arch.get("encoder"))
-            release = info.get("release", {})
-            if kind == "encoder":
-                description = f"{backbone} encoder" + (f"; {release['data']}" if release.get("data") else "")
-            else:
-                training = info.get("training", {})
-                description = (f"{backbone}, {len(labels)} organs, "
-                               f"{training.get('training_cases', '?')} training case(s)")
-            if release.get("limits"):
-                description += f". {release['limits']}"
-            channels = [c if isinstance(c, str) else c.get("name", "?")
-                        for c in (info.get("inputs") or {}).get("channels") or ["CT"]]
-            found.append(ModelInfo(path.stem, path, labels, backbone, description, channels))
-        return found
-
-    def model(self, name: str) -> ModelInfo:
-        for info in self.models():
-            if info.name == name:
-                return info
-        raise ValueError(f"no installed model named {name!r}; import one or fine-tune one first")
-
-    def importModel(self, path: str | os.PathLike, name: str | None = None, replace: bool = False) -> Path:
-        from separeg.runtime.model_store import install_model
-
-        return install_model(path, name, replace=replace)
-
-    def exportModel(self, name: str, destination: str | os.PathLike) -> Path:
-        destination = Path(destination)
-        if destination.is_dir():
-            destination = destination / f"{name}.separeg"
-        tmp = destination.with_name(f".{destination.name}.tmp")
-        shutil.copyfile(self.model(name).path, tmp)
-        os.replace(tmp, destination)
-        return destination
 
     # -------------------------------------------------------------------------------------------- background
     @property

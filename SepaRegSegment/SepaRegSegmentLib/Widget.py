@@ -13,7 +13,7 @@ import qt
 import slicer
 
 from SepaRegSegmentLib.Install import ensureRequirements
-from SepaRegSegmentLib.Logic import FinetuneRequest, TrainingCase
+from SepaRegSegmentLib.Requests import FinetuneRequest, TrainingCase
 
 SETTINGS = "SepaReg/Segment/"
 UI_FILE = Path(__file__).resolve().parent.parent / "Resources" / "UI" / "SepaRegSegment.ui"

@@ -44,6 +44,7 @@ from separeg.evaluate.metrics import (
     OrganResult,
     organ_metrics,
 )
+from separeg.registry import UNKNOWN_LABEL_POLICIES as UNKNOWN_POLICIES
 from separeg.runtime.atomic import atomic_path, write_json
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
@@ -51,7 +52,6 @@ from separeg.sis.figures import SMALL_N_NOTE, box_or_points
 
 __all__ = ["EvaluateJob", "OrganSummary", "EvaluationResult", "summarise", "run_evaluate", "UNKNOWN_POLICIES"]
 
-UNKNOWN_POLICIES = ("error", "ignore")
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ import numpy as np
 
 from separeg.io.dicom_series import DicomSeries, index_dicom_files, read_dicom_series
 from separeg.io.volumes import check_volume, content_hash, is_volume_file, read_volume
+from separeg.registry import MODALITIES
 from separeg.runtime.atomic import write_json
 from separeg.runtime.errors import ArchiveError, SepaRegError
 from separeg.runtime.events import Events
 
 __all__ = ["ManifestEntry", "Manifest", "scan_archive", "format_table", "MODALITIES"]
 
-MODALITIES = ("CT", "MR", "PT", "any")
 # A CT holds air; a volume whose lowest value is above this is not in Hounsfield units.
 CT_AIR_HU = -500.0
 # Integer volumes with values in 0..MAX_LABEL and few distinct values are label maps, not images.

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from separeg.registry import HOLE_CONVENTIONS
+
 __all__ = ["HOLE_CONVENTIONS", "nesting", "keyhole"]
 
-HOLE_CONVENTIONS = ("separate", "keyhole")
 
 
 def nesting(contours: list[np.ndarray]) -> list[int]:
