@@ -94,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"separeg {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_scan_command, _regions_command, _pretrain_command, _finetune_command, _contour_command,
+                _atlas_command, _export_command, _evaluate_command, _models_command, _pack_command,
+                _experiment_command, _demo_command):  # in the order `separeg --help` lists them
+        add(sub)
+    return parser
 
+
+def _scan_command(sub: argparse._SubParsersAction) -> None:
     scan = sub.add_parser("scan", help="list the usable volumes of an archive folder (and why others are skipped)")
     scan.add_argument("archive", type=Path, help="folder with NIfTI/NRRD/MHA files and/or DICOM series")
     scan.add_argument("--modality", choices=registry.MODALITIES, default="CT",
@@ -103,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(scan)
     scan.set_defaults(handler=commands.run_scan)
 
+
+def _regions_command(sub: argparse._SubParsersAction) -> None:
     regions = sub.add_parser("regions", help="separate one volume into regions; write the cache and an overlay PNG")
     regions.add_argument("volume", type=_existing_path, help="a volume file or a DICOM series folder")
     regions.add_argument("--out", type=Path, required=True, help="output folder (cache/, overlay.png, regions.json)")
@@ -113,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(regions)
     regions.set_defaults(handler=commands.run_regions)
 
+
+def _pretrain_command(sub: argparse._SubParsersAction) -> None:
     pretrain = sub.add_parser("pretrain", help="SepaReg pretraining on an archive -> RUN_DIR/encoder.separeg")
     pretrain.add_argument("archive", type=_existing_path, help="folder with CT volumes and/or DICOM series")
     pretrain.add_argument("--out", type=Path, required=True, help="run directory (resumed when it exists)")
@@ -121,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pretrain)
     pretrain.set_defaults(handler=commands.run_pretrain)
 
+
+def _finetune_command(sub: argparse._SubParsersAction) -> None:
     finetune = sub.add_parser("finetune", help="train a segmentation model on a few annotated CTs -> model.separeg")
     finetune.add_argument("data", type=_existing_path,
                           help="folder of <case>_ct + <case>_oar volumes, or a JSON/CSV case list")
@@ -134,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(finetune)
     finetune.set_defaults(handler=commands.run_finetune)
 
+
+def _contour_command(sub: argparse._SubParsersAction) -> None:
     contour = sub.add_parser("contour", help="Auto-contour a CT -> OUT/segmentation.nii.gz + segmentation.json")
     contour.add_argument("volume", type=_existing_path, nargs="+",
                          help="CT volume file or DICOM series folder; for a model with several input channels, one "
@@ -154,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(contour)
     contour.set_defaults(handler=commands.run_contour)
 
+
+def _atlas_command(sub: argparse._SubParsersAction) -> None:
     atlas = sub.add_parser("atlas", help="multi-atlas contouring (register labelled CTs, fuse their organs): the "
                            "classical baseline -> OUT/segmentation.nii.gz + segmentation.json")
     atlas.add_argument("volume", type=_existing_path, help="the CT to contour (a volume file or a DICOM series folder)")
@@ -172,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(atlas)
     atlas.set_defaults(handler=commands.run_atlas)
 
+
+def _export_command(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="label map -> RTSTRUCT, DICOM SEG, NIfTI referencing the CT (+ export.json)")
     export.add_argument("labelmap", type=Path, help="label map (NIfTI/NRRD/MHA) on the CT's grid")
     export.add_argument("--ct", type=Path, required=True,
@@ -196,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(export)
     export.set_defaults(handler=commands.run_export)
 
+
+def _evaluate_command(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("evaluate", help="DSC, HD95 (mm), volume difference of predictions vs references")
     evaluate.add_argument("pred", type=_existing_path, help="predicted label map, or a folder of them")
     evaluate.add_argument("ref", type=_existing_path, help="reference label map, or a folder with the same names")
@@ -209,9 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(evaluate)
     evaluate.set_defaults(handler=commands.run_evaluate)
 
+
+def _models_command(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="list installed and shipped models")
     models.set_defaults(handler=commands.run_models, json=False)
 
+
+def _pack_command(sub: argparse._SubParsersAction) -> None:
     pack = sub.add_parser("pack", help="re-write a bundle for release: fp16 weights, extra metadata (model card)")
     pack.add_argument("bundle", type=_existing_path, help="the bundle from pretrain or finetune")
     pack.add_argument("--out", type=Path, required=True, help="the packed bundle (NAME.separeg)")
@@ -220,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="JSON object whose keys are added to bundle.json (training command, data, metrics)")
     pack.set_defaults(handler=commands.run_pack, json=False)
 
+
+def _experiment_command(sub: argparse._SubParsersAction) -> None:
     experiment = sub.add_parser("experiment", help="the paper's comparison protocol: methods x |X_tr| -> tables, plots")
     experiment.add_argument("config", type=_existing_path, help="experiment config (JSON; see Testing/experiments/)")
     experiment.add_argument("--out", type=Path, required=True, help="experiment folder (finished runs are skipped)")
@@ -228,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(experiment)
     experiment.set_defaults(handler=commands.run_experiment)
 
+
+def _demo_command(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the pipeline on the bundled sample CTs")
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)")
     demo.add_argument("--data", type=_existing_path, default=None, help="sample data folder (Resources/SampleData)")
@@ -237,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sis(demo)
     _add_common(demo)
     demo.set_defaults(handler=commands.run_demo)
-    return parser
 
 
 def _version() -> str:
