@@ -65,7 +65,7 @@ def _add_running(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
-    from separeg.segment.finetune import FinetuneConfig
+    from separeg.segment.finetune_config import FinetuneConfig
 
     group = parser.add_argument_group("fine-tuning")
     groups = {"recipe": parser.add_argument_group("recipe (defaults: measured best with one labelled case; "
