@@ -183,6 +183,13 @@ def write_report(run: RunDir, events: Events, regions=None) -> None:
             save_cluster_grid(cluster_grid(regions, assignments, distance), row_labels, run.root / "clusters.png")
             lines += ["", "Each row: the regions nearest to one group's centre (group 0 at the top).", "",
                       "![clusters](clusters.png)", ""]
+    diagnostics = run.root / "diagnostics.json"
+    if diagnostics.exists():
+        from .pretrain_diagnostics import diagnostics_markdown
+
+        lines += diagnostics_markdown(json.loads(diagnostics.read_text(encoding="utf-8")))
+    if (run.root / "probe.md").exists():
+        lines += ["## Frozen-encoder probe", "", "See [probe.md](probe.md) (`python -m separeg.probe`).", ""]
     if run.encoder.exists():
         lines += ["## Output", "", f"Encoder bundle: `{run.encoder.name}` (load it with "
                   "`separeg finetune --init`).", ""]
