@@ -151,6 +151,7 @@ def naive_crops(image: np.ndarray, maps: RegionMaps, index: np.ndarray, crop_siz
 
     out = []
     for i in np.asarray(index):
-        tensor = torch.from_numpy(np.ascontiguousarray(region_square(image, maps, i, min_window), dtype=np.float32))[None, None]
+        square = region_square(image, maps, i, min_window)
+        tensor = torch.from_numpy(np.ascontiguousarray(square, dtype=np.float32))[None, None]
         out.append(F.interpolate(tensor, size=(crop_size, crop_size), mode="bilinear", align_corners=False)[0])
     return torch.stack(out)

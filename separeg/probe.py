@@ -89,7 +89,8 @@ def _run_states(run: Path) -> dict[str, dict]:
         path = run / "checkpoints" / f"{stage}.pt"
         if path.exists():
             model = load_checkpoint(path)["model"]
-            states[f"{run.name} {label}"] = {k.removeprefix(prefix): v for k, v in model.items() if k.startswith(prefix)}
+            states[f"{run.name} {label}"] = {k.removeprefix(prefix): v for k, v in model.items()
+                                             if k.startswith(prefix)}
     if not states:
         raise InputError(f"{run} has no inter or distill checkpoint: is it a pretraining run folder?")
     return states
