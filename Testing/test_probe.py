@@ -50,3 +50,21 @@ def test_probe_command_writes_markdown_and_json(data: Path, tmp_path: Path, caps
     assert main(["--data", str(data), "--train", "pt_1", "--validation", "pt_203", "--encoder", "random",
                  "--out", str(out)]) == 2
     assert "NAME=SOURCE" in capsys.readouterr().err
+
+
+def test_probe_of_a_run_goes_into_its_report(data: Path, tmp_path: Path) -> None:
+    from separeg.pretrain import run_pretrain
+    from separeg.pretrain_config import PretrainConfig, PretrainJob
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(data / "pt_203_ct.nii.gz", archive)
+    run = tmp_path / "run"
+    run_pretrain(PretrainJob(archive=archive, run_dir=run, device="cpu", config=PretrainConfig(
+        encoder="resnet18-slim", iterations=4, batch_size=4, crop_size=32, clusters=2)))
+    for _ in range(2):  # a second probe replaces the first in the report
+        assert main(["--data", str(data), "--train", "pt_1", "--validation", "pt_203", "--run", str(run),
+                     "--encoder", "random=random", "--steps", "3", "--out", str(run / "probe.md")]) == 0
+    report = (run / "report.md").read_text()
+    assert report.count("## Frozen-encoder probe") == 1 and "| run inter-organ |" in report
+    assert "| run distilled |" in report and "## Representation diagnostics" in report

@@ -188,8 +188,6 @@ def write_report(run: RunDir, events: Events, regions=None) -> None:
         from .pretrain_diagnostics import diagnostics_markdown
 
         lines += diagnostics_markdown(json.loads(diagnostics.read_text(encoding="utf-8")))
-    if (run.root / "probe.md").exists():
-        lines += ["## Frozen-encoder probe", "", "See [probe.md](probe.md) (`python -m separeg.probe`).", ""]
     if run.encoder.exists():
         lines += ["## Output", "", f"Encoder bundle: `{run.encoder.name}` (load it with "
                   "`separeg finetune --init`).", ""]

@@ -265,8 +265,31 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(probe_markdown(report), encoding="utf-8")
     with atomic_path(args.out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    for run in args.run:
+        _add_to_report(Path(run), args.out)
     print(probe_markdown(report))
     return 0
+
+
+def _add_to_report(run: Path, probe: Path) -> None:
+    """Link the probe from the run's ``report.md`` (its diagnostics section), once."""
+    from .atomic import atomic_path
+
+    report = run / "report.md"
+    if not report.exists():
+        return
+    text = report.read_text(encoding="utf-8")
+    heading = "## Frozen-encoder probe"
+    if heading in text:
+        text = text[:text.index(heading)].rstrip() + "\n\n"
+    try:
+        target = probe.resolve().relative_to(run.resolve())
+    except ValueError:
+        target = probe.resolve()
+    table = probe_markdown(json.loads(probe.with_suffix(".json").read_text(encoding="utf-8")))
+    body = table.split("\n", 2)[2]  # without the page title
+    with atomic_path(report) as tmp:
+        tmp.write_text(text + f"{heading}\n\n{body}\nFull table: [{target}]({target}).\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
