@@ -30,9 +30,9 @@ __all__ = ["ProbeConfig", "probe_encoders", "encoder_sources", "probe_markdown",
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 16
-    lr: float = 0.01
+    lr: float = 0.05
     stride: int = 4  # features are upsampled to 1 / stride of the slice
     foreground_fraction: float = 0.67
     seed: int = 0
