@@ -44,3 +44,20 @@ def test_large_batches_are_cut_in_groups_and_keep_their_order(pt1_hu: np.ndarray
     crops = RegionCropper(torch.from_numpy(grey), maps, crop_size=32).crops(index)
     expected = naive_crops(grey.astype(np.float32) / 255.0, maps, index, crop_size=32)
     torch.testing.assert_close(crops, expected, atol=1e-5, rtol=0)
+
+
+def test_a_minimum_window_bounds_the_magnification(pt1_hu: np.ndarray) -> None:
+    """max_magnification (issue 22): a small region sits in a zero square of at least ``min_window`` pixels, so it
+    is enlarged at most crop_size / min_window times; the batched cropper still equals the per-region loop."""
+    maps = compute_region_maps(pt1_hu[50:60], SISConfig())
+    image = window_hu(pt1_hu[50:60], (-1000, 1000))
+    index = np.random.default_rng(2).choice(len(maps), 24, replace=False)
+    bounded = RegionCropper(image, maps, crop_size=64, min_window=32).crops(index)
+    torch.testing.assert_close(bounded, naive_crops(image, maps, index, crop_size=64, min_window=32), atol=1e-5, rtol=0)
+    sides = np.maximum(maps.boxes[index, 1] - maps.boxes[index, 0], maps.boxes[index, 3] - maps.boxes[index, 2]) + 1
+    small = int(np.argmin(sides))
+    assert sides[small] < 32
+    filled = RegionCropper(image, maps, crop_size=64).crops(index)
+    # The region covers less of the bounded crop (side / 32 of it), the same share of the unbounded one.
+    assert (bounded[small] > 0).float().mean() < (filled[small] > 0).float().mean()
+    assert (bounded[small, 0, :, :8] == 0).all() or (bounded[small, 0, :8] == 0).all()

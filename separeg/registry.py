@@ -17,10 +17,12 @@ from types import MappingProxyType
 __all__ = [
     "AUGMENTATIONS",
     "COCL_SOURCES",
+    "DISTILL_KL",
     "DISTILL_LOSSES",
     "ENCODERS",
     "FUSIONS",
     "HOLE_CONVENTIONS",
+    "INTRA_SPLITS",
     "MODALITIES",
     "PAPER_FINETUNE_EPOCHS",
     "PAPER_PRETRAIN_ITERATIONS",
@@ -45,6 +47,10 @@ STAGE_TITLES = MappingProxyType({"sis": "Image separation", "inter": "Inter-orga
 SSL_METHODS: tuple[str, ...] = ("simsiam", "byol", "simclr", "mocov3")
 ENCODERS: tuple[str, ...] = ("resnet50", "resnet18", "resnet18-slim", "swin")
 DISTILL_LOSSES: tuple[str, ...] = ("both", "intra")
+# Eq. 4's KL averaged over channels and batch (on Eq. 5's scale), or summed over channels (the exact KL per sample).
+DISTILL_KL: tuple[str, ...] = ("per-dimension", "batchmean")
+# Intra-organ steps per organ group: the same for every group, or in proportion to its size.
+INTRA_SPLITS: tuple[str, ...] = ("equal", "proportional")
 # Structure-aware image separation (paper §3.1) and its ablations; the extent SLIC runs over.
 SEPARATIONS: tuple[str, ...] = ("sis", "regular", "image", "dense")
 SEPARATION_EXTENTS: tuple[str, ...] = ("body", "slice")

@@ -34,7 +34,10 @@ _N_DRAWS = 11
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Parameters of one random view. Defaults follow SimCLR (Chen et al. 2020, appendix A), as SimSiam.
+    """Parameters of one random view. Geometry follows SimSiam (Chen & He 2021: crop area 0.2-1, flips, blur);
+    intensity jitter is CT-sized: on the [-1000, 1000] HU -> [0, 1] window SimCLR's +-0.4 brightness and x0.6-1.4
+    contrast would move tissue by up to ~800 HU, and CT tissue identity is absolute HU (parotid and muscle differ by
+    ~0.02 on this scale), so the defaults are +-0.1 (about +-200 HU) and x0.9-1.1 (issue 22, fix 3).
 
     Attributes:
         crop_scale: area of the crop box as a fraction of the input area, sampled uniformly (``0 < lo <= hi <= 1``).
@@ -48,11 +51,11 @@ class AugmentConfig:
         blur_sigma: blur standard deviation range in output pixels (``0 < lo <= hi``).
     """
 
-    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
-    brightness: float = 0.4
-    contrast: float = 0.4
+    brightness: float = 0.1
+    contrast: float = 0.1
     jitter_prob: float = 0.8
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)

@@ -9,7 +9,16 @@ from separeg.io.channels import CHANNELS_HELP
 from separeg.pretrain.augment import AugmentConfig
 from separeg.pretrain.encoders import ENCODER_DIMS
 from separeg.pretrain.ssl import METHODS
-from separeg.registry import DISTILL_LOSSES, ENCODERS, MODALITIES, PAPER_PRETRAIN_ITERATIONS, SSL_METHODS, STAGES
+from separeg.registry import (
+    DISTILL_KL,
+    DISTILL_LOSSES,
+    ENCODERS,
+    INTRA_SPLITS,
+    MODALITIES,
+    PAPER_PRETRAIN_ITERATIONS,
+    SSL_METHODS,
+    STAGES,
+)
 from separeg.runtime.errors import InputError
 from separeg.runtime.flags import flag, positive_int
 from separeg.sis.regions import SISConfig
@@ -24,8 +33,17 @@ class PretrainConfig:
     Defaults follow the paper ("Implementation details"): SimSiam, ResNet-50, regions of 128 x 128,
     100k iterations of batch 32 in total, K = 5 organ groups, distillation temperature 0.1. Where the
     paper is silent we follow SimSiam (SGD, momentum 0.9, weight decay 1e-4, lr 0.05 x batch/256,
-    cosine decay) and split the iterations 40 % inter-organ, 40 % intra-organ (over the K groups in
-    proportion to their sizes) and 20 % distillation.
+    cosine decay) and split the iterations 40 % inter-organ, 40 % intra-organ and 20 % distillation.
+
+    Transfer fixes (issue 22; each a setting, the old behaviour one value away):
+    ``init_from_inter`` starts the intra-organ teachers and the distillation student from the inter-organ model
+    instead of from scratch (so the exported student is not the least-trained network); ``intra_split`` "equal"
+    gives every non-empty organ group the same steps (small groups, the small organs IID exists for, got a handful
+    in proportion to size); ``distill_kl`` "per-dimension" averages Eq. 4's KL over the D channels as well as the
+    batch (as ``nn.KLDivLoss``'s mean does) so it is on the scale of Eq. 5's cosine term instead of ~D times it;
+    ``warmup_fraction`` warms each stage's lr up linearly before the cosine decay; ``max_magnification`` bounds how
+    much a region is enlarged to fill its crop (regions of 8-15 px were magnified 4-8x to 64 px, while fine-tuning
+    sees organs at native scale; None: fill the crop, as the paper's 128 x 128 at ~1 mm).
     """
 
     method: str = field(default="simsiam", metadata=flag("Φ_CLR (%(default)s)", choices=SSL_METHODS))
@@ -47,6 +65,19 @@ class PretrainConfig:
     distill_loss: str = field(default="both", metadata=flag(
         "L_intra + L_inter (both, the default) or L_intra only (ablation)", choices=DISTILL_LOSSES))
     distill_tau: float = 0.1
+    distill_kl: str = field(default="per-dimension", metadata=flag(
+        "Eq. 4's KL averaged over channels and batch (per-dimension, the default; on Eq. 5's scale) or summed over "
+        "channels (batchmean, before issue 22)", choices=DISTILL_KL))
+    init_from_inter: bool = field(default=True, metadata=flag(
+        "intra-organ teachers and the distillation student start from scratch instead of from the inter-organ "
+        "model (before issue 22)", name="--no-init-from-inter", negate=True))
+    intra_split: str = field(default="equal", metadata=flag(
+        "intra-organ steps per organ group: equal (the default) or in proportion to group size", choices=INTRA_SPLITS))
+    warmup_fraction: float = field(default=0.05, metadata=flag(
+        "linear lr warm-up over this fraction of each stage (%(default)s)", type=float))
+    max_magnification: float | None = field(default=2.0, metadata=flag(
+        "enlarge a region at most this many times to fill its crop (%(default)s; none: always fill it, the paper's "
+        "resize)", type=lambda text: None if text.lower() == "none" else float(text), metavar="X"))
     stage_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)
     seed: int = field(default=0, metadata=flag("random seed (runs are deterministic per seed)"))
     modality: str = field(default="CT", metadata=flag("which images of the archive are used (%(default)s)",
@@ -73,6 +104,15 @@ class PretrainConfig:
             raise InputError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODER_DIMS)}")
         if self.distill_loss not in DISTILL_LOSSES:
             raise InputError(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}")
+        if self.distill_kl not in DISTILL_KL:
+            raise InputError(f"distill-kl must be one of {', '.join(DISTILL_KL)}, got {self.distill_kl!r}")
+        if self.intra_split not in INTRA_SPLITS:
+            raise InputError(f"intra-split must be one of {', '.join(INTRA_SPLITS)}, got {self.intra_split!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise InputError(f"warmup fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.max_magnification is not None and self.max_magnification < 1.0:
+            raise InputError(f"max magnification must be at least 1 (or None: regions fill the crop), got "
+                             f"{self.max_magnification}")
         for name in ("iterations", "batch_size", "clusters", "crop_size", "in_channels"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -108,11 +148,24 @@ class PretrainConfig:
         return max(1, round(self.iterations * inter / (inter + intra + distill)))
 
     def intra_steps(self, cluster_sizes: list[int]) -> list[int]:
-        """Steps per organ group, in proportion to its number of regions (at least 1 for a non-empty group)."""
+        """Steps per organ group: the same for every non-empty group (``intra_split`` "equal") or in proportion to
+        its number of regions ("proportional"); at least 1 for a non-empty group, 0 for an empty one."""
         inter, intra, distill = self.stage_fractions
         total = self.iterations * intra / (inter + intra + distill)
+        if self.intra_split == "equal":
+            groups = max(sum(1 for size in cluster_sizes if size), 1)
+            return [max(1, round(total / groups)) if size else 0 for size in cluster_sizes]
         n = max(sum(cluster_sizes), 1)
         return [max(1, round(total * size / n)) if size else 0 for size in cluster_sizes]
+
+    def warmup_steps(self, total: int) -> int:
+        """Linear lr warm-up steps of a stage of ``total`` steps."""
+        return round(total * self.warmup_fraction)
+
+    def min_crop_window(self) -> int:
+        """Smallest square window (pixels) a region is cut from, so that it is magnified at most
+        ``max_magnification`` times (0: every region fills its crop)."""
+        return 0 if self.max_magnification is None else int(-(-self.crop_size // self.max_magnification))
 
     def distill_steps(self) -> int:
         inter, intra, distill = self.stage_fractions

@@ -183,6 +183,11 @@ def write_report(run: RunDir, events: Events, regions=None) -> None:
             save_cluster_grid(cluster_grid(regions, assignments, distance), row_labels, run.root / "clusters.png")
             lines += ["", "Each row: the regions nearest to one group's centre (group 0 at the top).", "",
                       "![clusters](clusters.png)", ""]
+    diagnostics = run.root / "diagnostics.json"
+    if diagnostics.exists():
+        from separeg.pretrain.diagnostics import diagnostics_markdown
+
+        lines += diagnostics_markdown(json.loads(diagnostics.read_text(encoding="utf-8")))
     if run.encoder.exists():
         lines += ["## Output", "", f"Encoder bundle: `{run.encoder.name}` (load it with "
                   "`separeg finetune --init`).", ""]

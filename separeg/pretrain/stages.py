@@ -20,6 +20,7 @@ from separeg.io.archive import Manifest, format_table, scan_archive
 from separeg.io.volumes import canonical_voxels, content_hash
 from separeg.pretrain.augment import TwoViews, augment, augment_with_geometry
 from separeg.pretrain.config import PretrainJob, as_json_dict
+from separeg.pretrain.diagnostics import DistillTerms, save_initial_weights
 from separeg.pretrain.encoders import ENCODERS, PooledEncoder
 from separeg.pretrain.rundir import RunDir, prepare_run_dir
 from separeg.pretrain.ssl import SSLModel, channel_kl, negative_cosine
@@ -37,6 +38,7 @@ from separeg.runtime.training import (
     step_seed,
     train_steps,
     verify_checkpoint,
+    warmup_lr,
 )
 from separeg.sis.regions import load_or_compute
 from separeg.sis.regionset import RegionSet, VolumeRegions
@@ -102,6 +104,7 @@ def _run_stages(job: PretrainJob, run: RunDir, runtime: Runtime, events: Events)
     if runtime.is_main and "export" in job.stages:
         from separeg.pretrain.report import write_report
 
+        _write_diagnostics(context)
         write_report(run, events, regions=context.regions if run.clusters.exists() else None)
     events.done(f"pretraining finished: {run.encoder}" if run.encoder.exists() else "stages finished")
     return run.encoder
@@ -179,6 +182,11 @@ class _Context:
         gen.manual_seed(step_seed(self.cfg.seed, stage, step, "augment", self.runtime.rank))
         return gen
 
+    def lr_schedule(self, total: int) -> Callable[[int], float]:
+        """Linear warm-up over ``warmup_fraction`` of the stage, then cosine decay (SimSiam's schedule)."""
+        warmup = self.cfg.warmup_steps(total)
+        return lambda step: warmup_lr(self.cfg.base_lr, step, total, warmup=warmup)
+
     def checkpoint_seconds(self) -> float:
         return self.job.checkpoint_minutes * 60.0
 
@@ -255,7 +263,7 @@ def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, work
         hu, key = canonical_voxels(image, entry.content_hash)
         maps, _ = load_or_compute(hu, key, cfg.sis, run.cache, events=events, workers=workers)
         volumes.append(VolumeRegions(entry.path, hu, maps))
-    regions = RegionSet(volumes, cfg.sis.hu_window, cfg.crop_size, device)
+    regions = RegionSet(volumes, cfg.sis.hu_window, cfg.crop_size, device, min_window=cfg.min_crop_window())
     if len(regions) < cfg.batch_size:
         raise ArchiveError(f"the archive yields {len(regions)} regions, fewer than one batch ({cfg.batch_size}); "
                            "add volumes or lower --batch-size")
@@ -287,13 +295,18 @@ def _wrap(ctx: _Context, model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def _train_ssl(ctx: _Context, stage: str, total: int, pool: np.ndarray | None, distributed: bool) -> SSLModel:
+def _train_ssl(ctx: _Context, stage: str, total: int, pool: np.ndarray | None, distributed: bool,
+               init: dict | None = None) -> SSLModel:
     """Φ_CLR on the regions (``pool``: a subset of region indices), resumable under ``checkpoints/<stage>.pt``.
 
     ``distributed=False`` trains on this rank alone (intra-organ groups are spread over the ranks): no
-    collectives, and this rank writes its own checkpoint.
+    collectives, and this rank writes its own checkpoint. ``init``: the state a fresh start begins from (the
+    inter-organ model for intra-organ teachers); a resumed stage continues from its checkpoint instead.
     """
     model = _ssl_model(ctx)
+    if init is not None:
+        model.load_state_dict(init)
+    save_initial_weights(ctx.run, stage, model.backbone, write=ctx.runtime.is_main or not distributed)
     runtime = ctx.runtime if distributed else Runtime(ctx.runtime.device)
     trained = _wrap(ctx, model) if distributed else model
     optimizer = _optimizer(ctx, model.parameters())
@@ -309,7 +322,8 @@ def _train_ssl(ctx: _Context, stage: str, total: int, pool: np.ndarray | None, d
     train_steps(stage=stage, model=trained, optimizer=optimizer, total=total, base_lr=ctx.cfg.base_lr,
                 step_loss=step_loss, after_step=lambda s: model.after_step(s / total),
                 checkpoint=ctx.run.checkpoint(stage), extra_state=ctx.extra_state, runtime=runtime,
-                events=ctx.events, stop=ctx.stop, checkpoint_seconds=ctx.checkpoint_seconds())
+                events=ctx.events, stop=ctx.stop, checkpoint_seconds=ctx.checkpoint_seconds(),
+                lr_at=ctx.lr_schedule(total))
     return model
 
 
@@ -371,14 +385,17 @@ def _clusters(ctx: _Context) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _stage_intra(ctx: _Context) -> None:
-    """One encoder per organ group, from scratch, on that group's regions; groups are spread over the ranks."""
+    """One encoder per organ group on that group's regions, started from the inter-organ model (or from scratch
+    without ``init_from_inter``); groups are spread over the ranks."""
     assignments, counts = _clusters(ctx)
     steps = ctx.cfg.intra_steps(counts.tolist())
+    init = _load_ssl(ctx, "inter").state_dict() if ctx.cfg.init_from_inter else None
     for k in range(ctx.cfg.clusters):
         if k % ctx.runtime.world_size != ctx.runtime.rank or steps[k] == 0:
             continue
-        ctx.events.log(f"group {k}: {counts[k]} regions, {steps[k]} steps", stage="intra")
-        _train_ssl(ctx, f"intra{k}", steps[k], np.flatnonzero(assignments == k), distributed=False)
+        ctx.events.log(f"group {k}: {counts[k]} regions, {steps[k]} steps"
+                       f"{', from the inter-organ model' if init is not None else ''}", stage="intra")
+        _train_ssl(ctx, f"intra{k}", steps[k], np.flatnonzero(assignments == k), distributed=False, init=init)
 
 
 def _stage_distill(ctx: _Context) -> None:
@@ -389,7 +406,11 @@ def _stage_distill(ctx: _Context) -> None:
     teachers = {k: _load_ssl(ctx, f"intra{k}").backbone.requires_grad_(False)
                 for k in range(cfg.clusters) if counts[k] > 0}
     student = PooledEncoder(cfg.encoder, cfg.in_channels).to(ctx.runtime.device)
+    if cfg.init_from_inter:  # the student starts as the best-trained network, not from scratch
+        student.load_state_dict(inter.backbone.state_dict())
+    save_initial_weights(ctx.run, "distill", student, write=ctx.runtime.is_main)
     trained = _wrap(ctx, student)
+    terms = DistillTerms(ctx.run)
     optimizer = _optimizer(ctx, student.parameters())
     assignments_t = torch.as_tensor(assignments, device=ctx.runtime.device)
 
@@ -405,17 +426,51 @@ def _stage_distill(ctx: _Context) -> None:
                 members = groups == k
                 if members.any():
                     target[members] = teacher(x[members]).to(target.dtype)
-        loss = channel_kl(features.float(), target.float(), cfg.distill_tau)
+        kl = channel_kl(features.float(), target.float(), cfg.distill_tau, reduction=cfg.distill_kl)
+        cosine = None
         if cfg.distill_loss == "both":
             with torch.no_grad():
                 z_inter = inter.project(x)
-            loss = loss + negative_cosine(inter.projector(features), z_inter)
-        return loss
+            cosine = negative_cosine(inter.projector(features), z_inter)
+        terms.add(kl, cosine)
+        return kl if cosine is None else kl + cosine
 
     train_steps(stage="distill", model=trained, optimizer=optimizer, total=cfg.distill_steps(), base_lr=cfg.base_lr,
                 step_loss=step_loss, after_step=None, checkpoint=ctx.run.checkpoint("distill"),
                 extra_state=ctx.extra_state, runtime=ctx.runtime, events=ctx.events, stop=ctx.stop,
-                checkpoint_seconds=ctx.checkpoint_seconds())
+                checkpoint_seconds=ctx.checkpoint_seconds(), lr_at=ctx.lr_schedule(cfg.distill_steps()))
+    if ctx.runtime.is_main:
+        terms.save()
+
+
+def _write_diagnostics(ctx: _Context, regions: int = 512) -> None:
+    """``diagnostics.json``: collapse and weight change of every stage's network (:mod:`separeg.pretrain.diagnostics`)
+    on the same fixed regions, and the distillation terms' balance."""
+    from separeg.pretrain.diagnostics import DIAGNOSTICS, DISTILL_TERMS, initial_weights, stage_diagnostics
+
+    cfg, run = ctx.cfg, ctx.run
+    rng = np.random.default_rng(cfg.seed)
+    index = np.sort(rng.choice(len(ctx.regions), min(regions, len(ctx.regions)), replace=False))
+    crops = ctx.regions.crops(index)
+    stages = []
+    inter = None
+    names = ["inter"] + sorted((p.stem for p in run.checkpoints.glob("intra*.pt")), key=lambda n: int(n[5:]))
+    for name in names:
+        if not run.checkpoint(name).exists() or cfg.sis.mode == "dense":
+            continue
+        model = _load_ssl(ctx, name)
+        inter = model if name == "inter" else inter
+        stages.append(stage_diagnostics(name, model.backbone, model.projector, crops, initial_weights(run, name)))
+    if run.checkpoint("distill").exists():
+        student = PooledEncoder(cfg.encoder, cfg.in_channels).to(ctx.runtime.device)
+        student.load_state_dict(load_checkpoint(run.checkpoint("distill"), ctx.runtime.device)["model"])
+        project = inter.projector if inter is not None else None
+        stages.append(stage_diagnostics("distill", student.eval(), project, crops, initial_weights(run, "distill")))
+    terms_path = run.root / DISTILL_TERMS
+    terms = json.loads(terms_path.read_text(encoding="utf-8")) if terms_path.exists() else None
+    with atomic_path(run.root / DIAGNOSTICS) as tmp:
+        tmp.write_text(json.dumps({"regions": len(index), "stages": stages, "distill_terms": terms,
+                                   "distill_kl": cfg.distill_kl}, indent=2), encoding="utf-8")
 
 
 def _implementation(encoder: str) -> dict:

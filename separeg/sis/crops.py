@@ -29,10 +29,13 @@ class RegionCropper:
         maps: the volume's region maps.
         crop_size: output side.
         device: where slices, labels and the table live (default: ``image``'s device).
+        min_window: smallest square side (pixels) a region is cut from: a smaller region sits in the middle of a
+            zero square of this side, so that it is magnified at most ``crop_size / min_window`` times (0: every
+            region's square is its box, as the paper).
     """
 
     def __init__(self, image: torch.Tensor | np.ndarray, maps: RegionMaps, crop_size: int = 128,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, min_window: int = 0) -> None:
         image = torch.as_tensor(image)
         if image.dim() == 3:  # one channel
             image = image[:, None]
@@ -46,7 +49,7 @@ class RegionCropper:
         boxes = maps.boxes.astype(np.int64)
         h = boxes[:, 1] - boxes[:, 0] + 1
         w = boxes[:, 3] - boxes[:, 2] + 1
-        side = np.maximum(h, w)
+        side = np.maximum(np.maximum(h, w), min_window)
         # Host copies decide the window size per batch without a device sync.
         self._side = side
         self._square_y0 = boxes[:, 0] - (side - h) // 2
@@ -126,18 +129,20 @@ class RegionCropper:
         return weights[:, :, :window]
 
 
-def region_square(image: np.ndarray, maps: RegionMaps, i: int) -> np.ndarray:
-    """Region ``i`` cut out the simple way: its box, zero outside the region, padded to a centred square."""
+def region_square(image: np.ndarray, maps: RegionMaps, i: int, min_window: int = 0) -> np.ndarray:
+    """Region ``i`` cut out the simple way: its box, zero outside the region, padded to a centred square of at
+    least ``min_window`` pixels."""
     y0, y1, x0, x1 = maps.boxes[i]
     k = maps.slice_index[i]
     crop = image[k, y0:y1 + 1, x0:x1 + 1] * (maps.labels[k, y0:y1 + 1, x0:x1 + 1] == maps.label[i])
     h, w = crop.shape
-    side = max(h, w)
+    side = max(h, w, min_window)
     top, left = (side - h) // 2, (side - w) // 2
     return np.pad(crop, ((top, side - h - top), (left, side - w - left)))
 
 
-def naive_crops(image: np.ndarray, maps: RegionMaps, index: np.ndarray, crop_size: int = 128) -> torch.Tensor:
+def naive_crops(image: np.ndarray, maps: RegionMaps, index: np.ndarray, crop_size: int = 128,
+                min_window: int = 0) -> torch.Tensor:
     """Reference implementation, one region at a time: :func:`region_square`, then ``F.interpolate``.
 
     Used by tests (the batched cropper must agree with it) and as the benchmarks' naive baseline.
@@ -146,6 +151,7 @@ def naive_crops(image: np.ndarray, maps: RegionMaps, index: np.ndarray, crop_siz
 
     out = []
     for i in np.asarray(index):
-        tensor = torch.from_numpy(np.ascontiguousarray(region_square(image, maps, i), dtype=np.float32))[None, None]
+        square = region_square(image, maps, i, min_window)
+        tensor = torch.from_numpy(np.ascontiguousarray(square, dtype=np.float32))[None, None]
         out.append(F.interpolate(tensor, size=(crop_size, crop_size), mode="bilinear", align_corners=False)[0])
     return torch.stack(out)

@@ -64,10 +64,11 @@ class RegionSet:
         window: HU window of the intensities.
         crop_size: side of the crops.
         device: where slices, label maps and crops live.
+        min_window: smallest square a region is cut from (:class:`RegionCropper`; 0: its box).
     """
 
     def __init__(self, volumes: Sequence[VolumeRegions], window: tuple[float, float], crop_size: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", min_window: int = 0) -> None:
         self.crop_size = crop_size
         self.device = torch.device(device)
         self.names = [v.name for v in volumes]
@@ -87,7 +88,8 @@ class RegionSet:
             maps = concat_maps([m for _, m in parts])
             # Multichannel intensities are already normalised to [0, 1]: their window is the unit interval.
             grey = np.concatenate([to_uint8(h, window if h.ndim == 3 else (0.0, 1.0)) for h, _ in parts])
-            self._croppers.append(RegionCropper(torch.from_numpy(grey), maps, crop_size, device=self.device))
+            self._croppers.append(RegionCropper(torch.from_numpy(grey), maps, crop_size, device=self.device,
+                                                min_window=min_window))
             position = 0
             for i in members:
                 n = len(volumes[i].maps)

@@ -42,14 +42,19 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tens
     return F.cross_entropy(logits, targets) * (2.0 * temperature)
 
 
-def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
-    """Paper Eq. 4: KL(softmax(teacher / tau) || softmax(student / tau)) over channels, mean over the batch.
+def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float,
+               reduction: str = "per-dimension") -> torch.Tensor:
+    """Paper Eq. 4: KL(softmax(teacher / tau) || softmax(student / tau)) over channels.
 
     Args:
         student: ``(B, D)`` student features.
         teacher: ``(B, D)`` features of each region's intra-organ teacher (no gradient).
         tau: temperature (reference: 0.1).
+        reduction: "per-dimension": the mean over batch and channels (``nn.KLDivLoss``'s default mean, as the
+            authors' ``loss_kd``), on the scale of Eq. 5's cosine term; "batchmean": the sum over channels, mean
+            over the batch (the exact KL per sample, about D times larger).
     """
     log_student = F.log_softmax(student / tau, dim=1)
     log_teacher = F.log_softmax(teacher.detach() / tau, dim=1)
-    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return kl / student.shape[1] if reduction == "per-dimension" else kl
