@@ -16,32 +16,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from separeg.io.archive import Manifest, format_table, scan_archive
-from separeg.io.volumes import canonical_voxels, content_hash
 from separeg.pretrain.augment import TwoViews, augment, augment_with_geometry
 from separeg.pretrain.config import PretrainJob, as_json_dict
 from separeg.pretrain.diagnostics import DistillTerms, save_initial_weights
-from separeg.pretrain.encoders import ENCODERS, PooledEncoder
+from separeg.pretrain.encoders import PooledEncoder
+from separeg.pretrain.region_data import load_region_set, stage_sis
+from separeg.pretrain.run_models import build_ssl_model, export_encoder, load_ssl_model, write_diagnostics
 from separeg.pretrain.rundir import RunDir, prepare_run_dir
 from separeg.pretrain.ssl import SSLModel, channel_kl, negative_cosine
 from separeg.pretrain.ssl.dense import DenseSSLModel
 from separeg.runtime.atomic import atomic_path
-from separeg.runtime.errors import ArchiveError, CancelledError, InputError
+from separeg.runtime.errors import ArchiveError, InputError
 from separeg.runtime.events import Events, FileSink
 from separeg.runtime.runlock import release_run_lock
 from separeg.runtime.training import (
     CorruptCheckpointError,
     Runtime,
     StopRequest,
-    load_checkpoint,
     setup_runtime,
     step_seed,
     train_steps,
     verify_checkpoint,
     warmup_lr,
 )
-from separeg.sis.regions import load_or_compute
-from separeg.sis.regionset import RegionSet, VolumeRegions
+from separeg.sis.regionset import RegionSet
 
 __all__ = ["run_pretrain", "load_region_set"]
 
@@ -82,7 +80,7 @@ def _run_stages(job: PretrainJob, run: RunDir, runtime: Runtime, events: Events)
             s in job.stages and not run.done(s).exists() for s in ("inter", "intra", "distill")):
         _announce_estimate(cfg, runtime, events)
     torch.manual_seed(cfg.seed)
-    stages = {"sis": _stage_sis, "inter": _stage_inter, "cluster": _stage_cluster, "intra": _stage_intra,
+    stages = {"sis": stage_sis, "inter": _stage_inter, "cluster": _stage_cluster, "intra": _stage_intra,
               "distill": _stage_distill, "export": _stage_export}
     if not cfg.iid:
         stages = {k: v for k, v in stages.items() if k not in ("cluster", "intra", "distill")}
@@ -104,7 +102,7 @@ def _run_stages(job: PretrainJob, run: RunDir, runtime: Runtime, events: Events)
     if runtime.is_main and "export" in job.stages:
         from separeg.pretrain.report import write_report
 
-        _write_diagnostics(context)
+        write_diagnostics(run, job.config, context.regions, runtime.device)
         write_report(run, events, regions=context.regions if run.clusters.exists() else None)
     events.done(f"pretraining finished: {run.encoder}" if run.encoder.exists() else "stages finished")
     return run.encoder
@@ -197,90 +195,8 @@ class _Context:
 # ----------------------------------------------------------------------------------------------- stages
 
 
-def _stage_sis(ctx: _Context) -> None:
-    """Scan the archive and cache the region label maps of every usable volume."""
-    # A multichannel case mixes modalities (T1 and T2, CT and PET): every image volume is a candidate channel.
-    modality = ctx.cfg.modality if ctx.cfg.in_channels == 1 else "any"
-    manifest = scan_archive(ctx.job.archive, modality=modality, events=ctx.events, workers=ctx.job.workers)
-    ctx.events.log("archive scan:\n" + format_table(manifest), stage="sis")
-    usable = manifest.require_usable()
-    if ctx.runtime.is_main:
-        manifest.save(ctx.run.manifest)
-        if ctx.cfg.normalised_inputs:
-            _sis_multichannel(ctx, manifest)
-            return
-        for i, entry in enumerate(usable, 1):
-            if ctx.stop.requested:
-                raise CancelledError(f"sis stopped after {i - 1}/{len(usable)} volumes ({ctx.stop.requested}); "
-                                     "their region maps are cached, re-run the same command to continue")
-            ctx.events.log(f"volume {i}/{len(usable)}: {entry.path}", stage="sis")
-            image = entry.read(manifest.root)
-            hu, key = canonical_voxels(image, entry.content_hash)  # axial slices, whatever the file's axis order
-            load_or_compute(hu, key, ctx.cfg.sis, ctx.run.cache, events=ctx.events, workers=ctx.job.workers)
-
-
-def _sis_multichannel(ctx: _Context, manifest: Manifest) -> None:
-    """SIS of every multichannel case of the archive, on its reference channel (:mod:`separeg.io.channel_archive`)."""
-    from separeg.io.channel_archive import group_channels, read_channels
-
-    cfg = ctx.cfg
-    groups, skipped = group_channels(manifest.usable(), cfg.in_channels)
-    for reason in skipped:
-        ctx.events.warning(f"left out: {reason}", stage="sis")
-    for i, (case, group) in enumerate(groups, 1):
-        if ctx.stop.requested:
-            raise CancelledError(f"sis stopped after {i - 1}/{len(groups)} cases ({ctx.stop.requested}); "
-                                 "their region maps are cached, re-run the same command to continue")
-        ctx.events.log(f"case {i}/{len(groups)}: {case} ({cfg.in_channels} channels)", stage="sis")
-        _, sis_hu, key, warnings = read_channels(group, manifest.root, cfg.input_channels(), cfg.sis_channel or 0)
-        for note in warnings:
-            ctx.events.warning(f"{case}: {note}", stage="sis")
-        load_or_compute(sis_hu, key, cfg.sis, ctx.run.cache, events=ctx.events, workers=ctx.job.workers)
-
-
-def _multichannel_volumes(manifest: Manifest, cfg, run: RunDir, events: Events,
-                          workers: int | None) -> list[VolumeRegions]:
-    from separeg.io.channel_archive import group_channels, read_channels
-
-    volumes = []
-    for case, group in group_channels(manifest.usable(), cfg.in_channels)[0]:
-        stack, sis_hu, key, _ = read_channels(group, manifest.root, cfg.input_channels(), cfg.sis_channel or 0)
-        maps, _ = load_or_compute(sis_hu, key, cfg.sis, run.cache, events=events, workers=workers)
-        volumes.append(VolumeRegions(case, stack, maps))
-    return volumes
-
-
-def load_region_set(run: RunDir, cfg, device: torch.device, events: Events, workers: int | None = None) -> RegionSet:
-    """The region set of a run's archive, from the SIS cache (computed where missing)."""
-    if not run.manifest.exists():
-        raise InputError(f"{run.manifest} is missing: run the sis stage first (--stages sis)")
-    manifest = Manifest.load(run.manifest)
-    volumes = _multichannel_volumes(manifest, cfg, run, events, workers) if cfg.normalised_inputs else []
-    for entry in manifest.usable() if not cfg.normalised_inputs else []:
-        image = entry.read(manifest.root)
-        if content_hash(image) != entry.content_hash:
-            raise ArchiveError(f"{entry.path} changed since the archive was scanned; use --restart to rescan")
-        hu, key = canonical_voxels(image, entry.content_hash)
-        maps, _ = load_or_compute(hu, key, cfg.sis, run.cache, events=events, workers=workers)
-        volumes.append(VolumeRegions(entry.path, hu, maps))
-    regions = RegionSet(volumes, cfg.sis.hu_window, cfg.crop_size, device, min_window=cfg.min_crop_window())
-    if len(regions) < cfg.batch_size:
-        raise ArchiveError(f"the archive yields {len(regions)} regions, fewer than one batch ({cfg.batch_size}); "
-                           "add volumes or lower --batch-size")
-    events.log(f"{len(regions)} regions from {len(volumes)} volumes", stage="data")
-    return regions
-
-
 def _ssl_model(ctx: _Context) -> SSLModel | DenseSSLModel:
-    cfg = ctx.cfg
-    if cfg.sis.mode == "dense":
-        model = DenseSSLModel(cfg.encoder, cfg.in_channels)
-    else:
-        model = SSLModel(cfg.method, cfg.encoder, cfg.in_channels, temperature=cfg.temperature, momentum=cfg.ema)
-    model = model.to(ctx.runtime.device)
-    if ctx.runtime.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return build_ssl_model(ctx.cfg, ctx.runtime.device)
 
 
 def _optimizer(ctx: _Context, params) -> torch.optim.Optimizer:
@@ -332,12 +248,7 @@ def _stage_inter(ctx: _Context) -> None:
 
 
 def _load_ssl(ctx: _Context, name: str) -> SSLModel:
-    path = ctx.run.checkpoint(name)
-    if not path.exists():
-        raise InputError(f"{path} is missing: run the stage that makes it first")
-    model = _ssl_model(ctx)
-    model.load_state_dict(load_checkpoint(path, ctx.runtime.device)["model"])
-    return model.eval()
+    return load_ssl_model(ctx.run, ctx.cfg, ctx.runtime.device, name)
 
 
 @torch.no_grad()
@@ -443,79 +354,7 @@ def _stage_distill(ctx: _Context) -> None:
         terms.save()
 
 
-def _write_diagnostics(ctx: _Context, regions: int = 512) -> None:
-    """``diagnostics.json``: collapse and weight change of every stage's network (:mod:`separeg.pretrain.diagnostics`)
-    on the same fixed regions, and the distillation terms' balance."""
-    from separeg.pretrain.diagnostics import DIAGNOSTICS, DISTILL_TERMS, initial_weights, stage_diagnostics
-
-    cfg, run = ctx.cfg, ctx.run
-    rng = np.random.default_rng(cfg.seed)
-    index = np.sort(rng.choice(len(ctx.regions), min(regions, len(ctx.regions)), replace=False))
-    crops = ctx.regions.crops(index)
-    stages = []
-    inter = None
-    names = ["inter"] + sorted((p.stem for p in run.checkpoints.glob("intra*.pt")), key=lambda n: int(n[5:]))
-    for name in names:
-        if not run.checkpoint(name).exists() or cfg.sis.mode == "dense":
-            continue
-        model = _load_ssl(ctx, name)
-        inter = model if name == "inter" else inter
-        stages.append(stage_diagnostics(name, model.backbone, model.projector, crops, initial_weights(run, name)))
-    if run.checkpoint("distill").exists():
-        student = PooledEncoder(cfg.encoder, cfg.in_channels).to(ctx.runtime.device)
-        student.load_state_dict(load_checkpoint(run.checkpoint("distill"), ctx.runtime.device)["model"])
-        project = inter.projector if inter is not None else None
-        stages.append(stage_diagnostics("distill", student.eval(), project, crops, initial_weights(run, "distill")))
-    terms_path = run.root / DISTILL_TERMS
-    terms = json.loads(terms_path.read_text(encoding="utf-8")) if terms_path.exists() else None
-    with atomic_path(run.root / DIAGNOSTICS) as tmp:
-        tmp.write_text(json.dumps({"regions": len(index), "stages": stages, "distill_terms": terms,
-                                   "distill_kl": cfg.distill_kl}, indent=2), encoding="utf-8")
-
-
-def _implementation(encoder: str) -> dict:
-    """What the encoder bundle's weights are and where they load (documentation for other tools)."""
-    if ENCODERS[encoder].swin is not None:
-        return {"implementation": f"monai.networks.nets.swin_unetr.SwinTransformer(spatial_dims=2, "
-                                  f"embed_dim={ENCODERS[encoder].swin.feature_size})",
-                "loads_into": "monai.networks.nets.SwinUNETR.swinViT"}
-    return {"implementation": "monai.networks.nets.resnet.ResNetEncoder(spatial_dims=2)",
-            "loads_into": "monai.networks.nets.FlexibleUNet.encoder"}
-
-
 def _stage_export(ctx: _Context) -> None:
     """The student (or, without IID, the inter-organ) encoder as ``encoder.separeg``."""
-    from separeg import __version__
-    from separeg.runtime.bundle import save_bundle
-
-    if not ctx.runtime.is_main:
-        return
-    cfg = ctx.cfg
-    if cfg.iid:
-        encoder = PooledEncoder(cfg.encoder, cfg.in_channels)
-        encoder.load_state_dict(load_checkpoint(ctx.run.checkpoint("distill"))["model"])
-    else:
-        encoder = SSLModel(cfg.method, cfg.encoder, cfg.in_channels).backbone
-        state = load_checkpoint(ctx.run.checkpoint("inter"))["model"]
-        encoder.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
-    manifest = Manifest.load(ctx.run.manifest)
-    losses = {}
-    for path in sorted(ctx.run.checkpoints.glob("*.pt")):
-        history = load_checkpoint(path)["losses"]
-        tail = history[-max(1, len(history) // 10):]
-        losses[path.stem] = {"steps": len(history), "final_mean": float(np.mean(tail)) if tail else None}
-    clusters = None
-    if ctx.run.clusters.exists():
-        with np.load(ctx.run.clusters) as data:
-            clusters = data["counts"].tolist()
-    save_bundle(
-        ctx.run.encoder, kind="encoder",
-        architecture={"encoder": cfg.encoder, "in_channels": cfg.in_channels, "feature_dim": encoder.dim,
-                      **_implementation(cfg.encoder)},
-        state_dict=encoder.encoder.state_dict(),
-        metadata={"inputs": {"channels": [c.to_dict() for c in cfg.input_channels()],
-                             "hu_window": list(cfg.sis.hu_window), "scale": "[0, 1]", "crop_size": cfg.crop_size,
-                             "sis_channel": cfg.sis_channel or 0},
-                  "training": {"config": as_json_dict(cfg), "manifest_hash": manifest.hash,
-                               "volumes": len(manifest.usable()), "regions": len(ctx.regions),
-                               "cluster_sizes": clusters, "stage_losses": losses, "separeg": __version__}})
+    if ctx.runtime.is_main:
+        export_encoder(ctx.run, ctx.cfg, len(ctx.regions))
