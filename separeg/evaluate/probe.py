@@ -282,7 +282,8 @@ def _add_to_report(run: Path, probe: Path) -> None:
     text = report.read_text(encoding="utf-8")
     heading = "## Frozen-encoder probe"
     if heading in text:
-        text = text[:text.index(heading)].rstrip() + "\n\n"
+        text = text[:text.index(heading)]
+    text = text.rstrip() + "\n\n"
     try:
         target = probe.resolve().relative_to(run.resolve())
     except ValueError:
