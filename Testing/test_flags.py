@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 
 import pytest
 
 from separeg.cli import build_parser
-from separeg.pretrain.config import PretrainConfig
+from separeg.pretrain.config import PretrainConfig, PretrainJob
 from separeg.runtime.flags import add_flags, config_from_args, flag, flag_fields, positive_int
-from separeg.segment.finetune_config import FinetuneConfig
+from separeg.segment.finetune_config import FinetuneConfig, FinetuneJob
 from separeg.sis.regions import SISConfig
 
 
@@ -60,3 +62,45 @@ def test_flag_kinds_and_nested_configs() -> None:
     assert "size (3)" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--size", "0"])
+
+
+@pytest.mark.parametrize(("command", "job"), [("pretrain", PretrainJob), ("finetune", FinetuneJob)])
+def test_job_fields_are_the_flags_and_parse_into_the_job(command: str, job: type, tmp_path) -> None:
+    options = {o: a for a in _subparser(command)._actions for o in a.option_strings or [a.dest]}
+    for f, spec in flag_fields(job):
+        action = options[spec.option(f.name)]
+        assert action.help and (f.default is MISSING or action.default == f.default), f.name
+    args = build_parser().parse_args([command, str(tmp_path), "--out", str(tmp_path / "run")])
+    assert config_from_args(job, args) == job(tmp_path, tmp_path / "run")  # the default job and config
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, str(tmp_path), "--out", "run", "--resume", "--restart"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, str(tmp_path / "missing"), "--out", "run"])
+
+
+def test_pretrain_and_finetune_flags_reach_their_jobs(tmp_path) -> None:
+    args = build_parser().parse_args(["pretrain", str(tmp_path), "--out", "run", "--stages", "sis, inter", "--resume",
+                                      "--stop-file", "stop", "--checkpoint-minutes", "2", "--workers", "3",
+                                      "--device", "cpu", "--clusters", "4"])
+    assert config_from_args(PretrainJob, args) == PretrainJob(
+        tmp_path, Path("run"), config=PretrainConfig(clusters=4), device="cpu", resume=True, stop_file=Path("stop"),
+        checkpoint_minutes=2.0, stages=("sis", "inter"), workers=3)
+    args = build_parser().parse_args(["finetune", str(tmp_path), "--out", "run", "--labels", str(tmp_path), "--init",
+                                      "model", "--synonyms", str(tmp_path), "--validation", str(tmp_path),
+                                      "--unlabelled", str(tmp_path), "--mean-teacher", "--restart"])
+    assert config_from_args(FinetuneJob, args) == FinetuneJob(
+        tmp_path, Path("run"), labels=tmp_path, init="model", synonyms=tmp_path, validation_data=tmp_path,
+        unlabelled=tmp_path, config=FinetuneConfig(mean_teacher=True), restart=True)
+
+
+def test_no_job_field_is_written_by_hand_in_the_cli_or_the_handlers() -> None:
+    """The pretrain and finetune parsers and handlers take every job field from its flag: none is named there."""
+    from separeg import cli, commands
+
+    sources = {job: [inspect.getsource(fn) for fn in functions] for job, functions in (
+        (PretrainJob, (cli._add_pretrain, cli._pretrain_command, commands.run_pretrain)),
+        (FinetuneJob, (cli._add_finetune, cli._finetune_command, commands.run_finetune)))}
+    for job, texts in sources.items():
+        for f, spec in flag_fields(job):
+            for text in texts:
+                assert f'"{spec.option(f.name)}"' not in text and f"args.{spec.dest(f.name)}" not in text, f.name

@@ -15,25 +15,23 @@ from pathlib import Path
 from separeg import commands, registry
 from separeg.runtime.errors import CancelledError, SepaRegError
 from separeg.runtime.events import Events, JsonLinesSink, TerminalSink
-from separeg.runtime.flags import add_flags, positive_int
+from separeg.runtime.flags import add_flags, existing_path, positive_int
 
 __all__ = ["main", "build_parser"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 1, 2, 130
 
 
-def _existing_path(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text} does not exist")
-    return path
+_existing_path = existing_path
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """--json, and --workers for the commands whose job does not declare it (pretrain's does)."""
     parser.add_argument("--json", action="store_true",
                         help="print progress and log events as JSON lines on stdout (for the Slicer modules)")
-    parser.add_argument("--workers", type=positive_int, default=None,
-                        help="CPU threads for reading and separation (default: all cores)")
+    if workers:
+        parser.add_argument("--workers", type=positive_int, default=None,
+                            help="CPU threads for reading and separation (default: all cores)")
 
 
 def _add_sis(parser: argparse.ArgumentParser) -> None:
@@ -43,42 +41,26 @@ def _add_sis(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_pretrain(parser: argparse.ArgumentParser) -> None:
-    from separeg.pretrain.config import PretrainConfig
+    """The job's flags (archive, --out, running, --workers; PretrainJob's fields) and the config's."""
+    from separeg.pretrain.config import PretrainConfig, PretrainJob
 
-    add_flags(parser.add_argument_group("pretraining"), PretrainConfig)
-    run = _add_running(parser)
-    run.add_argument("--stages", default=",".join(registry.STAGES),
-                     help=f"comma-separated subset of {','.join(registry.STAGES)}")
-
-
-def _add_running(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Device, resume/restart, stop file and checkpoint interval: shared by the training commands."""
-    run = parser.add_argument_group("running")
-    run.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
-    mode = run.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="insist on resuming an existing run")
-    mode.add_argument("--restart", action="store_true", help="discard the run's progress and start over")
-    run.add_argument("--stop-file", type=Path, default=None,
-                     help="stop cleanly (checkpoint first) when this file appears; used by Slicer")
-    run.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save at least this often (10)")
-    return run
+    pretraining = parser.add_argument_group("pretraining")
+    groups = {"running": parser.add_argument_group("running")}
+    add_flags(parser, PretrainJob, groups)
+    add_flags(pretraining, PretrainConfig)
 
 
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
-    from separeg.segment.finetune_config import FinetuneConfig
+    """The job's flags (data, --out, --labels, --init, ..., running; FinetuneJob's fields) and the config's."""
+    from separeg.segment.finetune_config import FinetuneConfig, FinetuneJob
 
-    group = parser.add_argument_group("fine-tuning")
-    groups = {"recipe": parser.add_argument_group("recipe (defaults: measured best with one labelled case; "
+    groups = {"finetune": parser.add_argument_group("fine-tuning"),
+              "recipe": parser.add_argument_group("recipe (defaults: measured best with one labelled case; "
                                                   "nnU-Net-grade parts are options, see README)"),
-              "partial": parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher")}
-    add_flags(group, FinetuneConfig, groups)
-    group.add_argument("--synonyms", type=_existing_path, default=None, metavar="TABLE",
-                       help="your RTSTRUCT ROI names -> TG-263 names (JSON or two-column CSV), for DICOM cases")
-    group.add_argument("--validation", type=_existing_path, default=None, metavar="DATA",
-                       help="fixed validation cases (a folder or case list); then every case of DATA trains")
-    groups["partial"].add_argument("--unlabelled", type=_existing_path, default=None, metavar="ARCHIVE",
-                                   help="folder of unlabelled CTs (volumes or DICOM series) for --mean-teacher")
-    _add_running(parser)
+              "partial": parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher"),
+              "running": parser.add_argument_group("running")}
+    add_flags(groups["finetune"], FinetuneConfig, groups)
+    add_flags(parser, FinetuneJob, groups)
 
 
 def _add_patient(parser: argparse.ArgumentParser) -> None:
@@ -125,24 +107,14 @@ def _regions_command(sub: argparse._SubParsersAction) -> None:
 
 def _pretrain_command(sub: argparse._SubParsersAction) -> None:
     pretrain = sub.add_parser("pretrain", help="SepaReg pretraining on an archive -> RUN_DIR/encoder.separeg")
-    pretrain.add_argument("archive", type=_existing_path, help="folder with CT volumes and/or DICOM series")
-    pretrain.add_argument("--out", type=Path, required=True, help="run directory (resumed when it exists)")
     _add_pretrain(pretrain)
     _add_sis(pretrain)
-    _add_common(pretrain)
+    _add_common(pretrain, workers=False)
     pretrain.set_defaults(handler=commands.run_pretrain)
 
 
 def _finetune_command(sub: argparse._SubParsersAction) -> None:
     finetune = sub.add_parser("finetune", help="train a segmentation model on a few annotated CTs -> model.separeg")
-    finetune.add_argument("data", type=_existing_path,
-                          help="folder of <case>_ct + <case>_oar volumes, or a JSON/CSV case list")
-    finetune.add_argument("--out", type=Path, required=True, help="run directory (resumed when it exists)")
-    finetune.add_argument("--labels", type=_existing_path, default=None,
-                          help="label table (labels.json or CSV); default: labels.json beside the data")
-    finetune.add_argument("--init", default=None,
-                          help="encoder bundle from `separeg pretrain`, or the name of a shipped one "
-                               "(separeg-encoder-hn-ct; see `separeg models`); random init without it")
     _add_finetune(finetune)
     _add_common(finetune)
     finetune.set_defaults(handler=commands.run_finetune)

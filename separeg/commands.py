@@ -16,28 +16,20 @@ __all__ = ["run_atlas", "run_contour", "run_demo", "run_evaluate", "run_experime
 
 
 def run_pretrain(args: argparse.Namespace, events: Events) -> int:
-    from separeg.pretrain.config import PretrainConfig, PretrainJob
+    from separeg.pretrain.config import PretrainJob
     from separeg.pretrain.stages import run_pretrain
 
-    job = PretrainJob(archive=args.archive, run_dir=args.out, config=config_from_args(PretrainConfig, args),
-                      device=args.device, stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
-                      restart=args.restart, resume=args.resume, stop_file=args.stop_file,
-                      checkpoint_minutes=args.checkpoint_minutes, workers=args.workers)
-    run_pretrain(job, events)
+    run_pretrain(config_from_args(PretrainJob, args), events)  # the job and its config, each field from its flag
     return 0
 
 
 def run_finetune(args: argparse.Namespace, events: Events) -> int:
-    from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
+    from separeg.segment.finetune import FinetuneJob, run_finetune
 
-    config = config_from_args(FinetuneConfig, args)
-    if args.unlabelled is not None and not args.mean_teacher:
+    job = config_from_args(FinetuneJob, args)  # the job and its config, each field from its flag
+    if job.unlabelled is not None and not job.config.mean_teacher:
         events.warning("--unlabelled is only used with --mean-teacher; ignored", stage="finetune")
-    run_finetune(FinetuneJob(data=args.data, out_dir=args.out, labels=args.labels, init=args.init,
-                             unlabelled=args.unlabelled, validation_data=args.validation, synonyms=args.synonyms,
-                             config=config,
-                             device=args.device, restart=args.restart, resume=args.resume, stop_file=args.stop_file,
-                             checkpoint_minutes=args.checkpoint_minutes), events)
+    run_finetune(job, events)
     return 0
 
 

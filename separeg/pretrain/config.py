@@ -176,16 +176,25 @@ class PretrainConfig:
 class PretrainJob:
     """A run: the config plus where and how it runs (these may change between a run and its resumption)."""
 
-    archive: Path
-    run_dir: Path
+    archive: Path = field(metadata=flag("folder with CT volumes and/or DICOM series", name="archive", exists=True))
+    run_dir: Path = field(metadata=flag("run directory (resumed when it exists)", name="--out", type=Path,
+                                        required=True))
     config: PretrainConfig = field(default_factory=PretrainConfig)
-    device: str = "auto"
-    stages: tuple[str, ...] = STAGES
-    restart: bool = False
-    resume: bool = False
-    stop_file: Path | None = None
-    checkpoint_minutes: float = 10.0
-    workers: int | None = None
+    device: str = field(default="auto", metadata=flag("auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps",
+                                                      group="running"))
+    resume: bool = field(default=False, metadata=flag("insist on resuming an existing run", group="running",
+                                                      exclusive="mode"))
+    restart: bool = field(default=False, metadata=flag("discard the run's progress and start over", group="running",
+                                                       exclusive="mode"))
+    stop_file: Path | None = field(default=None, metadata=flag(
+        "stop cleanly (checkpoint first) when this file appears; used by Slicer", type=Path, group="running"))
+    checkpoint_minutes: float = field(default=10.0, metadata=flag("save at least this often (%(default)s minutes)",
+                                                                  group="running"))
+    stages: tuple[str, ...] = field(default=STAGES, metadata=flag(
+        f"comma-separated subset of {','.join(STAGES)}", group="running",
+        type=lambda text: tuple(s.strip() for s in text.split(",") if s.strip())))
+    workers: int | None = field(default=None, metadata=flag(
+        "CPU threads for reading and separation (default: all cores)", type=positive_int))
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]

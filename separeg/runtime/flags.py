@@ -4,7 +4,10 @@ choices) as field metadata, and the parser and the config-from-arguments mapping
 A field becomes ``--field-name`` unless its :func:`flag` names another; ``help`` may use ``%(default)s``, which
 argparse fills with the field's default. A boolean field is a switch: ``negate=True`` gives ``--no-...`` (the field
 is True unless it is given), ``optional=True`` gives ``--x/--no-x``, otherwise ``--x`` sets it. A field whose
-default is a config dataclass with flags of its own (``PretrainConfig.sis``) is built from the same arguments.
+default is a config dataclass with flags of its own (``PretrainConfig.sis``, ``PretrainJob.config``) is built from
+the same arguments. Job dataclasses (``PretrainJob``, ``FinetuneJob``) declare their flags the same way: a ``name``
+without dashes is a positional argument, ``exists=True`` checks that a path exists, ``exclusive`` puts flags in one
+mutually exclusive group (``--resume | --restart``).
 
 May import: the standard library only.
 """
@@ -14,9 +17,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, dataclass, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Flag", "flag", "add_flags", "config_from_args", "flag_fields", "positive_int"]
+__all__ = ["Flag", "flag", "add_flags", "config_from_args", "existing_path", "flag_fields", "positive_int"]
 
 _KEY = "separeg.flag"
 
@@ -32,6 +36,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def existing_path(text: str) -> Path:
+    """argparse type: a path that exists (``~`` expanded)."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return path
+
+
 @dataclass(frozen=True)
 class Flag:
     """The command-line side of one config field (see :func:`flag`)."""
@@ -44,6 +56,9 @@ class Flag:
     negate: bool = False
     optional: bool = False
     group: str | None = None
+    required: bool = False
+    exists: bool = False
+    exclusive: str | None = None
 
     def option(self, field_name: str) -> str:
         return self.name or "--" + ("no-" if self.negate else "") + field_name.replace("_", "-")
@@ -54,12 +69,14 @@ class Flag:
 
 def flag(help: str, *, name: str | None = None, type: Callable[[str], Any] | None = None,
          choices: Sequence[str] | None = None, metavar: str | None = None, negate: bool = False,
-         optional: bool = False, group: str | None = None) -> dict[str, Flag]:
+         optional: bool = False, group: str | None = None, required: bool = False, exists: bool = False,
+         exclusive: str | None = None) -> dict[str, Flag]:
     """Field metadata that makes a config field a command-line flag: ``field(default=..., metadata=flag(...))``.
 
     Args:
         help: the flag's help; ``%(default)s`` shows the field's default.
-        name: the option (``--separation``) when it is not ``--`` + the field name with dashes.
+        name: the option (``--separation``) when it is not ``--`` + the field name with dashes; without dashes
+            (``archive``), a positional argument.
         type: argparse type (a converter that raises ``argparse.ArgumentTypeError``), e.g. :func:`positive_int`;
             default: the type of the field's default (str when it is None).
         choices: the allowed values (from :mod:`separeg.registry`).
@@ -67,8 +84,11 @@ def flag(help: str, *, name: str | None = None, type: Callable[[str], Any] | Non
         negate: a boolean field that is True unless ``--no-<field>`` is given.
         optional: a boolean field given as ``--<field>/--no-<field>``.
         group: the key of the argument group it is listed in (see :func:`add_flags`).
+        required: an option that must be given (``--out``).
+        exists: the value is a path that must exist (:func:`existing_path`).
+        exclusive: the key of a mutually exclusive group within the flag's argument group.
     """
-    return {_KEY: Flag(help, name, type, choices, metavar, negate, optional, group)}
+    return {_KEY: Flag(help, name, type, choices, metavar, negate, optional, group, required, exists, exclusive)}
 
 
 def flag_fields(cls: type) -> list[tuple[Field, Flag]]:
@@ -86,22 +106,28 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
               groups: dict[str | None, argparse._ArgumentGroup] | None = None) -> None:
     """Add the flags of ``cls``'s fields to ``parser``; a flag with ``group=key`` goes to ``groups[key]``."""
     groups = groups or {}
+    exclusive: dict[tuple[str | None, str], argparse._MutuallyExclusiveGroup] = {}
     for f, spec in flag_fields(cls):
         target = groups.get(spec.group, parser)
+        if spec.exclusive is not None:
+            key = (spec.group, spec.exclusive)
+            target = exclusive[key] if key in exclusive else exclusive.setdefault(
+                key, target.add_mutually_exclusive_group())
         default = _default(f)
         if isinstance(default, bool):
-            if spec.negate:
-                target.add_argument(spec.option(f.name), action="store_true", help=spec.help)
-            elif spec.optional:
+            if spec.optional:
                 target.add_argument(spec.option(f.name), action=argparse.BooleanOptionalAction, default=default,
                                     help=spec.help)
-            else:
+            else:  # a switch: --x sets the field, --no-x (negate) clears it
                 target.add_argument(spec.option(f.name), action="store_true", help=spec.help)
             continue
         kind = spec.type or (type(default) if default is not None and not spec.choices else None)
-        extra = {"metavar": spec.metavar} if spec.metavar else {}
-        target.add_argument(spec.option(f.name), type=kind, choices=spec.choices, default=default,
-                            help=spec.help, **extra)
+        if spec.exists:
+            kind = existing_path
+        extra: dict[str, Any] = {"metavar": spec.metavar} if spec.metavar else {}
+        if spec.option(f.name).startswith("-"):  # an option (a positional argument has no default)
+            extra.update(default=default, required=spec.required)
+        target.add_argument(spec.option(f.name), type=kind, choices=spec.choices, help=spec.help, **extra)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

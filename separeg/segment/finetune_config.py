@@ -125,16 +125,34 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class FinetuneJob:
-    data: Path  # a folder of <case>_ct / <case>_oar files, or a JSON/CSV case list
-    out_dir: Path
-    labels: Path | None = None  # label table; default: labels.json beside the data
-    init: Path | str | None = None  # encoder bundle (path or model name, e.g. a shipped one); random init without it
-    unlabelled: Path | None = None  # unlabelled scans for Mean Teacher (an archive folder)
-    validation_data: Path | None = None  # fixed validation cases (folder or case list); default: drawn from data
-    synonyms: Path | None = None  # ROI name -> TG-263 table for DICOM RTSTRUCT cases (rt.rtstruct.load_synonyms)
+    """A run: the data, the output folder and how it runs; the flags of ``separeg finetune`` but for the config's."""
+
+    data: Path = field(metadata=flag(  # cases, and the case list's format: separeg.segment.cases
+        "folder of <case>_ct + <case>_oar volumes, or a JSON/CSV case list", name="data", exists=True))
+    out_dir: Path = field(metadata=flag("run directory (resumed when it exists)", name="--out", type=Path,
+                                        required=True))
+    labels: Path | None = field(default=None, metadata=flag(
+        "label table (labels.json or CSV); default: labels.json beside the data", exists=True))
+    init: Path | str | None = field(default=None, metadata=flag(  # a path or a model name; random init without it
+        "encoder bundle from `separeg pretrain`, or the name of a shipped one (separeg-encoder-hn-ct; see `separeg "
+        "models`); random init without it"))
+    synonyms: Path | None = field(default=None, metadata=flag(  # for DICOM RTSTRUCT cases (rt.rtstruct.load_synonyms)
+        "your RTSTRUCT ROI names -> TG-263 names (JSON or two-column CSV), for DICOM cases", exists=True,
+        metavar="TABLE", group="finetune"))
+    validation_data: Path | None = field(default=None, metadata=flag(  # default: drawn from data
+        "fixed validation cases (a folder or case list); then every case of DATA trains", name="--validation",
+        exists=True, metavar="DATA", group="finetune"))
+    unlabelled: Path | None = field(default=None, metadata=flag(  # for Mean Teacher
+        "folder of unlabelled CTs (volumes or DICOM series) for --mean-teacher", exists=True, metavar="ARCHIVE",
+        group="partial"))
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
-    device: str = "auto"
-    restart: bool = False
-    resume: bool = False
-    stop_file: Path | None = None
-    checkpoint_minutes: float = 10.0
+    device: str = field(default="auto", metadata=flag("auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps",
+                                                      group="running"))
+    resume: bool = field(default=False, metadata=flag("insist on resuming an existing run", group="running",
+                                                      exclusive="mode"))
+    restart: bool = field(default=False, metadata=flag("discard the run's progress and start over", group="running",
+                                                       exclusive="mode"))
+    stop_file: Path | None = field(default=None, metadata=flag(
+        "stop cleanly (checkpoint first) when this file appears; used by Slicer", type=Path, group="running"))
+    checkpoint_minutes: float = field(default=10.0, metadata=flag("save at least this often (%(default)s minutes)",
+                                                                  group="running"))
