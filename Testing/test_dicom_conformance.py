@@ -185,7 +185,7 @@ def _holey_mask() -> np.ndarray:
 
 def test_keyhole_joins_every_hole_to_its_outer_contour() -> None:
     mask = _holey_mask()
-    from separeg.rt.rtstruct import _fill_slice
+    from separeg.rt.raster import fill_slice
 
     for k in range(mask.shape[0]):
         contours = _slice_contours(mask[k])
@@ -196,7 +196,7 @@ def test_keyhole_joins_every_hole_to_its_outer_contour() -> None:
         # Filled one polygon at a time and OR-ed (what plastimatch does), the keyhole contours give the mask.
         filled = np.zeros(mask.shape[1:], bool)
         for polygon in joined:
-            y0, x0, part = _fill_slice([polygon], *mask.shape[1:])
+            y0, x0, part = fill_slice([polygon], *mask.shape[1:])
             filled[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= part
         assert np.array_equal(filled, mask[k]), k
 

@@ -29,6 +29,7 @@ from separeg.io.dicom_ct import CtSeries
 from separeg.io.dicom_series import _first_line, _referenced_series
 from separeg.rt.labels import LabelTable
 from separeg.rt.organs import RGB, normalise_name, to_tg263
+from separeg.rt.raster import INDEX_DECIMALS, rasterise
 from separeg.runtime.errors import InputError
 
 __all__ = ["RoiMask", "RtImport", "LabelmapMatch", "read_rtstruct"]
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 SLICE_TOLERANCE = 0.25  # of the slice spacing: how far a contour may lie from the slice it is put on
-_INDEX_DECIMALS = 6
 _CLOSED = ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR", "CLOSED_PLANAR_XOR")
 
 
@@ -210,7 +210,7 @@ def read_rtstruct(path: str | Path, ct: CtSeries) -> RtImport:
             result.skipped.append(f"{name}: {reason}")
             result.warnings += warnings
             continue
-        box, crop = _rasterise(polygons, ct.shape)
+        box, crop = rasterise(polygons, ct.shape)
         if crop is None:
             result.skipped.append(f"{name}: its contours enclose no voxel centre (smaller than a voxel?)")
             result.warnings += warnings
@@ -295,7 +295,7 @@ def _slice_polygons(name, sequence, inverse, origin, ct, slice_of_uid, warnings)
         if len(points) < 3:
             degenerate += 1
             continue
-        ijk = np.round((points - origin) @ inverse.T, _INDEX_DECIMALS)
+        ijk = np.round((points - origin) @ inverse.T, INDEX_DECIMALS)
         k = int(np.round(ijk[:, 2].mean()))
         z_mm = float(points[:, 2].mean())
         if np.abs(ijk[:, 2] - k).max() > SLICE_TOLERANCE:
@@ -341,69 +341,9 @@ def _slice_polygons(name, sequence, inverse, origin, ct, slice_of_uid, warnings)
     return polygons, other_kinds
 
 
-def _rasterise(polygons: dict[int, list[np.ndarray]], shape: tuple[int, int, int]):
-    """``(box, crop)`` of the voxels whose centres lie inside (even-odd) their slice's polygons, or (None, None)."""
-    filled = {}
-    for k, polys in polygons.items():
-        got = _fill_slice(polys, shape[1], shape[2])
-        if got is not None:
-            filled[k] = got
-    if not filled:
-        return None, None
-    ks = sorted(filled)
-    y0 = min(f[0] for f in filled.values())
-    x0 = min(f[1] for f in filled.values())
-    y1 = max(f[0] + f[2].shape[0] for f in filled.values())
-    x1 = max(f[1] + f[2].shape[1] for f in filled.values())
-    crop = np.zeros((ks[-1] - ks[0] + 1, y1 - y0, x1 - x0), bool)
-    for k, (y, x, mask) in filled.items():
-        crop[k - ks[0], y - y0:y - y0 + mask.shape[0], x - x0:x - x0 + mask.shape[1]] = mask
-    return (slice(ks[0], ks[-1] + 1), slice(y0, y1), slice(x0, x1)), crop
-
-
-def _fill_slice(polys: list[np.ndarray], height: int, width: int):
-    """Scanline even-odd fill of ``(N, 2)`` (x, y) index polygons on voxel centres: ``(y0, x0, mask)`` or None.
-
-    Rows ``y`` cross an edge when ``min(y_a, y_b) <= y < max(y_a, y_b)``; on a row, a voxel is inside when an odd
-    number of crossings lie at or left of its centre. Work is per crossing, within the polygons' bounding box.
-    """
-    points = np.concatenate(polys)
-    xmin, xmax = max(0, int(np.ceil(points[:, 0].min()))), min(width - 1, int(np.floor(points[:, 0].max())))
-    ymin, ymax = max(0, int(np.ceil(points[:, 1].min()))), min(height - 1, int(np.floor(points[:, 1].max())))
-    if xmin > xmax or ymin > ymax:
-        return None
-    start = np.concatenate(polys)
-    end = np.concatenate([np.roll(p, -1, axis=0) for p in polys])
-    lo, hi = np.minimum(start[:, 1], end[:, 1]), np.maximum(start[:, 1], end[:, 1])
-    first = np.clip(np.ceil(lo), ymin, ymax + 1).astype(np.int64)
-    stop = np.clip(np.ceil(hi), ymin, ymax + 1).astype(np.int64)
-    counts = stop - first
-    edge = np.repeat(np.arange(len(start)), counts)
-    if edge.size == 0:
-        return None
-    row = first[edge] + np.arange(edge.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    xa, ya, xb, yb = start[edge, 0], start[edge, 1], end[edge, 0], end[edge, 1]
-    crossing = np.round(xa + (row - ya) * (xb - xa) / (yb - ya), _INDEX_DECIMALS)
-    column = np.clip(np.ceil(crossing), xmin, xmax + 1).astype(np.int64) - xmin
-    rows, cols = ymax - ymin + 1, xmax - xmin + 2
-    toggles = np.bincount((row - ymin) * cols + column, minlength=rows * cols).reshape(rows, cols)
-    mask = (np.cumsum(toggles[:, :-1], axis=1) & 1).astype(bool)
-    if not mask.any():
-        return None
-    return ymin, xmin, mask
-
-
-# ----------------------------------------------------------------------------------------------- export
-
-
 # ----------------------------------------------------------------------------------------------- synonyms
 
 
 def _normalise(name: str) -> str:
     """See :func:`separeg.rt.organs.normalise_name` (every script kept); a name of punctuation alone stays itself."""
     return normalise_name(name) or str(name)
-
-
-# ----------------------------------------------------------------------------------------------- DICOM cases
-
-
