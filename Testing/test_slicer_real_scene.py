@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer_tier
-from SepaRegSegmentLib.Logic import CONTOUR_MODEL_ATTRIBUTE
+from SepaRegSegmentLib.Provenance import CONTOUR_MODEL_ATTRIBUTE
 from SepaRegSegmentLib.Requests import TrainingCase
 
 from separeg.runtime.background import RunState

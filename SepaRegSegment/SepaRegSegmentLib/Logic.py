@@ -19,17 +19,16 @@ from pathlib import Path
 from separeg.runtime.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
 from separeg.runtime.events import Event, EventType
 from SepaRegSegmentLib.Models import ModelLibrary
+from SepaRegSegmentLib.Provenance import ContourProvenance
 from SepaRegSegmentLib.Requests import (
     SEGMENT_BY_VALUE,
     TRAINING_SET_LABELS,
-    ContourOrigin,
     FinetuneRequest,
     TaskResult,
     TrainingCase,
     labelNamesByValue,
     labelTable,
     labelTableBeside,
-    maskFingerprint,
     matchSegments,
     refuseUselessModel,
     safeName,
@@ -37,15 +36,9 @@ from SepaRegSegmentLib.Requests import (
 )
 
 STOP_FILE = "STOP"
-# Node attributes Auto-contour leaves on its segmentation (saved with the scene): the model that made it
-# ({"model": {"path", "name", "sha256"}, "separeg_version"}, as in the core's segmentation.json) and each segment's
-# name and content fingerprint then ([{"id", "name", "sha256"}]), so Export can tell automatic contours from edited
-# ones.
-CONTOUR_MODEL_ATTRIBUTE = "SepaReg.ContourModel"
-CONTOUR_SEGMENTS_ATTRIBUTE = "SepaReg.ContourSegments"
 
 
-class SegmentLogic(ModelLibrary):
+class SegmentLogic(ModelLibrary, ContourProvenance):
     """Runs the segmentation tasks. ``scene`` is a :class:`SceneIO` (or a fake of it).
 
     Args:
@@ -187,53 +180,6 @@ class SegmentLogic(ModelLibrary):
         return self._start("Auto-contour", "contour", [ct, *extras, "--model", model.path, "--out", out, "--device",
                                                        device],
                            load, logPath=folder / "log.txt")
-
-    # ------------------------------------------------------------------------------------ contour provenance
-    def segmentFingerprints(self, segmentationNode, volumeNode) -> list[dict]:
-        """``[{"id", "name", "sha256"}]``: each segment's name and :func:`maskFingerprint` on the volume's grid."""
-        return [{"id": sid, "name": name,
-                 "sha256": maskFingerprint(self.scene.segmentArray(segmentationNode, sid, volumeNode))}
-                for sid, name in self.scene.segments(segmentationNode)]
-
-    def rememberContourModel(self, segmentationNode, volumeNode, description: dict) -> None:
-        """Record on the node the model of ``description`` (the core's ``segmentation.json``) and the segments as
-        it made them (node attributes, saved with the scene); without a model there, the node is left as it is."""
-        if not description.get("model"):
-            return
-        model = {"model": description["model"], "separeg_version": description.get("separeg_version")}
-        self.scene.setNodeAttribute(segmentationNode, CONTOUR_MODEL_ATTRIBUTE, json.dumps(model))
-        self.scene.setNodeAttribute(segmentationNode, CONTOUR_SEGMENTS_ATTRIBUTE,
-                                    json.dumps(self.segmentFingerprints(segmentationNode, volumeNode)))
-
-    def contourOrigin(self, segmentationNode, volumeNode) -> ContourOrigin | None:
-        """The model that made the segmentation and the segments changed since (compared on ``volumeNode``'s grid,
-        organ by organ), or ``None`` for contours Auto-contour did not make (drawn by hand, imported)."""
-        text = self.scene.nodeAttribute(segmentationNode, CONTOUR_MODEL_ATTRIBUTE)
-        if not text:
-            return None
-        try:
-            model = json.loads(text)
-            made = json.loads(self.scene.nodeAttribute(segmentationNode, CONTOUR_SEGMENTS_ATTRIBUTE) or "null")
-            if not (isinstance(model, dict) and isinstance(model.get("model"), dict) and isinstance(made, list)):
-                raise ValueError("unexpected content")
-            before = {str(s["id"]): (str(s["name"]), str(s["sha256"])) for s in made}
-        except (ValueError, TypeError, KeyError) as exc:
-            self.logMessage.emit(f"{segmentationNode.GetName()}: the record of the model that made it is unreadable "
-                                 f"({exc}); its contours are exported as manual", "warning")
-            return None
-        changes = []
-        now = self.segmentFingerprints(segmentationNode, volumeNode)
-        for segment in now:
-            old = before.pop(segment["id"], None)
-            if old is None:
-                changes.append(f"{segment['name']} added")
-                continue
-            if old[0] != segment["name"]:
-                changes.append(f"{old[0]} renamed {segment['name']}")
-            if old[1] != segment["sha256"]:
-                changes.append(f"{segment['name']} edited")
-        changes += [f"{name} removed" for name, _ in before.values()]
-        return ContourOrigin(model, changes)
 
     # ---------------------------------------------------------------------------------------------- fine-tune
     def writeCase(self, case: TrainingCase, organs: Sequence[str], folder: Path) -> list[str]:
