@@ -5,9 +5,9 @@ PL-Seg's losses when cases annotate different organs (an organ a case does not a
 :mod:`separeg.segment.finetune_objective`); optionally Mean Teacher on unlabelled scans (``--mean-teacher --unlabelled
 ARCHIVE``); class-balanced foreground sampling of square patches (:mod:`separeg.segment.finetune_data`); nnU-Net's
 augmentation without mirroring (:mod:`separeg.segment.augment`); validation by patient after every epoch, the best
-checkpoint by mean DSC kept, early stopping (:mod:`separeg.segment.finetune_validation`); per-organ post-processing
-chosen on the validation cases. Settings: :mod:`separeg.segment.finetune_config`. Resumable like pretraining; writes
-``OUT/model.separeg``.
+checkpoint by mean DSC kept, early stopping (:mod:`separeg.segment.finetune_validation`; which cases train and which
+validate: :mod:`separeg.segment.finetune_cases`); per-organ post-processing chosen on the validation cases.
+Settings: :mod:`separeg.segment.finetune_config`. Resumable like pretraining; writes ``OUT/model.separeg``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from separeg.runtime.training import (
     warmup_lr,
 )
 from separeg.segment.augment import augment_batch
+from separeg.segment.finetune_cases import load_cases
 from separeg.segment.finetune_config import OLD_RECIPE, FinetuneConfig, FinetuneJob
 from separeg.segment.finetune_data import SliceSet, sample_patches
 from separeg.segment.finetune_validation import EpochValidator, choose_postprocessing, predict_slices
@@ -86,7 +87,7 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
     if len(channels) > 1 and cfg.mean_teacher:
         raise InputError("--mean-teacher reads single-volume CT archives; it is not available with several input "
                          "channels yet. Leave out --mean-teacher or train on one channel")
-    cases, train_cases, val_cases, synonyms = _load_cases(job, cfg, table, events)
+    cases, train_cases, val_cases, synonyms = load_cases(job, cfg, table, events)
     spacing = cfg.spacing_xy or tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))
     spec = GridSpec(cfg.hu_window, spacing, channels=channels, context_slices=cfg.context_slices)
     identity = {"data": str(Path(job.data).resolve()),
@@ -166,31 +167,6 @@ def _resolve_label_table(job: FinetuneJob, start: _Start):
         cfg = replace(cfg, spacing_xy=tuple(inputs.spacing_xy), hu_window=tuple(inputs.hu_window),
                       context_slices=inputs.context_slices)
     return table, cfg
-
-
-def _load_cases(job: FinetuneJob, cfg: FinetuneConfig, table, events: Events):
-    """All cases, the training and validation split, and the synonym table used to read DICOM cases."""
-    from separeg.segment.case_loading import load_case
-
-    synonyms = None
-    if job.synonyms is not None:
-        from separeg.rt.dicom_cases import load_synonyms
-
-        synonyms = load_synonyms(job.synonyms)
-    cases = [load_case(c, table, synonyms=synonyms) for c in _case_list(job.data, events)]
-    if job.validation_data is not None:  # a fixed validation set (the experiment protocol)
-        train_cases, val_cases = cases, [load_case(c, table, synonyms=synonyms)
-                                         for c in _case_list(job.validation_data, events)]
-        clash = {c.name for c in train_cases} & {c.name for c in val_cases}
-        if clash:
-            raise InputError(f"case(s) {', '.join(sorted(clash))} are both training and validation cases; "
-                             "a validation case must be unseen in training")
-    else:
-        train_cases, val_cases = _split(cases, cfg)
-    for case in cases + (val_cases if job.validation_data is not None else []):
-        for note in case.warnings:
-            events.warning(note, stage="finetune")
-    return cases, train_cases, val_cases, synonyms
 
 
 def _build_network(start: _Start, spec: GridSpec, n_classes: int, cfg: FinetuneConfig,
@@ -335,28 +311,6 @@ def _input_channels(cfg: FinetuneConfig, init, source) -> tuple:
         raise InputError(f"--channels names {len(channels)} channel(s) ({cfg.channels}) but {source} takes {taken} "
                          f"({', '.join(c.name for c in from_bundle)}); start from a bundle trained on the same inputs")
     return channels
-
-
-def _case_list(data: Path, events: Events) -> list:
-    from separeg.segment.cases import find_cases, read_case_list
-
-    if Path(data).is_file():
-        return read_case_list(data)
-    case_list, unpaired = find_cases(data)
-    if unpaired:
-        events.warning(f"{len(unpaired)} volume(s) without a partner are not used: "
-                       + ", ".join(p.name for p in unpaired[:5]), stage="finetune")
-    return case_list
-
-
-def _split(cases: list, cfg: FinetuneConfig) -> tuple[list, list]:
-    """Training and validation cases: ``cfg.validation_cases`` (default 20 %) drawn with ``cfg.seed``."""
-    n_val = cfg.validation_cases if cfg.validation_cases is not None else (max(1, round(0.2 * len(cases)))
-                                                                            if len(cases) >= 2 else 0)
-    if n_val >= len(cases):
-        raise InputError(f"{len(cases)} case(s) cannot give {n_val} validation case(s) and a training case")
-    order = np.random.default_rng(cfg.seed).permutation(len(cases))
-    return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
 
 
 def _objective(unet: torch.nn.Module, cfg: FinetuneConfig, job: FinetuneJob, table, train_cases: list,
