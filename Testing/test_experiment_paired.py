@@ -56,3 +56,12 @@ def test_arm_means_use_only_the_shared_draws(tmp_path: Path) -> None:
     row = paired_difference(per_patient(tmp_path / "a", "A", 1), per_patient(tmp_path / "b", "B", 1))
     assert row["a_mean"] == pytest.approx(30.0) and row["b_mean"] == pytest.approx(45.0)
     assert row["mean"] == pytest.approx(row["b_mean"] - row["a_mean"])
+
+
+def test_two_runs_of_one_method_are_told_apart_by_name(tmp_path: Path) -> None:
+    """Two settings of the same method (e.g. Random with two fine-tuning recipes) share a method folder name."""
+    _write_run(tmp_path / "a", "Random", 0, {"p0": {"Brainstem": 0.2}, "p1": {"Brainstem": 0.4}})
+    _write_run(tmp_path / "b", "Random", 0, {"p0": {"Brainstem": 0.3}, "p1": {"Brainstem": 0.6}})
+    result, text = compare(tmp_path / "a", "Random", tmp_path / "b", "Random", 1, names=("Random", "Random, gentle"))
+    assert "## Random, gentle − Random" in text and "| Random | Random, gentle |" in text
+    assert set(result["peaks"]) == {"Random", "Random, gentle"} and all(result["peaks"].values())

@@ -83,17 +83,20 @@ def peaks(out: Path, method: str, size: int) -> list[dict]:
     return found
 
 
-def compare(out_a: Path, method_a: str, out_b: Path, method_b: str, size: int) -> tuple[dict, str]:
-    """The paired comparison as a dict and as Markdown."""
+def compare(out_a: Path, method_a: str, out_b: Path, method_b: str, size: int,
+            names: tuple[str, str] | None = None) -> tuple[dict, str]:
+    """The paired comparison as a dict and as Markdown; ``names``: how the two arms are called in the text (default:
+    their method names, which may be equal when the arms are two runs of one method with different settings)."""
     a, b = per_patient(out_a, method_a, size), per_patient(out_b, method_b, size)
+    name_a, name_b = names or (method_a, method_b)
     organs = sorted({o for run in (*a.values(), *b.values()) for p in run.values() for o in p} - {ALL})
     rows = {key: paired_difference(a, b, key) for key in [ALL, *organs]}
-    result = {"a": method_a, "b": method_b, "size": size, "differences": rows,
-              "peaks": {method_a: peaks(out_a, method_a, size), method_b: peaks(out_b, method_b, size)}}
-    lines = [f"## {method_b} − {method_a}, |X_tr| = {size}", "",
+    result = {"a": name_a, "b": name_b, "size": size, "differences": rows,
+              "peaks": {name_a: peaks(out_a, method_a, size), name_b: peaks(out_b, method_b, size)}}
+    lines = [f"## {name_b} − {name_a}, |X_tr| = {size}", "",
              f"Paired by draw and test patient ({rows[ALL].get('draws', 0)} draw(s)); DSC points, mean over patients "
              "with a bootstrap 95 % CI; Wilcoxon signed-rank p.", "",
-             f"| organ | patients | {method_a} | {method_b} | difference | 95 % CI | p |",
+             f"| organ | patients | {name_a} | {name_b} | difference | 95 % CI | p |",
              "|---|---|---|---|---|---|---|"]
     for key, row in rows.items():
         if not row.get("n"):
@@ -115,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_b", type=Path)
     parser.add_argument("method_b")
     parser.add_argument("--size", type=int, default=1)
+    parser.add_argument("--names", nargs=2, metavar=("A", "B"), help="the arms' names in the table (default: methods)")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file; a .json beside it holds the numbers")
     args = parser.parse_args(argv)
-    result, text = compare(args.out_a, args.method_a, args.out_b, args.method_b, args.size)
+    result, text = compare(args.out_a, args.method_a, args.out_b, args.method_b, args.size,
+                           tuple(args.names) if args.names else None)
     with atomic_path(args.out) as tmp:
         tmp.write_text(text, encoding="utf-8")
     with atomic_path(args.out.with_suffix(".json")) as tmp:
