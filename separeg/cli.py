@@ -42,25 +42,22 @@ def _add_sis(parser: argparse.ArgumentParser) -> None:
 
 def _add_pretrain(parser: argparse.ArgumentParser) -> None:
     """The job's flags (archive, --out, running, --workers; PretrainJob's fields) and the config's."""
-    from separeg.pretrain.config import PretrainConfig, PretrainJob
+    from separeg.pretrain.config import PretrainJob
 
-    pretraining = parser.add_argument_group("pretraining")
-    groups = {"running": parser.add_argument_group("running")}
-    add_flags(parser, PretrainJob, groups)
-    add_flags(pretraining, PretrainConfig)
+    add_flags(parser, PretrainJob, {"config": parser.add_argument_group("pretraining"),
+                                    "running": parser.add_argument_group("running")})
 
 
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
     """The job's flags (data, --out, --labels, --init, ..., running; FinetuneJob's fields) and the config's."""
-    from separeg.segment.finetune_config import FinetuneConfig, FinetuneJob
+    from separeg.segment.finetune_config import FinetuneJob
 
     groups = {"finetune": parser.add_argument_group("fine-tuning"),
               "recipe": parser.add_argument_group("recipe (defaults: measured best with one labelled case; "
                                                   "nnU-Net-grade parts are options, see README)"),
               "partial": parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher"),
               "running": parser.add_argument_group("running")}
-    add_flags(groups["finetune"], FinetuneConfig, groups)
-    add_flags(parser, FinetuneJob, groups)
+    add_flags(parser, FinetuneJob, {"config": groups["finetune"], **groups})
 
 
 def _add_patient(parser: argparse.ArgumentParser) -> None:

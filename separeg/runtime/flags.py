@@ -104,10 +104,17 @@ def _default(f: Field) -> Any:
 
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
               groups: dict[str | None, argparse._ArgumentGroup] | None = None) -> None:
-    """Add the flags of ``cls``'s fields to ``parser``; a flag with ``group=key`` goes to ``groups[key]``."""
+    """Add the flags of ``cls``'s fields to ``parser``; a flag with ``group=key`` goes to ``groups[key]``. A field
+    whose default is a config with flags of its own and whose name is a key of ``groups`` (``PretrainJob.config``)
+    has its config's flags added there, in field order (so ``--help`` lists them where the field is)."""
     groups = groups or {}
     exclusive: dict[tuple[str | None, str], argparse._MutuallyExclusiveGroup] = {}
-    for f, spec in flag_fields(cls):
+    for f in fields(cls):
+        spec = f.metadata.get(_KEY)
+        if spec is None:
+            if f.name in groups and is_dataclass(default := _default(f)) and flag_fields(type(default)):
+                add_flags(groups[f.name], type(default), groups)
+            continue
         target = groups.get(spec.group, parser)
         if spec.exclusive is not None:
             key = (spec.group, spec.exclusive)

@@ -136,6 +136,7 @@ class FinetuneJob:
     init: Path | str | None = field(default=None, metadata=flag(  # a path or a model name; random init without it
         "encoder bundle from `separeg pretrain`, or the name of a shipped one (separeg-encoder-hn-ct; see `separeg "
         "models`); random init without it"))
+    config: FinetuneConfig = field(default_factory=FinetuneConfig)
     synonyms: Path | None = field(default=None, metadata=flag(  # for DICOM RTSTRUCT cases (rt.rtstruct.load_synonyms)
         "your RTSTRUCT ROI names -> TG-263 names (JSON or two-column CSV), for DICOM cases", exists=True,
         metavar="TABLE", group="finetune"))
@@ -145,7 +146,6 @@ class FinetuneJob:
     unlabelled: Path | None = field(default=None, metadata=flag(  # for Mean Teacher
         "folder of unlabelled CTs (volumes or DICOM series) for --mean-teacher", exists=True, metavar="ARCHIVE",
         group="partial"))
-    config: FinetuneConfig = field(default_factory=FinetuneConfig)
     device: str = field(default="auto", metadata=flag("auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps",
                                                       group="running"))
     resume: bool = field(default=False, metadata=flag("insist on resuming an existing run", group="running",
