@@ -70,3 +70,21 @@ def test_experiment_runs_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
     assert main(["experiment", str(config), "--out", str(out)]) == 0
     assert (out / "runs" / "Random/n1_d0" / "metrics.csv").stat().st_mtime_ns == stamp
     assert (out / "results.md").exists()
+
+
+def test_a_method_sets_pretraining_settings_including_the_view_augmentation(tmp_path: Path, monkeypatch) -> None:
+    """Issue 22's matched controls set every pretraining setting from the config, the views' augmentation included."""
+    import separeg.pretrain.stages as stages
+    from separeg.experiments import protocol
+    from separeg.runtime.events import Events
+
+    seen = []
+    monkeypatch.setattr(stages, "run_pretrain", lambda job, events: seen.append(job.config) or job.run_dir / "e")
+    config = load_experiment(_config(tmp_path, methods=[{"name": "Old", "pretrain": {
+        "iid": False, "iterations": 40000, "max_magnification": None, "warmup_fraction": 0.0,
+        "augment": {"crop_scale": [0.4, 1.0], "brightness": 0.4, "contrast": 0.4}}}],
+        budget={"pretrain": 0.06, "finetune": 1}))
+    protocol._pretrain(config, config.methods[0], tmp_path / "out", Events())
+    (cfg,) = seen
+    assert cfg.iterations == 2400 and cfg.max_magnification is None and cfg.warmup_fraction == 0.0
+    assert cfg.augment.crop_scale == (0.4, 1.0) and cfg.augment.brightness == 0.4 and cfg.augment.blur_prob == 0.5

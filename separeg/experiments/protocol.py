@@ -82,6 +82,7 @@ def _prepare_case(cfg: ExperimentConfig, case: str, folder: Path) -> list[int]:
 
 
 def _pretrain(cfg: ExperimentConfig, method: Method, out: Path, events: Events) -> Path:
+    from separeg.pretrain.augment import AugmentConfig
     from separeg.pretrain.config import PretrainConfig, PretrainJob
     from separeg.pretrain.stages import run_pretrain
     from separeg.sis.regions import SISConfig
@@ -90,9 +91,11 @@ def _pretrain(cfg: ExperimentConfig, method: Method, out: Path, events: Events) 
     separation = settings.pop("separation", "sis")
     sis = SISConfig(**{**settings.pop("sis", {}), "mode": separation})
     iterations = max(1, round(settings.pop("iterations", PAPER_PRETRAIN_ITERATIONS) * cfg.budget_pretrain))
-    # A method may choose its own encoder ("encoder" in its pretrain and finetune settings).
+    # A method may choose its own encoder ("encoder" in its pretrain and finetune settings) and view augmentation.
+    augment = settings.get("augment", {})
+    augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()})
     config = PretrainConfig(**{"encoder": cfg.encoder, "sis": sis, "iterations": iterations, "seed": cfg.seed,
-                               **settings})
+                               **settings, "augment": augment})
     # Methods with the same pretraining settings share one run: its folder is named by the settings.
     name = json.dumps({"sis": separation, "iterations": iterations, **settings}, sort_keys=True)
     run_dir = out / "pretrain" / hashlib.sha256(name.encode()).hexdigest()[:10]
