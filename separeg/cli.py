@@ -15,7 +15,7 @@ from pathlib import Path
 from separeg import commands, registry
 from separeg.runtime.errors import CancelledError, SepaRegError
 from separeg.runtime.events import Events, JsonLinesSink, TerminalSink
-from separeg.runtime.flags import add_flags, existing_path, positive_int
+from separeg.runtime.flags import WORKERS_HELP, add_flags, existing_path, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -30,8 +30,7 @@ def _add_common(parser: argparse.ArgumentParser, workers: bool = True) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print progress and log events as JSON lines on stdout (for the Slicer modules)")
     if workers:
-        parser.add_argument("--workers", type=positive_int, default=None,
-                            help="CPU threads for reading and separation (default: all cores)")
+        parser.add_argument("--workers", type=positive_int, default=None, help=WORKERS_HELP)
 
 
 def _add_sis(parser: argparse.ArgumentParser) -> None:

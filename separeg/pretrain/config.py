@@ -20,7 +20,7 @@ from separeg.registry import (
     STAGES,
 )
 from separeg.runtime.errors import InputError
-from separeg.runtime.flags import flag, positive_int
+from separeg.runtime.flags import RUN_FLAGS, flag, positive_int
 from separeg.sis.regions import SISConfig
 
 __all__ = ["STAGES", "PretrainConfig", "PretrainJob", "config_differences", "config_from_dict"]
@@ -180,21 +180,15 @@ class PretrainJob:
     run_dir: Path = field(metadata=flag("run directory (resumed when it exists)", name="--out", type=Path,
                                         required=True))
     config: PretrainConfig = field(default_factory=PretrainConfig)
-    device: str = field(default="auto", metadata=flag("auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps",
-                                                      group="running"))
-    resume: bool = field(default=False, metadata=flag("insist on resuming an existing run", group="running",
-                                                      exclusive="mode"))
-    restart: bool = field(default=False, metadata=flag("discard the run's progress and start over", group="running",
-                                                       exclusive="mode"))
-    stop_file: Path | None = field(default=None, metadata=flag(
-        "stop cleanly (checkpoint first) when this file appears; used by Slicer", type=Path, group="running"))
-    checkpoint_minutes: float = field(default=10.0, metadata=flag("save at least this often (%(default)s minutes)",
-                                                                  group="running"))
+    device: str = field(default="auto", metadata=RUN_FLAGS["device"])
+    resume: bool = field(default=False, metadata=RUN_FLAGS["resume"])
+    restart: bool = field(default=False, metadata=RUN_FLAGS["restart"])
+    stop_file: Path | None = field(default=None, metadata=RUN_FLAGS["stop_file"])
+    checkpoint_minutes: float = field(default=10.0, metadata=RUN_FLAGS["checkpoint_minutes"])
     stages: tuple[str, ...] = field(default=STAGES, metadata=flag(
         f"comma-separated subset of {','.join(STAGES)}", group="running",
         type=lambda text: tuple(s.strip() for s in text.split(",") if s.strip())))
-    workers: int | None = field(default=None, metadata=flag(
-        "CPU threads for reading and separation (default: all cores)", type=positive_int))
+    workers: int | None = field(default=None, metadata=RUN_FLAGS["workers"])
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]

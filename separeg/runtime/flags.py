@@ -20,7 +20,8 @@ from dataclasses import MISSING, Field, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Flag", "flag", "add_flags", "config_from_args", "existing_path", "flag_fields", "positive_int"]
+__all__ = ["Flag", "flag", "add_flags", "config_from_args", "existing_path", "flag_fields", "positive_int", "RUN_FLAGS",
+           "WORKERS_HELP"]
 
 _KEY = "separeg.flag"
 
@@ -151,3 +152,18 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> A
         elif is_dataclass(default := _default(f)) and flag_fields(type(default)):
             values[f.name] = config_from_args(type(default), args)
     return cls(**values, **overrides)
+
+
+WORKERS_HELP = "CPU threads for reading and separation (default: all cores)"
+
+#: The flags every training job shares (``PretrainJob``, ``FinetuneJob``), written once here:
+#: ``field(default=..., metadata=RUN_FLAGS[name])``.
+RUN_FLAGS: dict[str, dict[str, Flag]] = {
+    "device": flag("auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps", group="running"),
+    "resume": flag("insist on resuming an existing run", group="running", exclusive="mode"),
+    "restart": flag("discard the run's progress and start over", group="running", exclusive="mode"),
+    "stop_file": flag("stop cleanly (checkpoint first) when this file appears; used by Slicer", type=Path,
+                      group="running"),
+    "checkpoint_minutes": flag("save at least this often (%(default)s minutes)", group="running"),
+    "workers": flag(WORKERS_HELP, type=positive_int),
+}

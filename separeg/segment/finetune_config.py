@@ -26,7 +26,7 @@ from separeg.registry import (
     SCHEDULES,
 )
 from separeg.runtime.errors import InputError
-from separeg.runtime.flags import flag, positive_int
+from separeg.runtime.flags import RUN_FLAGS, flag, positive_int
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "OLD_RECIPE", "NNUNET_RECIPE", "SCHEDULES", "POSTPROCESSING_MODES"]
 
@@ -146,13 +146,8 @@ class FinetuneJob:
     unlabelled: Path | None = field(default=None, metadata=flag(  # for Mean Teacher
         "folder of unlabelled CTs (volumes or DICOM series) for --mean-teacher", exists=True, metavar="ARCHIVE",
         group="partial"))
-    device: str = field(default="auto", metadata=flag("auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps",
-                                                      group="running"))
-    resume: bool = field(default=False, metadata=flag("insist on resuming an existing run", group="running",
-                                                      exclusive="mode"))
-    restart: bool = field(default=False, metadata=flag("discard the run's progress and start over", group="running",
-                                                       exclusive="mode"))
-    stop_file: Path | None = field(default=None, metadata=flag(
-        "stop cleanly (checkpoint first) when this file appears; used by Slicer", type=Path, group="running"))
-    checkpoint_minutes: float = field(default=10.0, metadata=flag("save at least this often (%(default)s minutes)",
-                                                                  group="running"))
+    device: str = field(default="auto", metadata=RUN_FLAGS["device"])
+    resume: bool = field(default=False, metadata=RUN_FLAGS["resume"])
+    restart: bool = field(default=False, metadata=RUN_FLAGS["restart"])
+    stop_file: Path | None = field(default=None, metadata=RUN_FLAGS["stop_file"])
+    checkpoint_minutes: float = field(default=10.0, metadata=RUN_FLAGS["checkpoint_minutes"])
