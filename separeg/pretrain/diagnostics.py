@@ -55,18 +55,21 @@ class DistillTerms:
 
     def __init__(self, run) -> None:
         self.path = Path(run.root) / DISTILL_TERMS
-        self.kl: list[float] = []
-        self.cosine: list[float] = []
+        # Kept on the device until save(): a float() per step would wait for the GPU every step, which the
+        # training loop avoids (it syncs only every log_every steps).
+        self.kl: list[torch.Tensor] = []
+        self.cosine: list[torch.Tensor] = []
 
     def add(self, kl: torch.Tensor, cosine: torch.Tensor | None) -> None:
-        self.kl.append(float(kl.detach()))
+        self.kl.append(kl.detach())
         if cosine is not None:
-            self.cosine.append(float(cosine.detach()))
+            self.cosine.append(cosine.detach())
 
     def save(self) -> None:
-        def summary(values: list[float]) -> dict | None:
-            if not values:
+        def summary(terms: list[torch.Tensor]) -> dict | None:
+            if not terms:
                 return None
+            values = torch.stack(terms).float().cpu().numpy()
             tenth = max(1, len(values) // 10)
             return {"first": float(np.mean(values[:tenth])), "last": float(np.mean(values[-tenth:])),
                     "steps": len(values)}
