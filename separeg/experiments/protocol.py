@@ -92,8 +92,7 @@ def _pretrain(cfg: ExperimentConfig, method: Method, out: Path, events: Events) 
     sis = SISConfig(**{**settings.pop("sis", {}), "mode": separation})
     iterations = max(1, round(settings.pop("iterations", PAPER_PRETRAIN_ITERATIONS) * cfg.budget_pretrain))
     # A method may choose its own encoder ("encoder" in its pretrain and finetune settings) and view augmentation.
-    augment = settings.get("augment", {})
-    augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()})
+    augment = AugmentConfig.from_dict(settings.get("augment", {}))
     config = PretrainConfig(**{"encoder": cfg.encoder, "sis": sis, "iterations": iterations, "seed": cfg.seed,
                                **settings, "augment": augment})
     # Methods with the same pretraining settings share one run: its folder is named by the settings.

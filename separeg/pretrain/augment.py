@@ -60,6 +60,11 @@ class AugmentConfig:
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> AugmentConfig:
+        """From JSON (``config.json``, an experiment config): lists become the (low, high) pairs."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio", "blur_sigma"):
             value = getattr(self, name)

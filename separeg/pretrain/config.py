@@ -201,8 +201,7 @@ class PretrainJob:
 def config_from_dict(data: dict) -> PretrainConfig:
     values = dict(data)
     values["sis"] = SISConfig(**{**values["sis"], "hu_window": tuple(values["sis"]["hu_window"])})
-    augment = values["augment"]
-    values["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()})
+    values["augment"] = AugmentConfig.from_dict(values["augment"])
     values["stage_fractions"] = tuple(values["stage_fractions"])
     known = {f.name for f in fields(PretrainConfig)}
     return PretrainConfig(**{k: v for k, v in values.items() if k in known})
