@@ -124,7 +124,7 @@ def _features_of(extract: _Features, images: torch.Tensor, stride: int, batch: i
 
 def probe_encoder(arch: str, state: dict | None, train, val, cfg: ProbeConfig, device: torch.device) -> dict:
     """Train the linear head on ``train`` (a :class:`SliceSet`) over frozen features; DSC per organ on ``val``."""
-    from separeg.segment.finetune_validation import organ_scores
+    from separeg.segment.finetune_validation import by_organ, case_organ_scores
     from separeg.segment.losses import marginal_dice_ce
 
     n_classes = train.annotated.shape[1]
@@ -157,26 +157,12 @@ def probe_encoder(arch: str, state: dict | None, train, val, cfg: ProbeConfig, d
             predictions.append(F.interpolate(head(x), size=val.images.shape[-2:], mode="bilinear",
                                              align_corners=False).argmax(1))
     prediction = torch.cat(predictions)
-    scores = organ_scores(prediction, val)
-    per_case = {}
-    for case_index, name in enumerate(val.names):
-        rows = torch.as_tensor(np.flatnonzero(val.case_of == case_index), device=device)
-        values = [s for s in _case_scores(prediction[rows], val.labels[rows], val.annotated[rows[0]])]
-        per_case[name] = float(np.mean(values)) if values else None
-    organs = {str(k): float(np.mean(v)) for k, v in sorted(scores.items())}
+    by_case = case_organ_scores(prediction, val)
+    per_case = {name: float(np.mean(list(by_case[i].values()))) if by_case.get(i) else None
+                for i, name in enumerate(val.names)}
+    organs = {str(k): float(np.mean(v)) for k, v in sorted(by_organ(by_case).items())}
     return {"organs": organs, "all": float(np.mean(list(organs.values()))) if organs else 0.0,
             "per_case": per_case, "feature_channels": int(feats.shape[1]), "final_loss": float(loss.detach())}
-
-
-def _case_scores(prediction: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor) -> list[float]:
-    from separeg.segment.finetune_validation import _dsc
-
-    out = []
-    for organ in torch.nonzero(annotated).flatten().tolist()[1:]:
-        score = _dsc(prediction == organ, labels == organ)
-        if score is not None:
-            out.append(score)
-    return out
 
 
 def _load(data: Path, names: list[str], table) -> list:

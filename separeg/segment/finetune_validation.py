@@ -15,7 +15,8 @@ from separeg.runtime.events import Events
 from separeg.runtime.training import Runtime, save_checkpoint
 from separeg.segment.finetune_data import SliceSet
 
-__all__ = ["predict_slices", "organ_scores", "validate", "choose_postprocessing", "EpochValidator"]
+__all__ = ["predict_slices", "case_organ_scores", "by_organ", "organ_scores", "validate", "choose_postprocessing",
+           "EpochValidator"]
 
 
 @torch.no_grad()
@@ -36,18 +37,33 @@ def _dsc(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> flo
     return 2.0 * float((pred & ref).sum()) / total if total else None
 
 
-def organ_scores(prediction: torch.Tensor, slices: SliceSet) -> dict[int, list[float]]:
-    """DSC per annotated organ, one value per case (3D over the case's slices); organs neither predicted nor
-    present in a case are not scored there."""
-    scores: dict[int, list[float]] = {}
+def case_organ_scores(prediction: torch.Tensor, slices: SliceSet) -> dict[int, dict[int, float]]:
+    """``{case index: {organ: DSC}}``, 3D over each case's slices, annotated organs only; organs neither predicted
+    nor present in a case are not scored there."""
+    scores: dict[int, dict[int, float]] = {}
     for case in np.unique(slices.case_of):
         rows = torch.as_tensor(np.flatnonzero(slices.case_of == case), device=prediction.device)
         pred, ref = prediction[rows], slices.labels[rows]
+        scores[int(case)] = {}
         for organ in torch.nonzero(slices.annotated[rows[0]]).flatten().tolist()[1:]:
             score = _dsc(pred == organ, ref == organ)
             if score is not None:
-                scores.setdefault(organ, []).append(score)
+                scores[int(case)][organ] = score
     return scores
+
+
+def by_organ(case_scores: dict[int, dict[int, float]]) -> dict[int, list[float]]:
+    """:func:`case_organ_scores` regrouped: ``{organ: [DSC of each case that scored it]}``."""
+    scores: dict[int, list[float]] = {}
+    for organs in case_scores.values():
+        for organ, score in organs.items():
+            scores.setdefault(organ, []).append(score)
+    return scores
+
+
+def organ_scores(prediction: torch.Tensor, slices: SliceSet) -> dict[int, list[float]]:
+    """DSC per annotated organ, one value per case (3D over the case's slices)."""
+    return by_organ(case_organ_scores(prediction, slices))
 
 
 def validate(model: torch.nn.Module, slices: SliceSet, runtime: Runtime, batch: int = 32) -> dict[str, float]:
