@@ -50,6 +50,14 @@ def test_probe_command_writes_markdown_and_json(data: Path, tmp_path: Path, caps
     assert main(["--data", str(data), "--train", "pt_1", "--validation", "pt_203", "--encoder", "random",
                  "--out", str(out)]) == 2
     assert "NAME=SOURCE" in capsys.readouterr().err
+    not_a_bundle = tmp_path / "notes.txt"
+    not_a_bundle.write_text("not a model")
+    assert main(["--data", str(data), "--train", "pt_1", "--validation", "pt_203", "--encoder", f"x={not_a_bundle}",
+                 "--out", str(out)]) == 2
+    assert "is not a SepaReg bundle" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path / "missing"), "--train", "pt_1", "--validation", "pt_203", "--encoder",
+                 "random=random", "--out", str(out)]) == 2
+    assert "is not a folder of labelled cases" in capsys.readouterr().err
 
 
 def test_probe_of_a_run_goes_into_its_report(data: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from separeg.runtime.errors import InputError
+from separeg.runtime.errors import InputError, SepaRegError
 
 __all__ = ["ProbeConfig", "probe_encoders", "encoder_sources", "probe_markdown", "main"]
 
@@ -238,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="probe.md to write (and probe.json beside it)")
     args = parser.parse_args(argv)
     try:
+        if not args.data.is_dir():
+            raise InputError(f"--data {args.data} is not a folder of labelled cases")
         states, arch = encoder_sources(args.encoder, args.run)
         if not states:
             raise InputError("nothing to probe: give --encoder NAME=SOURCE and/or --run RUN_DIR")
         report = probe_encoders(states, arch or args.arch, args.data, args.train, args.validation, args.labels,
                                 ProbeConfig(steps=args.steps, seed=args.seed), args.device)
-    except InputError as exc:
+    except SepaRegError as exc:  # bad input, an unreadable bundle: say what, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from separeg.runtime.atomic import atomic_path
