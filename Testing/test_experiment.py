@@ -46,6 +46,16 @@ def test_plan_is_deterministic_and_checks_the_splits(tmp_path: Path) -> None:
         load_experiment(_config(tmp_path, test=["pt_999"]))
     with pytest.raises(InputError, match="exceeds the training pool"):
         load_experiment(_config(tmp_path, train_sizes=[3]))
+    with pytest.raises(InputError, match="seeds must be distinct"):
+        load_experiment(_config(tmp_path, seeds=[0, 0]))
+
+
+def test_fine_tuning_seeds_run_on_the_same_draws_in_their_own_folders(tmp_path: Path) -> None:
+    runs = plan_runs(load_experiment(_config(tmp_path, seeds=[0, 3], methods=[{"name": "Random"}])))
+    assert [r.key for r in runs] == ["Random/n1_d0", "Random/n1_d1", "Random/n1_d0_s3", "Random/n1_d1_s3"]
+    assert [r.seed for r in runs] == [0, 0, 3, 3] and runs[0].cases == runs[2].cases
+    unseeded = plan_runs(load_experiment(_config(tmp_path, methods=[{"name": "Random"}])))
+    assert [r.cases for r in unseeded] == [r.cases for r in runs[:2]]  # the seeds do not change the draws
 
 
 def test_experiment_runs_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
@@ -56,11 +66,11 @@ def test_experiment_runs_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
         rows = list(csv.DictReader(open(out / "runs" / key / "metrics.csv", encoding="utf-8")))
         assert {r["case"] for r in rows} == {"pt_5"} and len(rows) == 7
         run = json.loads((out / "runs" / key / "run.json").read_text())
-        assert run["device"].startswith("CPU") and len(run["cases"]) == 1
+        assert run["device"].startswith("CPU") and len(run["cases"]) == 1 and run["seed"] == 0
     assert len(list((out / "pretrain").iterdir())) == 1
     report = (out / "results.md").read_text()
     assert "| Random | SepaReg |" in report and "All OARs" in report and "budget 1 x the paper's" in report
-    assert "finished draws: Random 1/1, SepaReg 1/1" in report
+    assert "finished runs: Random 1/1, SepaReg 1/1" in report
     assert (out / "boxplots_n1.png").stat().st_size > 0 and (out / "learning_curve.png").stat().st_size > 0
     rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
     assert {r["method"] for r in rows} == {"Random", "SepaReg"}

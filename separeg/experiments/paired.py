@@ -1,8 +1,8 @@
 """Paired comparison of two experiment arms on the same test patients, draws and seeds (``separeg experiment``).
 
-For every draw of X_tr that both arms finished, each test patient's all-organ DSC (mean over the organs its
-reference contours; a missed organ counts 0) is paired between the arms; a patient's difference is averaged over
-the draws, so patients, not runs, are the unit. Reported: the mean difference B - A in DSC points with a
+For every run (draw of X_tr x fine-tuning seed) that both arms finished, each test patient's all-organ DSC (mean
+over the organs its reference contours; a missed organ counts 0) is paired between the arms; a patient's difference
+is averaged over the runs, so patients, not runs, are the unit. Reported: the mean difference B - A in DSC points with a
 percentile-bootstrap 95 % confidence interval over patients (10,000 resamples, fixed seed), the Wilcoxon
 signed-rank p, the same per organ, and the epoch/step at which each arm's fine-tuning peaked on its validation
 cases (so a reader can see both arms converged inside their budget).
@@ -27,11 +27,12 @@ __all__ = ["per_patient", "paired_difference", "peaks", "compare", "main"]
 ALL = "All OARs"
 
 
-def per_patient(out: Path, method: str, size: int) -> dict[int, dict[str, dict[str, float]]]:
-    """``{draw: {patient: {organ or "All OARs": DSC %}}}`` of one arm's finished runs."""
-    runs: dict[int, dict[str, dict[str, float]]] = {}
+def per_patient(out: Path, method: str, size: int) -> dict[str, dict[str, dict[str, float]]]:
+    """``{run: {patient: {organ or "All OARs": DSC %}}}`` of one arm's finished runs; a run is named by its draw and,
+    for the second and later fine-tuning seeds, its seed (``d0``, ``d0_s1``: the run folder less ``n<size>_``)."""
+    runs: dict[str, dict[str, dict[str, float]]] = {}
     for metrics in sorted((Path(out) / "runs" / method).glob(f"n{size}_d*/metrics.csv")):
-        draw = int(metrics.parent.name.split("_d")[1])
+        run = metrics.parent.name.removeprefix(f"n{size}_")
         patients: dict[str, dict[str, float]] = defaultdict(dict)
         with open(metrics, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
@@ -40,34 +41,35 @@ def per_patient(out: Path, method: str, size: int) -> dict[int, dict[str, dict[s
                     patients[row["case"]][row["name"]] = 100.0 * dsc
         for organs in patients.values():
             organs[ALL] = float(np.mean(list(organs.values())))
-        runs[draw] = dict(patients)
+        runs[run] = dict(patients)
     return runs
 
 
 def paired_difference(a: dict, b: dict, key: str = ALL, *, resamples: int = 10_000, seed: int = 0) -> dict:
-    """B - A over the patients both arms scored on ``key`` in shared draws (differences averaged over draws)."""
+    """B - A over the patients both arms scored on ``key`` in shared runs (differences averaged over runs)."""
     from scipy.stats import wilcoxon
 
     differences: dict[str, list[float]] = defaultdict(list)
-    for draw in sorted(set(a) & set(b)):
-        for patient in sorted(set(a[draw]) & set(b[draw])):
-            if key in a[draw][patient] and key in b[draw][patient]:
-                differences[patient].append(b[draw][patient][key] - a[draw][patient][key])
+    shared = sorted(set(a) & set(b))
+    for run in shared:
+        for patient in sorted(set(a[run]) & set(b[run])):
+            if key in a[run][patient] and key in b[run][patient]:
+                differences[patient].append(b[run][patient][key] - a[run][patient][key])
     d = np.array([np.mean(v) for v in differences.values()])
     if len(d) == 0:
-        return {"n": 0, "draws": 0}
-    shared = sorted(set(a) & set(b))
+        return {"n": 0, "runs": 0, "draws": 0, "seeds": 0}
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(1)
     p = float(wilcoxon(d).pvalue) if len(d) >= 2 and np.any(d != 0) else None
-    return {"n": len(d), "draws": len(set(a) & set(b)), "mean": float(d.mean()),
+    return {"n": len(d), "runs": len(shared), "draws": len({r.split("_s")[0] for r in shared}),
+            "seeds": len({r.partition("_s")[2] for r in shared}), "mean": float(d.mean()),
             "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))], "wilcoxon_p": p,
             "a_mean": _arm_mean(a, shared, differences, key), "b_mean": _arm_mean(b, shared, differences, key)}
 
 
-def _arm_mean(arm: dict, draws: list[int], patients: dict, key: str) -> float:
-    """One arm's mean over the paired patients, each averaged over the shared draws (as the differences are)."""
-    values = [np.mean([arm[d][p][key] for d in draws if p in arm[d] and key in arm[d][p]]) for p in patients]
+def _arm_mean(arm: dict, runs: list[str], patients: dict, key: str) -> float:
+    """One arm's mean over the paired patients, each averaged over the shared runs (as the differences are)."""
+    values = [np.mean([arm[r][p][key] for r in runs if p in arm[r] and key in arm[r][p]]) for p in patients]
     return float(np.mean(values))
 
 
@@ -94,7 +96,8 @@ def compare(out_a: Path, method_a: str, out_b: Path, method_b: str, size: int,
     result = {"a": name_a, "b": name_b, "size": size, "differences": rows,
               "peaks": {name_a: peaks(out_a, method_a, size), name_b: peaks(out_b, method_b, size)}}
     lines = [f"## {name_b} − {name_a}, |X_tr| = {size}", "",
-             f"Paired by draw and test patient ({rows[ALL].get('draws', 0)} draw(s)); DSC points, mean over patients "
+             f"Paired by run and test patient ({rows[ALL].get('draws', 0)} draw(s) x {rows[ALL].get('seeds', 0)} "
+             "fine-tuning seed(s)); DSC points, mean over patients "
              "with a bootstrap 95 % CI; Wilcoxon signed-rank p.", "",
              f"| organ | patients | {name_a} | {name_b} | difference | 95 % CI | p |",
              "|---|---|---|---|---|---|---|"]

@@ -48,8 +48,13 @@ class ExperimentConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)  # shared PretrainConfig settings
     finetune: dict[str, Any] = field(default_factory=dict)  # shared FinetuneConfig settings
     hide_fraction: float = 0.0
-    seed: int = 0
+    seed: int = 0  # draws of X_tr, pretraining, and fine-tuning unless ``seeds`` is given
+    seeds: list[int] = field(default_factory=list)  # fine-tuning seeds, each run on every draw (default [seed])
     device: str = "auto"
+
+    @property
+    def finetune_seeds(self) -> list[int]:
+        return list(self.seeds) or [self.seed]
 
     @property
     def budget_text(self) -> str:
@@ -64,10 +69,17 @@ class RunSpec:
     size: int
     draw: int
     cases: tuple[str, ...]
+    seed: int = 0  # fine-tuning seed
+    first_seed: bool = True  # the config's first fine-tuning seed: its runs keep the seedless folder name
+
+    @property
+    def folder(self) -> str:
+        """``n<size>_d<draw>``, with ``_s<seed>`` for the second and later fine-tuning seeds."""
+        return f"n{self.size}_d{self.draw}" + ("" if self.first_seed else f"_s{self.seed}")
 
     @property
     def key(self) -> str:
-        return f"{self.method.name}/n{self.size}_d{self.draw}"
+        return f"{self.method.name}/{self.folder}"
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
@@ -115,16 +127,21 @@ def _check(cfg: ExperimentConfig) -> None:
         raise InputError(f"{cfg.data} has no labels.json")
     if max(cfg.train_sizes) > len(cfg.train_pool):
         raise InputError(f"train size {max(cfg.train_sizes)} exceeds the training pool ({len(cfg.train_pool)})")
+    if len(set(cfg.finetune_seeds)) != len(cfg.finetune_seeds):
+        raise InputError(f"experiment seeds must be distinct, got {cfg.seeds}")
     if not 0.0 <= cfg.hide_fraction < 1.0:
         raise InputError("hide_fraction must be in [0, 1)")
 
 
 def plan_runs(cfg: ExperimentConfig) -> list[RunSpec]:
-    """Runs in the order they should be done: per size (smallest first), per method (config order), per draw."""
+    """Runs in the order they should be done: per size (smallest first), per method (config order), per
+    fine-tuning seed, per draw. The draws depend on ``seed`` only, so every fine-tuning seed sees the same X_tr."""
     runs = []
     for size in sorted(cfg.train_sizes):
         draws = [tuple(sorted(np.random.default_rng([cfg.seed, size, d]).choice(cfg.train_pool, size, replace=False)
                               .tolist())) for d in range(cfg.draws.get(size, 1))]
+        seeds = cfg.finetune_seeds
         for method in cfg.methods:
-            runs += [RunSpec(method, size, d, cases) for d, cases in enumerate(draws)]
+            runs += [RunSpec(method, size, d, cases, seed, seed == seeds[0])
+                     for seed in seeds for d, cases in enumerate(draws)]
     return runs

@@ -144,7 +144,7 @@ def _finetune_and_test(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None
                        events: Events) -> Path:
     from separeg.evaluate.job import EvaluateJob, run_evaluate
 
-    run_dir = out / "runs" / run.method.name / f"n{run.size}_d{run.draw}"
+    run_dir = out / "runs" / run.method.name / run.folder
     data = run_dir / "data"
     hidden = {case: _prepare_case(cfg, case, data) for case in run.cases}
     shutil.copy(cfg.data / "labels.json", data / "labels.json")
@@ -183,8 +183,9 @@ def _model_contourer(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, 
         _link(cfg.data / f"{case}_oar.nii.gz", validation / f"{case}_oar.nii.gz")
     settings = {"encoder": cfg.encoder, **cfg.finetune, **run.method.finetune}
     epochs = max(1, round(settings.pop("epochs", PAPER_FINETUNE_EPOCHS) * cfg.budget_finetune))
-    config = FinetuneConfig(epochs=epochs, seed=cfg.seed, **settings)
-    write_json({"method": run.method.name, "size": run.size, "draw": run.draw, "cases": list(run.cases),
+    config = FinetuneConfig(epochs=epochs, seed=run.seed, **settings)
+    write_json({"method": run.method.name, "size": run.size, "draw": run.draw, "seed": run.seed,
+                "cases": list(run.cases),
                 "hidden_organs": hidden, "encoder": str(encoder) if encoder else None, "epochs": epochs,
                 "device": _device_name(cfg.device)},
                run_dir / "run.json")
@@ -214,7 +215,7 @@ def run_experiment(config_path: str | Path, out: str | Path, events: Events | No
     events.log(f"{cfg.name}: {len(runs)} run(s), {len(cfg.test)} test case(s), {cfg.budget_text}",
                stage="experiment")
     for i, run in enumerate(runs, 1):
-        metrics = out / "runs" / run.method.name / f"n{run.size}_d{run.draw}" / "metrics.csv"
+        metrics = out / "runs" / run.method.name / run.folder / "metrics.csv"
         events.progress("experiment", i - 1, len(runs), msg=run.key)
         if metrics.exists():
             continue

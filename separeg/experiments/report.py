@@ -1,8 +1,9 @@
 """The report of an experiment (:mod:`separeg.experiments.protocol`), rebuilt from whatever runs have finished.
 
 Per method and training-set size: DSC (%) and HD95 (mm) per organ and over all organs, mean ± standard error
-over the test patients (a patient's value is first averaged over the draws of X_tr; a missed organ counts
-DSC 0 and has no HD95; an organ counts only in patients whose reference contours it), and the seconds it took
+over the test patients (a patient's value is first averaged over its runs, draws of X_tr x fine-tuning seeds; a
+missed organ counts DSC 0 and has no HD95; an organ counts only in patients whose reference contours it), and the
+seconds it took
 to contour a test case (``seconds.json`` of each run; mean ± standard error over the test cases). Written as
 ``results.md`` (the paper's table layout), ``results.csv``, ``boxplots_n<size>.png`` and ``learning_curve.png``.
 """
@@ -28,7 +29,7 @@ ALL = "All OARs"
 
 
 def collect(cfg, out: Path) -> dict[tuple[str, int], dict[str, dict[str, list[tuple[float, float | None]]]]]:
-    """``{(method, size): {organ: {patient: [(dsc, hd95), ...one per finished draw]}}}`` for finished runs."""
+    """``{(method, size): {organ: {patient: [(dsc, hd95), ...one per finished run (draw x seed)]}}}``."""
     results: dict = {}
     for method in cfg.methods:
         for size in cfg.train_sizes:
@@ -121,7 +122,7 @@ def write_report(cfg, out: Path) -> Path:
                  f"encoder {cfg.encoder}") + f"; device: {_device(out)}; written {datetime.date.today().isoformat()}.",
              f"Organ annotations hidden from training cases: {100 * cfg.hide_fraction:.0f} %." if cfg.hide_fraction
              else "", "DSC % and HD95 mm, mean ± standard error over test patients (each patient averaged over the "
-             "draws of X_tr).", ""]
+             "runs: draws of X_tr x fine-tuning seeds).", ""]
     rows = [["method", "size", "organ", "n", "dsc_mean", "dsc_se", "hd95_mean", "hd95_se", "runs", "seconds_mean",
              "seconds_se"]]
     for size in sorted(cfg.train_sizes):
@@ -131,7 +132,7 @@ def write_report(cfg, out: Path) -> Path:
         done = ", ".join(f"{m} {len(list((out / 'runs' / m).glob(f'n{size}_d*/metrics.csv')))}/"
                          f"{planned[(m, size)]}" for m in methods)
         for metric, unit in (("dsc", "DSC %"), ("hd95", "HD95 mm")):
-            lines += [f"## |X_tr| = {size}: {unit} (finished draws: {done})", "",
+            lines += [f"## |X_tr| = {size}: {unit} (finished runs: {done})", "",
                       "| organ | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
             hidden = _hidden_counts(cfg, out, size, {lb.value: lb.tg263 or lb.name for lb in table})
             for organ in organ_order:
