@@ -3,9 +3,10 @@
 Instant Auto-contour of the unseen cases with the shipped starter model (``hn-oar-7``, MODELS.md) -> archive
 scan -> SIS (overlays, organ coverage) -> SepaReg pretraining (all stages, a demonstration budget) -> fine-tuning
 on TWO labelled cases (validated on a third) with the default recipe, from the shipped pretrained encoder
-(``separeg-encoder-hn-ct`` v2: 6,000 iterations on 37 OpenKBP training CTs, none of the demo's test cases) and, for comparison, from random weights -> Auto-contour of
-unseen cases (the shipped-encoder model's contours also exported as RTSTRUCT and DICOM SEG, which reference a DICOM
-copy of the NIfTI CT) -> evaluation against their reference contours -> ``report.md``.
+(``separeg-encoder-hn-ct`` v2: 6,000 iterations on 37 OpenKBP training CTs, none of the demo's test cases) and,
+for comparison, from random weights -> Auto-contour of unseen cases (the shipped-encoder model's contours also
+exported as RTSTRUCT and DICOM SEG, which reference a DICOM copy of the NIfTI CT) -> evaluation against their
+reference contours -> ``report.md``.
 """
 
 from __future__ import annotations
