@@ -1,0 +1,95 @@
+"""Post-processing ablation of a segmentation model on test patients (issue 21): the model's own post-processing
+(largest component and hole filling per organ, as its fine-tuning chose them) against each step switched off,
+paired per patient (``separeg.experiments.paired``).
+
+    python Testing/experiments/postprocessing_ablation.py --model hn-oar-7 --out /tmp/pp \
+        --config Testing/experiments/openkbp_random_cpu.json
+
+The test patients are the config's ``test`` cases (its ``data`` folder holds ``<case>_ct.nii.gz`` and
+``<case>_oar.nii.gz``). Each variant's metrics go to ``OUT/runs/<variant>/n0_d0/metrics.csv`` (the experiment
+layout the paired comparison reads); ``OUT/postprocessing.md`` and ``.json`` hold the comparisons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from separeg.evaluate.job import EvaluateJob, run_evaluate
+from separeg.experiments.paired import compare
+from separeg.experiments.plan import load_experiment
+from separeg.runtime.atomic import atomic_path
+from separeg.segment.contour import ContourJob, run_contour
+
+VARIANTS = {"as shipped": (True, True), "no largest component": (False, True), "no hole filling": (True, False),
+            "none": (False, False)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="segmentation bundle or shipped model name")
+    parser.add_argument("--config", type=Path, required=True, help="experiment config naming the data and test cases")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    cfg = load_experiment(args.config)
+    references = args.out / "references"
+    references.mkdir(parents=True, exist_ok=True)
+    for case in cfg.test:
+        shutil.copy(cfg.data / f"{case}_oar.nii.gz", references / f"{case}.nii.gz")
+    for variant, (largest, fill) in VARIANTS.items():
+        run = args.out / "runs" / variant / "n0_d0"
+        if (run / "metrics.csv").exists():
+            continue
+        start = time.perf_counter()
+        for case in cfg.test:
+            result = run_contour(ContourJob(volume=cfg.data / f"{case}_ct.nii.gz", model=args.model,
+                                            out_dir=run / "contour" / case, device="cpu",
+                                            largest_component=largest, fill_holes=fill))
+            (run / "predictions").mkdir(parents=True, exist_ok=True)
+            shutil.move(result.segmentation, run / "predictions" / f"{case}.nii.gz")
+        per_case = round((time.perf_counter() - start) / len(cfg.test), 2)
+        (run / "seconds.json").write_text(json.dumps({"mean_per_case": per_case}), encoding="utf-8")
+        evaluation = run_evaluate(EvaluateJob(pred=run / "predictions", ref=references, out_dir=run / "evaluation",
+                                              labels=cfg.data / "labels.json"))
+        with atomic_path(run / "metrics.csv") as tmp:
+            shutil.copy(evaluation.metrics_csv, tmp)
+    seconds = {v: json.loads((args.out / "runs" / v / "n0_d0" / "seconds.json").read_text())["mean_per_case"]
+               for v in VARIANTS if (args.out / "runs" / v / "n0_d0" / "seconds.json").exists()}
+    results, texts = [], [f"# Post-processing ablation: {args.model} on {len(cfg.test)} test patients", ""]
+    for variant in list(VARIANTS)[1:]:
+        result, text = compare(args.out, "as shipped", args.out, variant, 0)
+        results.append(result)
+        texts.append(text.replace("|X_tr| = 0", f"model {args.model}").split("\nValidation peak")[0])
+    hd95 = {variant: _median_hd95(args.out / "runs" / variant / "n0_d0" / "metrics.csv") for variant in VARIANTS}
+    organs = sorted({organ for table in hd95.values() for organ in table})
+    texts += ["## HD95 mm, median over the patients that have the organ (missed organs left out)", "",
+              "| organ | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+    texts += [f"| {organ} | " + " | ".join(f"{hd95[v].get(organ, float('nan')):.1f}" for v in VARIANTS) + " |"
+              for organ in organs]
+    with atomic_path(args.out / "postprocessing.md") as tmp:
+        tmp.write_text("\n".join(texts), encoding="utf-8")
+    with atomic_path(args.out / "postprocessing.json") as tmp:
+        tmp.write_text(json.dumps({"model": args.model, "test": cfg.test, "comparisons": results,
+                                   "hd95_median": hd95, "seconds_per_case": seconds}, indent=1), encoding="utf-8")
+    print("\n".join(texts))
+    return 0
+
+
+def _median_hd95(metrics: Path) -> dict[str, float]:
+    values: dict[str, list[float]] = defaultdict(list)
+    with open(metrics, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["status"] == "ok" and row["hd95_mm"]:
+                values[row["name"]].append(float(row["hd95_mm"]))
+    return {organ: float(np.median(v)) for organ, v in sorted(values.items())}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
