@@ -3,7 +3,8 @@
 Runs the product's own commands on the public OpenKBP data (MIT licence), each as a ``separeg`` subprocess
 whose command line is recorded in the bundles:
 
-1. ``separeg pretrain`` over all 50 OpenKBP CTs -> the encoder (or ``--init``: start from an existing encoder);
+1. ``separeg pretrain`` over all 50 OpenKBP CTs -> the encoder (or ``--init``: start from an existing encoder;
+   the shipped encoder v2 came from the pretraining of ``Testing/experiments/openkbp_separeg_fixed_cpu.json``);
 2. ``separeg finetune`` from it on the OpenKBP training patients (partial labels: an organ a patient lacks is
    unknown, not background) less the ``--holdout`` ones, which choose the best epoch and the post-processing;
 3. ``separeg contour`` + ``separeg evaluate`` on the 10 OpenKBP validation patients, which no step of training
@@ -13,7 +14,7 @@ whose command line is recorded in the bundles:
 Every step resumes (its run folder is kept in ``--work``), so a killed build continues where it stopped.
 
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter          # CPU budget of MODELS.md
-    python Resources/StarterModels/build_starter_models.py --work /tmp/v2 --init separeg-encoder-hn-ct  # hn-oar-7 v2
+    python Resources/StarterModels/build_starter_models.py --work /tmp/v2 --init separeg-encoder-hn-ct  # (v2: from encoder v1)
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter --encoder resnet50 \\
         --iterations 100000 --epochs 200 --device cuda --models-out /tmp/paper-models       # the paper's budget
 """
