@@ -14,7 +14,7 @@ whose command line is recorded in the bundles:
 Every step resumes (its run folder is kept in ``--work``), so a killed build continues where it stopped.
 
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter          # CPU budget of MODELS.md
-    python Resources/StarterModels/build_starter_models.py --work /tmp/v2 --init separeg-encoder-hn-ct  # (v2: from encoder v1)
+    python Resources/StarterModels/build_starter_models.py --work /tmp/v2 --init separeg-encoder-hn-ct  # hn-oar-7
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter --encoder resnet50 \\
         --iterations 100000 --epochs 200 --device cuda --models-out /tmp/paper-models       # the paper's budget
 """
