@@ -80,5 +80,8 @@ def test_fine_tuning_seeds_pair_run_by_run_and_are_counted(tmp_path: Path) -> No
     assert (row["runs"], row["draws"], row["seeds"]) == (4, 2, 2)
     assert row["mean"] == pytest.approx((10.0 + 20.0) / 2)  # a cross-seed pairing would change p0's difference
     assert row["a_mean"] == pytest.approx((30.0 + 40.0) / 2)
-    _, text = compare(tmp_path / "a", "A", tmp_path / "b", "B", 1)
+    result, text = compare(tmp_path / "a", "A", tmp_path / "b", "B", 1)
     assert "2 draw(s) x 2 fine-tuning seed(s)" in text
+    # p0 differs by 10 points and p1 by 20 in every run: each run's mean difference is 15
+    assert result["per_run"] == pytest.approx({"d0": 15.0, "d0_s1": 15.0, "d1": 15.0, "d1_s1": 15.0})
+    assert "B ahead in 4 of 4" in text

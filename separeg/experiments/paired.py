@@ -22,7 +22,7 @@ import numpy as np
 
 from separeg.runtime.atomic import atomic_path
 
-__all__ = ["per_patient", "paired_difference", "peaks", "compare", "main"]
+__all__ = ["per_patient", "paired_difference", "per_run_difference", "peaks", "compare", "main"]
 
 ALL = "All OARs"
 
@@ -73,6 +73,18 @@ def _arm_mean(arm: dict, runs: list[str], patients: dict, key: str) -> float:
     return float(np.mean(values))
 
 
+def per_run_difference(a: dict, b: dict, key: str = ALL) -> dict[str, float]:
+    """B - A per shared run, mean over the patients both arms scored in it: the spread over draws and seeds that
+    the per-patient CI (patients averaged over runs) does not show."""
+    found = {}
+    for run in sorted(set(a) & set(b)):
+        d = [b[run][p][key] - a[run][p][key] for p in set(a[run]) & set(b[run])
+             if key in a[run][p] and key in b[run][p]]
+        if d:
+            found[run] = float(np.mean(d))
+    return found
+
+
 def peaks(out: Path, method: str, size: int) -> list[dict]:
     """Per finished run: the epoch and step where validation DSC peaked, and the epochs run."""
     found = []
@@ -93,7 +105,8 @@ def compare(out_a: Path, method_a: str, out_b: Path, method_b: str, size: int,
     name_a, name_b = names or (method_a, method_b)
     organs = sorted({o for run in (*a.values(), *b.values()) for p in run.values() for o in p} - {ALL})
     rows = {key: paired_difference(a, b, key) for key in [ALL, *organs]}
-    result = {"a": name_a, "b": name_b, "size": size, "differences": rows,
+    runs = per_run_difference(a, b)
+    result = {"a": name_a, "b": name_b, "size": size, "differences": rows, "per_run": runs,
               "peaks": {name_a: peaks(out_a, method_a, size), name_b: peaks(out_b, method_b, size)}}
     lines = [f"## {name_b} − {name_a}, |X_tr| = {size}", "",
              f"Paired by run and test patient ({rows[ALL].get('draws', 0)} draw(s) x {rows[ALL].get('seeds', 0)} "
@@ -107,6 +120,10 @@ def compare(out_a: Path, method_a: str, out_b: Path, method_b: str, size: int,
         p = "–" if row["wilcoxon_p"] is None else f"{row['wilcoxon_p']:.3f}"
         lines.append(f"| {key} | {row['n']} | {row['a_mean']:.1f} | {row['b_mean']:.1f} | {row['mean']:+.1f} | "
                      f"{row['ci95'][0]:+.1f} to {row['ci95'][1]:+.1f} | {p} |")
+    if runs:
+        lines += ["", f"{ALL} difference per run (mean over its patients; {name_b} ahead in "
+                      f"{sum(v > 0 for v in runs.values())} of {len(runs)}): "
+                      + ", ".join(f"{run} {value:+.1f}" for run, value in runs.items())]
     lines += ["", "Validation peak per run (epoch / step of the best checkpoint, epochs run):", ""]
     for method, found in result["peaks"].items():
         cells = ", ".join(f"{r['run']}: {r['best_epoch']} / {r['best_step']} of {r['epochs_run']}" for r in found)
