@@ -85,3 +85,4 @@ def test_fine_tuning_seeds_pair_run_by_run_and_are_counted(tmp_path: Path) -> No
     # p0 differs by 10 points and p1 by 20 in every run: each run's mean difference is 15
     assert result["per_run"] == pytest.approx({"d0": 15.0, "d0_s1": 15.0, "d1": 15.0, "d1_s1": 15.0})
     assert "B ahead in 4 of 4" in text
+    assert result["run_level"]["mean"] == pytest.approx(15.0) and result["run_level"]["ci95"] == pytest.approx([15, 15])
