@@ -1,12 +1,13 @@
 """Paired comparison of two experiment arms on the same test patients, draws and seeds (``separeg experiment``).
 
 For every run (draw of X_tr x fine-tuning seed) that both arms finished, each test patient's all-organ DSC (mean
-over the organs its reference contours; a missed organ counts 0) is paired between the arms; a patient's difference
-is averaged over the runs, so patients, not runs, are the unit. Reported: the mean difference B - A in DSC points with a
-percentile-bootstrap 95 % confidence interval over patients (10,000 resamples, fixed seed), the Wilcoxon
-signed-rank p, the same per organ, the difference per run with a bootstrap CI over runs (runs as the unit: the
-run-to-run spread of one-case fine-tuning is larger than the patient-to-patient one), and the epoch/step at which each arm's fine-tuning peaked on its validation
-cases (so a reader can see both arms converged inside their budget).
+over the organs its reference contours; a missed organ counts 0) is paired between the arms; a patient's
+difference is averaged over the runs, so patients, not runs, are the unit. Reported: the mean difference B - A in
+DSC points with a percentile-bootstrap 95 % confidence interval over patients (10,000 resamples, fixed seed), the
+Wilcoxon signed-rank p, the same per organ; the difference per run with a bootstrap CI over runs (runs as the
+unit: the run-to-run spread of one-case fine-tuning is larger than the patient-to-patient one); and the
+epoch/step at which each arm's fine-tuning peaked on its validation cases (so a reader can see both arms
+converged inside their budget).
 
     python -m separeg.experiments.paired OUT_A "Method A" OUT_B "Method B" --size 1 --out paired.md
 """
