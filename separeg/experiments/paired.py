@@ -24,7 +24,7 @@ import numpy as np
 
 from separeg.runtime.atomic import atomic_path
 
-__all__ = ["per_patient", "paired_difference", "per_run_difference", "peaks", "compare", "main"]
+__all__ = ["per_patient", "paired_difference", "per_run_difference", "bootstrap_ci", "peaks", "compare", "main"]
 
 ALL = "All OARs"
 
@@ -60,13 +60,17 @@ def paired_difference(a: dict, b: dict, key: str = ALL, *, resamples: int = 10_0
     d = np.array([np.mean(v) for v in differences.values()])
     if len(d) == 0:
         return {"n": 0, "runs": 0, "draws": 0, "seeds": 0}
-    rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(1)
     p = float(wilcoxon(d).pvalue) if len(d) >= 2 and np.any(d != 0) else None
     return {"n": len(d), "runs": len(shared), "draws": len({r.split("_s")[0] for r in shared}),
             "seeds": len({r.partition("_s")[2] for r in shared}), "mean": float(d.mean()),
-            "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))], "wilcoxon_p": p,
+            "ci95": bootstrap_ci(d, resamples, seed), "wilcoxon_p": p,
             "a_mean": _arm_mean(a, shared, differences, key), "b_mean": _arm_mean(b, shared, differences, key)}
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = 10_000, seed: int = 0) -> list[float]:
+    """Percentile-bootstrap 95 % CI of the mean of ``values``."""
+    boot = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(1)
+    return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
 
 def _arm_mean(arm: dict, runs: list[str], patients: dict, key: str) -> float:
@@ -124,10 +128,8 @@ def compare(out_a: Path, method_a: str, out_b: Path, method_b: str, size: int,
                      f"{row['ci95'][0]:+.1f} to {row['ci95'][1]:+.1f} | {p} |")
     if runs:
         values = np.array(list(runs.values()))
-        boot = values[np.random.default_rng(0).integers(0, len(values), (10_000, len(values)))].mean(1)
         result["run_level"] = {"runs": len(values), "mean": float(values.mean()), "sd": float(values.std(ddof=1))
-                               if len(values) > 1 else None,
-                               "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
+                               if len(values) > 1 else None, "ci95": bootstrap_ci(values)}
         lines += ["", f"{ALL} difference per run (mean over its patients; {name_b} ahead in "
                       f"{sum(v > 0 for v in runs.values())} of {len(runs)}): "
                       + ", ".join(f"{run} {value:+.1f}" for run, value in runs.items()),
