@@ -84,7 +84,7 @@ def per_run_difference(a: dict, b: dict, key: str = ALL) -> dict[str, float]:
     the per-patient CI (patients averaged over runs) does not show."""
     found = {}
     for run in sorted(set(a) & set(b)):
-        d = [b[run][p][key] - a[run][p][key] for p in set(a[run]) & set(b[run])
+        d = [b[run][p][key] - a[run][p][key] for p in sorted(set(a[run]) & set(b[run]))
              if key in a[run][p] and key in b[run][p]]
         if d:
             found[run] = float(np.mean(d))
