@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from separeg.cli import build_parser, main
@@ -155,6 +156,29 @@ def test_demo_on_two_cases_writes_report(tmp_path: Path) -> None:
     assert (exported / "rtstruct.dcm").exists() and (exported / "ct_dicom").is_dir()
     assert manifest["ct_dicom_written"] and "DICOM export of pt_209" in report
     assert not (out / "random" / "contours" / "pt_209" / "export.json").exists()
+
+
+def test_demo_split_trains_on_every_organ_of_its_test_cases() -> None:
+    """The demo's fine-tuned models can only find what their two training cases contour: together these must
+    contour every organ of the test cases, the validation case (which picks the checkpoint) too, and the spinal
+    cord over its whole length (a cord contoured only to mid-neck teaches the lower cord as background)."""
+    import SimpleITK as sitk
+
+    from separeg.experiments.demo import SAMPLE_DATA, TEST_CASES, TRAIN_CASES, VALIDATION_CASE
+
+    def labels(case: str) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DATA / f"{case}_oar.nii.gz")))
+
+    def organs(case: str) -> set[int]:
+        return set(np.unique(labels(case)).tolist()) - {0}
+
+    tested = set().union(*(organs(c) for c in TEST_CASES))
+    assert tested <= set().union(*(organs(c) for c in TRAIN_CASES))
+    assert tested <= organs(VALIDATION_CASE)
+    cord = 2  # SpinalCord in labels.json
+    for case in TRAIN_CASES:
+        cord_slices = np.flatnonzero((labels(case) == cord).any(axis=(1, 2)))
+        assert cord_slices.min() <= 8, f"{case}'s cord starts at slice {cord_slices.min()}"
 
 
 def test_an_unexpected_exception_is_one_line_and_its_traceback_goes_to_a_file(monkeypatch, capsys) -> None:

@@ -229,7 +229,7 @@ def _demo_command(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)")
     demo.add_argument("--data", type=_existing_path, default=None, help="sample data folder (Resources/SampleData)")
     demo.add_argument("--iterations", type=positive_int, default=60, help="pretraining iterations (60)")
-    demo.add_argument("--epochs", type=positive_int, default=16, help="fine-tuning epochs of 25 steps (%(default)s)")
+    demo.add_argument("--epochs", type=positive_int, default=32, help="fine-tuning epochs of 25 steps (%(default)s)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     _add_sis(demo)
     _add_common(demo)
