@@ -55,6 +55,10 @@ def test_tiny_finetune_writes_a_segmentation_bundle(cases: Path, tmp_path: Path)
     assert bundle.metadata["inputs"]["spacing_xy"] == pytest.approx([3.906, 3.906], abs=1e-3)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    # Test-time mirroring chosen on the held-out case, by its DSC with and without.
+    mirror = bundle.metadata["test_time_mirroring"]
+    assert mirror["chosen_on"] == "validation" and mirror["chosen"] == (
+        mirror["dsc"]["mirrored"] >= mirror["dsc"]["plain"] - 0.001)
     assert "pt_" not in json.dumps(bundle.metadata)  # case names stay out of the model file
 
 

@@ -129,6 +129,9 @@ def _contour_command(sub: argparse._SubParsersAction) -> None:
                          help="slices per forward pass (default 16; halved when out of memory)")
     contour.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     contour.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the contours")
+    contour.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                         help="average in the left-right mirrored prediction, laterality swapped (default: as the "
+                              "model's fine-tuning chose on its validation cases)")
     contour.add_argument("--rtstruct", action="store_true",
                          help="also write rtstruct.dcm referencing the CT (a NIfTI/NRRD CT is first written as a new "
                          "DICOM series in OUT/ct_dicom)")

@@ -54,7 +54,7 @@ def run_contour(args: argparse.Namespace, events: Events) -> int:
         run_contour(ContourJob(volume=args.volume[0], channels=tuple(args.volume[1:]), model=args.model,
                                out_dir=args.out, device=args.device,
                                largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
-                               series_uid=args.series_uid, rtstruct=args.rtstruct, seg=args.seg,
+                               mirror=args.mirror, series_uid=args.series_uid, rtstruct=args.rtstruct, seg=args.seg,
                                patient_name=args.patient_name, patient_id=args.patient_id,
                                batch_size=args.batch_size), events)
     return 0

@@ -2,7 +2,8 @@
 
 CT (NIfTI/NRRD/MHA or a DICOM series folder) -> canonical orientation -> model grid (streamed in chunks of slices;
 2.5D context stacked there) -> slice inference in batches (bf16 on CUDA and on CPUs with native bf16; channels-last
-on a CPU) -> labels on the input grid: the argmax of the bilinearly resampled logits, computed exactly without
+on a CPU; averaged with the left-right mirrored slices, laterality swapped, where the model's fine-tuning chose
+that on its validation cases) -> labels on the input grid: the argmax of the bilinearly resampled logits, computed exactly without
 resampling them (:func:`upsampled_argmax`) -> per-organ largest connected component and hole filling inside each
 organ's bounding box -> label map in the input's exact geometry. Outputs, in OUT_DIR:
 ``segmentation.nii.gz`` (uint8 label map) and ``segmentation.json`` (labels with names, TG-263 names,
@@ -34,6 +35,7 @@ from separeg.runtime.atomic import write_json
 from separeg.runtime.events import Events
 from separeg.runtime.training import Runtime, setup_runtime
 from separeg.segment.inference import predict_labels, upsampled_argmax
+from separeg.segment.mirror import MirrorEnsemble, laterality_permutation
 from separeg.segment.network import (
     CANONICAL_ORIENTATION,
     GridSpec,
@@ -67,6 +69,9 @@ class ContourJob:
     device: str = "auto"
     largest_component: bool = True
     fill_holes: bool = True
+    # Test-time left-right mirroring with laterality swapped (separeg.segment.mirror); None: as the model's
+    # fine-tuning chose on its validation cases (off for models that recorded no choice).
+    mirror: bool | None = None
     batch_size: int | None = None  # default: CPU_BATCH slices on a CPU, GPU_BATCH on a GPU
     series_uid: str | None = None
     rtstruct: bool = False  # also write rtstruct.dcm referencing the CT (see separeg.rt.export)
@@ -248,6 +253,12 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
         events.warning(note, stage="contour")
     lap("input checks")
     model = load_segmentation_model(bundle, runtime.device)
+    mirror = job.mirror
+    if mirror is None:  # the model's choice
+        mirror = bool((bundle.metadata.get("test_time_mirroring") or {}).get("chosen", False))
+    if mirror:
+        names = {label.value: label.tg263 or label.name for label in table.labels}
+        model = MirrorEnsemble(model, laterality_permutation(names, max(table.values) + 1)).to(runtime.device)
     lap("build network")
     batch = job.batch_size or (GPU_BATCH if runtime.device.type == "cuda" else cpu_batch)
     labels, canonical = segment(images, spec, model, runtime, batch, events)
@@ -277,6 +288,7 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
         "warnings": warnings,
         "postprocessing": {"largest_component": [_organ(table, v) for v in lcc],
                            "fill_holes": [_organ(table, v) for v in fill]},
+        "test_time_mirroring": bool(mirror),
     }
     labels_json = write_json(description, out / LABELS_FILE)
     lap("write")
