@@ -1,12 +1,12 @@
-"""Post-processing ablation of a segmentation model on test patients (issue 21): the model's own post-processing
-(largest component and hole filling per organ, as its fine-tuning chose them) against each step switched off,
-paired per patient (``separeg.experiments.paired``).
+"""Post-processing and test-time ablation of a segmentation model on test patients (issue 21): the model as shipped
+(largest component and hole filling per organ, and test-time mirroring, as its fine-tuning chose them) against
+each step switched off, paired per patient (``separeg.experiments.paired``).
 
     python Testing/experiments/postprocessing_ablation.py --model hn-oar-7 --out /tmp/pp \
-        --config Testing/experiments/openkbp_random_cpu.json
+        --config Testing/experiments/openkbp_random_cpu.json [--cases pt_41 pt_42 pt_43 pt_45]
 
-The test patients are the config's ``test`` cases (its ``data`` folder holds ``<case>_ct.nii.gz`` and
-``<case>_oar.nii.gz``). Each variant's metrics go to ``OUT/runs/<variant>/n0_d0/metrics.csv`` (the experiment
+The test patients are the config's ``test`` cases, or ``--cases`` (its ``data`` folder holds ``<case>_ct.nii.gz``
+and ``<case>_oar.nii.gz``). Each variant's metrics go to ``OUT/runs/<variant>/n0_d0/metrics.csv`` (the experiment
 layout the paired comparison reads); ``OUT/postprocessing.md`` and ``.json`` hold the comparisons.
 """
 
@@ -28,8 +28,9 @@ from separeg.experiments.plan import load_experiment
 from separeg.runtime.atomic import atomic_path
 from separeg.segment.contour import ContourJob, run_contour
 
-VARIANTS = {"as shipped": (True, True), "no largest component": (False, True), "no hole filling": (True, False),
-            "none": (False, False)}
+VARIANTS = {"as shipped": {}, "no largest component": {"largest_component": False},
+            "no hole filling": {"fill_holes": False}, "no mirroring": {"mirror": False},
+            "none": {"largest_component": False, "fill_holes": False, "mirror": False}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,24 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="segmentation bundle or shipped model name")
     parser.add_argument("--config", type=Path, required=True, help="experiment config naming the data and test cases")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", nargs="+", help="patients to contour (default: the config's test cases)")
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config)
+    cases = args.cases or cfg.test
     references = args.out / "references"
     references.mkdir(parents=True, exist_ok=True)
-    for case in cfg.test:
+    for case in cases:
         shutil.copy(cfg.data / f"{case}_oar.nii.gz", references / f"{case}.nii.gz")
-    for variant, (largest, fill) in VARIANTS.items():
+    for variant, switches in VARIANTS.items():
         run = args.out / "runs" / variant / "n0_d0"
         if (run / "metrics.csv").exists():
             continue
         start = time.perf_counter()
-        for case in cfg.test:
+        for case in cases:
             result = run_contour(ContourJob(volume=cfg.data / f"{case}_ct.nii.gz", model=args.model,
-                                            out_dir=run / "contour" / case, device="cpu",
-                                            largest_component=largest, fill_holes=fill))
+                                            out_dir=run / "contour" / case, device="cpu", **switches))
             (run / "predictions").mkdir(parents=True, exist_ok=True)
             shutil.move(result.segmentation, run / "predictions" / f"{case}.nii.gz")
-        per_case = round((time.perf_counter() - start) / len(cfg.test), 2)
+        per_case = round((time.perf_counter() - start) / len(cases), 2)
         (run / "seconds.json").write_text(json.dumps({"mean_per_case": per_case}), encoding="utf-8")
         evaluation = run_evaluate(EvaluateJob(pred=run / "predictions", ref=references, out_dir=run / "evaluation",
                                               labels=cfg.data / "labels.json"))
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(evaluation.metrics_csv, tmp)
     seconds = {v: json.loads((args.out / "runs" / v / "n0_d0" / "seconds.json").read_text())["mean_per_case"]
                for v in VARIANTS if (args.out / "runs" / v / "n0_d0" / "seconds.json").exists()}
-    results, texts = [], [f"# Post-processing ablation: {args.model} on {len(cfg.test)} test patients", ""]
+    results, texts = [], [f"# Post-processing ablation: {args.model} on {len(cases)} patients ({', '.join(cases)})", ""]
     for variant in list(VARIANTS)[1:]:
         result, text = compare(args.out, "as shipped", args.out, variant, 0)
         results.append(result)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out / "postprocessing.md") as tmp:
         tmp.write_text("\n".join(texts), encoding="utf-8")
     with atomic_path(args.out / "postprocessing.json") as tmp:
-        tmp.write_text(json.dumps({"model": args.model, "test": cfg.test, "comparisons": results,
+        tmp.write_text(json.dumps({"model": args.model, "test": cases, "comparisons": results,
                                    "hd95_median": hd95, "seconds_per_case": seconds}, indent=1), encoding="utf-8")
     print("\n".join(texts))
     return 0
