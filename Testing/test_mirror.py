@@ -13,7 +13,7 @@ from torch import nn
 from separeg.runtime.bundle import load_bundle
 from separeg.runtime.model_store import resolve_model
 from separeg.segment.contour import LABELS_FILE, SEGMENTATION_FILE, ContourJob, run_contour
-from separeg.segment.mirror import MirrorEnsemble, laterality_permutation
+from separeg.segment.mirror import MirrorEnsemble, laterality_permutation, mirror_batch
 
 NAMES = {1: "Brainstem", 2: "SpinalCord", 3: "Parotid_R", 4: "Parotid_L", 5: "Lens_L", 6: "Larynx"}
 
@@ -52,3 +52,25 @@ def test_contour_mirrors_as_the_model_chose_unless_told(openkbp: Path, tmp_path:
     a, b = results["default"] > 0, results["off"] > 0
     assert 0.9 < 2 * (a & b).sum() / (a.sum() + b.sum()) < 1.0
     assert {1, 2, 3, 4} <= set(np.unique(results["default"]).tolist())
+
+
+def test_training_mirroring_swaps_lateral_labels_and_their_annotation() -> None:
+    """A patch with Parotid_R (3) on the image's left half, from a case that annotates only Parotid_R: mirrored,
+    the organ is on the right half, labelled Parotid_L (4), and the case counts as annotating Parotid_L only."""
+    x = torch.zeros(64, 1, 4, 6)
+    x[..., :3] = 1.0
+    y = torch.zeros(64, 4, 6, dtype=torch.long)
+    y[:, :, :3] = 3
+    annotated = torch.zeros(64, 7, dtype=torch.bool)
+    annotated[:, [0, 3]] = True
+    swap = laterality_permutation(NAMES, 7)
+    mx, my, mann = mirror_batch(x, y, annotated, swap, np.random.default_rng(0))
+    flipped = my[:, 0, 5] == 4
+    assert 16 < int(flipped.sum()) < 48  # about half
+    assert torch.equal(my[flipped][:, :, 3:], torch.full_like(my[flipped][:, :, 3:], 4))
+    assert torch.equal(my[flipped][:, :, :3], torch.zeros_like(my[flipped][:, :, :3]))
+    assert torch.equal(mx[flipped][..., 3:], torch.ones_like(mx[flipped][..., 3:]))
+    assert mann[flipped][:, 4].all() and not mann[flipped][:, 3].any() and mann[flipped][:, 0].all()
+    # the others untouched
+    assert torch.equal(mx[~flipped], x[~flipped]) and torch.equal(my[~flipped], y[~flipped])
+    assert torch.equal(mann[~flipped], annotated[~flipped])

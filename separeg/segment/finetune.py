@@ -39,7 +39,7 @@ from separeg.segment.finetune_cases import load_cases
 from separeg.segment.finetune_config import OLD_RECIPE, FinetuneConfig, FinetuneJob
 from separeg.segment.finetune_data import SliceSet, sample_patches
 from separeg.segment.finetune_validation import EpochValidator, choose_postprocessing, predict_slices, validate
-from separeg.segment.mirror import MirrorEnsemble, laterality_permutation
+from separeg.segment.mirror import MirrorEnsemble, laterality_permutation, mirror_batch
 from separeg.segment.network import (
     GridSpec,
     build_unet,
@@ -114,7 +114,8 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
     val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
     unet = _build_network(start, spec, n_classes, cfg, runtime)
     objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
-    validator = _train(objective, train, val, spec, cfg, job, runtime, events)
+    swap = laterality_permutation({label.value: label.tg263 or label.name for label in table}, n_classes)
+    validator = _train(objective, train, val, spec, cfg, job, runtime, events, swap)
     if not runtime.is_main:
         return out / "model.separeg"
     best = load_checkpoint(out / "checkpoints" / "best.pt")
@@ -203,8 +204,9 @@ def _widen_input(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
 
 
 def _train(objective, train: SliceSet, val: SliceSet | None, spec: GridSpec, cfg: FinetuneConfig, job: FinetuneJob,
-           runtime: Runtime, events: Events) -> EpochValidator:
-    """The training loop: batches of augmented patches, warm-up + decay, validation at each epoch's end."""
+           runtime: Runtime, events: Events, swap: list[int]) -> EpochValidator:
+    """The training loop: batches of augmented patches, warm-up + decay, validation at each epoch's end. ``swap``:
+    each output channel's left-right partner (for mirroring)."""
     out = Path(job.out_dir)
     encoder_ids = {id(p) for p in unet_encoder(objective.unet).parameters()}
     parameters = objective.trainable_parameters()
@@ -222,6 +224,8 @@ def _train(objective, train: SliceSet, val: SliceSet | None, spec: GridSpec, cfg
     def step_loss(step: int) -> torch.Tensor:
         rng = np.random.default_rng(step_seed(cfg.seed, "finetune", step))
         x, y, annotated = sample_patches(train, cfg.batch_size, patch, cfg.foreground_fraction, rng)
+        if cfg.mirror_augmentation:
+            x, y, annotated = mirror_batch(x, y, annotated, swap, rng)
         generator = torch.Generator(device=runtime.device).manual_seed(step_seed(cfg.seed, "augment", step))
         x, y = augment_batch(x, y, generator, cfg.augmentation)
         return objective(x, y, annotated, progress=step / total, rng=rng, generator=generator)

@@ -74,6 +74,9 @@ class FinetuneConfig:
     augmentation: str = field(default="light", metadata=flag(  # separeg.segment.augment
         "nnunet (nnU-Net's set without mirroring), light (the earlier recipe) or none (%(default)s)",
         choices=AUGMENTATIONS, group="recipe"))
+    mirror_augmentation: bool = field(default=False, metadata=flag(  # separeg.segment.mirror
+        "mirror half the training patches left-right, exchanging _R and _L organs (%(default)s)", optional=True,
+        group="recipe"))
     deep_supervision: bool = field(default=False, metadata=flag(
         "also supervise the 3 coarser decoder scales (%(default)s)", optional=True, group="recipe"))
     schedule: str = field(default="cosine", metadata=flag(  # after a linear warm-up

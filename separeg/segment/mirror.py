@@ -8,10 +8,11 @@ the softmax probabilities of the two are averaged (nnU-Net averages probabilitie
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["laterality_permutation", "MirrorEnsemble"]
+__all__ = ["laterality_permutation", "MirrorEnsemble", "mirror_batch"]
 
 _SIDES = {"_R": "_L", "_L": "_R"}
 
@@ -47,3 +48,18 @@ class MirrorEnsemble(nn.Module):
         mirrored = self.model(x.flip(-1)).float().softmax(1).flip(-1)
         mirrored = mirrored.index_select(1, self.permutation.to(x.device))
         return ((probabilities + mirrored) / 2).clamp_min(1e-12).log()
+
+
+def mirror_batch(x: torch.Tensor, y: torch.Tensor, annotated: torch.Tensor, permutation: list[int],
+                 rng: np.random.Generator, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training-time counterpart: each sample of a ``(B, C, H, W)`` batch mirrored left-right with probability
+    ``p``, its ``(B, H, W)`` labels mirrored with lateral organs exchanged, and its ``(B, K)`` annotated-organ flags
+    exchanged the same way (a case that contours only Parotid_R contours only Parotid_L once mirrored)."""
+    flip = torch.as_tensor(rng.random(len(x)) < p, device=x.device)
+    if not bool(flip.any()):
+        return x, y, annotated
+    swap = torch.as_tensor(permutation, device=y.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    y = torch.where(flip[:, None, None], swap[y.flip(-1)], y)
+    annotated = torch.where(flip[:, None], annotated[:, swap], annotated)
+    return x, y, annotated
