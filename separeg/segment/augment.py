@@ -1,9 +1,9 @@
 """Fine-tuning augmentation: joint image/label transforms of a training batch, in torch on the batch's device.
 
-``nnunet`` (the default) is nnU-Net's 2D augmentation set (Isensee et al., nnU-Net, Nat. Methods 2021; the
+``nnunet`` is nnU-Net's 2D augmentation set (Isensee et al., nnU-Net, Nat. Methods 2021; the
 per-transform probabilities of its default trainer) **without mirroring**, which would swap Parotid_L and Parotid_R
-(DESIGN §7; ``--mirror-augmentation`` mirrors with the lateral labels exchanged, :func:`separeg.segment.mirror.
-mirror_batch`), and without elastic deformation (off in nnU-Net v2 by default too):
+(DESIGN §7; ``--mirror-augmentation`` mirrors with the lateral labels exchanged,
+:mod:`separeg.segment.mirror`), and without elastic deformation (off in nnU-Net v2 by default too):
 
 ==========================  ======  ==============================================================
 transform                   p       range

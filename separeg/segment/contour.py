@@ -3,9 +3,9 @@
 CT (NIfTI/NRRD/MHA or a DICOM series folder) -> canonical orientation -> model grid (streamed in chunks of slices;
 2.5D context stacked there) -> slice inference in batches (bf16 on CUDA and on CPUs with native bf16; channels-last
 on a CPU; averaged with the left-right mirrored slices, laterality swapped, where the model's fine-tuning chose
-that on its validation cases) -> labels on the input grid: the argmax of the bilinearly resampled logits, computed exactly without
-resampling them (:func:`upsampled_argmax`) -> per-organ largest connected component and hole filling inside each
-organ's bounding box -> label map in the input's exact geometry. Outputs, in OUT_DIR:
+that on its validation cases) -> labels on the input grid: the argmax of the bilinearly resampled logits, computed
+exactly without resampling them (:func:`upsampled_argmax`) -> per-organ largest connected component and hole
+filling inside each organ's bounding box -> label map in the input's exact geometry. Outputs, in OUT_DIR:
 ``segmentation.nii.gz`` (uint8 label map) and ``segmentation.json`` (labels with names, TG-263 names,
 colours, volumes in cc, display names and Slicer terminology entries, warnings, the model's identity, and the
 reminder that this is an automatic contour that needs review). With ``rtstruct``/``seg``, also ``rtstruct.dcm``/
