@@ -240,7 +240,7 @@ def test_finetune_switches_to_partial_labels_and_mean_teacher_end_to_end(tmp_pat
     assert bundle.metadata["training"]["partial_labels"] == "plseg"
     assert bundle.metadata["training"]["mean_teacher"] is True
     assert not any(k.startswith(("heads", "net.", "teacher.")) for k in bundle.state_dict)
-    assert build_unet("resnet18", 8).load_state_dict(bundle.state_dict)  # strict: the plain U-Net
+    assert build_unet("resnet18", 8, bundle.architecture["in_channels"]).load_state_dict(bundle.state_dict)  # strict
     messages = [e.msg or "" for e in seen if e.type != EventType.PROGRESS]
     assert any("partial-label mode (PL-Seg)" in m for m in messages)
     assert any("Mean Teacher: 16 unlabelled slice(s) from 1 volume(s)" in m for m in messages)

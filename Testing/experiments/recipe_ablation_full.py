@@ -5,7 +5,8 @@ encoder, seed and budget), then contoured and scored on the OpenKBP validation p
 (``separeg.experiments.paired``).
 
     python Testing/experiments/recipe_ablation_full.py --data ../shared/data/openkbp --init ENCODER_V1 \
-        --work /tmp/full36 [--arms old no25d lightaug long mirroraug]
+        --work /tmp/full36 [--arms old no25d lightaug long mirroraug full
+        mirroraug_full openended]
 
 ``--init`` must be the encoder v2 started from (`separeg-encoder-hn-ct` v1, whose weights' SHA-256 the shipped
 bundle records as ``training.init_encoder_sha256``; ``git show dc56a14^:separeg/models/separeg-encoder-hn-ct.separeg``).
@@ -52,9 +53,17 @@ ARMS = {
     # Does the budget limit it? Twice the cap, more patience.
     "long": [*NNUNET, "--epochs", "80", "--patience", "10"],
     "mirroraug": [*NNUNET, "--mirror-augmentation"],
+    # The two above stopped early (patience 6 on 4 held-out patients) while the learning rate was still high: the
+    # whole schedule, best epoch kept, for mirroring and for v2's own recipe.
+    "full": [*NNUNET, "--patience", "40"],
+    "mirroraug_full": [*NNUNET, "--mirror-augmentation", "--patience", "40"],
+    # A third of the training patients contour the cord only to mid-neck while the cord goes on in the image.
+    "openended": [*NNUNET, "--open-ended", "SpinalCord,Esophagus"],
 }
 NAMES = {"old": "old recipe", "no25d": "new without 2.5D", "lightaug": "new with light augmentation",
-         "long": "new, at most 4,000 steps", "mirroraug": "new with mirroring augmentation"}
+         "long": "new, at most 4,000 steps", "mirroraug": "new with mirroring augmentation",
+         "full": "new, whole schedule", "mirroraug_full": "new with mirroring augmentation, whole schedule",
+         "openended": "new, cord and oesophagus unknown beyond their contours"}
 
 
 def main(argv: list[str] | None = None) -> int:

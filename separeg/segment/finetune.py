@@ -110,7 +110,7 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
         events.warning("no validation case: the best epoch is chosen on the training cases' DSC, which overstates "
                        "accuracy; add cases or give --validation", stage="finetune")
     n_classes = max(table.values) + 1
-    train = SliceSet(train_cases, n_classes, spec, runtime.device)
+    train = SliceSet(train_cases, n_classes, spec, runtime.device, open_ended=_organ_values(cfg.open_ended, table))
     val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
     unet = _build_network(start, spec, n_classes, cfg, runtime)
     objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
@@ -258,6 +258,21 @@ def _postprocessing(model: torch.nn.Module, slices: SliceSet, on_training_data: 
                + (", ".join(names[v] for v in chosen["largest_component"]) or "no organ")
                + (f" (not for {', '.join(off)}: it lowered their DSC)" if off else ""), stage="finetune")
     return {**chosen, "chosen_on": "training" if on_training_data else "validation"}
+
+
+def _organ_values(names: str, table) -> tuple[int, ...]:
+    """Label values of comma-separated organ names (TG-263 or the label's own name).
+
+    Raises:
+        InputError: a name the label table does not hold.
+    """
+    by_name = {name: label.value for label in table for name in (label.name, label.tg263) if name}
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise InputError(f"--open-ended names {', '.join(unknown)}, which the label table does not hold; its organs: "
+                         f"{', '.join(label.tg263 or label.name for label in table)}")
+    return tuple(by_name[name] for name in wanted)
 
 
 def _mirroring(model: torch.nn.Module, slices: SliceSet, on_training_data: bool, table, runtime: Runtime,

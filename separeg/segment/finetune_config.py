@@ -5,9 +5,10 @@ The nnU-Net-grade parts are switches: 2.5D input (``context_slices``), nnU-Net's
 mirroring (``augmentation="nnunet"``, :mod:`separeg.segment.augment`), deep supervision, linear warm-up then poly decay,
 and per-organ post-processing kept only where it helps on the validation cases (``postprocessing="validation"``);
 class-balanced foreground oversampling and the budget chosen on the validation curve (early stopping under an
-epoch cap) are always on. The defaults are what measured best with one labelled case and a few hundred steps,
-the product's few-label regime (Testing/results/recipe_cpu): the earlier recipe. ``NNUNET_RECIPE`` turns every
-part on, as the shipped hn-oar-7 v2 (36 training cases) was trained; ``OLD_RECIPE`` spells out the defaults.
+epoch cap) are always on. Every part is on by default (``NNUNET_RECIPE``, as the shipped hn-oar-7 v2 was trained):
+trained until the validation curve stops improving, it beat the earlier recipe (``OLD_RECIPE``) with 36 training
+cases and matched or beat it with one (Testing/results/recipe_cpu). Capped at a few hundred steps with one case,
+the earlier recipe was ahead: the nnU-Net parts converge more slowly.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from separeg.runtime.flags import RUN_FLAGS, flag, positive_int
 __all__ = ["FinetuneConfig", "FinetuneJob", "OLD_RECIPE", "NNUNET_RECIPE", "SCHEDULES", "POSTPROCESSING_MODES"]
 
 
-# The recipe before issue 21 (for ablations and paired comparisons; the defaults but for PL-Seg's COCL source).
+# The recipe before issue 21 (for ablations and paired comparisons; its COCL source is PL-Seg's before the fix).
 OLD_RECIPE = {"context_slices": 0, "augmentation": "light", "deep_supervision": False, "schedule": "cosine",
               "warmup_steps": 0, "cocl_source": "features", "postprocessing": "all"}
-# Every nnU-Net-grade part on, as hn-oar-7 v2 was trained (the `new` arm of Testing/results/recipe_cpu).
+# Every nnU-Net-grade part on, as hn-oar-7 v2 was trained (the `new` arm of Testing/results/recipe_cpu): the defaults.
 NNUNET_RECIPE = {"context_slices": 1, "augmentation": "nnunet", "deep_supervision": True, "schedule": "poly",
                  "warmup_steps": 200, "postprocessing": "validation"}
 
@@ -65,33 +66,33 @@ class FinetuneConfig:
     channels: str | None = field(default=None, metadata=flag(  # e.g. "T1,T2"; None: one CT channel
         CHANNELS_HELP + "; default: those of --init, else CT"))
     seed: int = field(default=0, metadata=flag("random seed (%(default)s)"))
-    # Defaults are the settings measured best with one labelled case and a few hundred steps (the recipe before
-    # issue 21; Testing/results/recipe_cpu): every nnU-Net-grade part lowered DSC there (all together -4.1 points,
-    # 2D + light augmentation still -3.2). hn-oar-7 v2 (36 cases) uses 2.5D, nnunet, deep supervision, poly and
-    # validation post-processing.
-    context_slices: int = field(default=0, metadata=flag(
+    # Defaults: NNUNET_RECIPE, measured best once both recipes converge (Testing/results/recipe_cpu).
+    context_slices: int = field(default=1, metadata=flag(
         "2.5D: neighbouring slices on each side as extra input channels (0 = 2D; %(default)s)", group="recipe"))
-    augmentation: str = field(default="light", metadata=flag(  # separeg.segment.augment
+    augmentation: str = field(default="nnunet", metadata=flag(  # separeg.segment.augment
         "nnunet (nnU-Net's set without mirroring), light (the earlier recipe) or none (%(default)s)",
         choices=AUGMENTATIONS, group="recipe"))
     mirror_augmentation: bool = field(default=False, metadata=flag(  # separeg.segment.mirror
         "mirror half the training patches left-right, exchanging _R and _L organs (%(default)s)", optional=True,
         group="recipe"))
-    deep_supervision: bool = field(default=False, metadata=flag(
+    deep_supervision: bool = field(default=True, metadata=flag(
         "also supervise the 3 coarser decoder scales (%(default)s)", optional=True, group="recipe"))
-    schedule: str = field(default="cosine", metadata=flag(  # after a linear warm-up
+    schedule: str = field(default="poly", metadata=flag(  # after a linear warm-up
         "learning-rate decay after the warm-up (%(default)s)", choices=SCHEDULES, group="recipe"))
-    warmup_steps: int = field(default=0, metadata=flag(
+    warmup_steps: int = field(default=200, metadata=flag(
         "linear warm-up steps, at most a tenth of the run (%(default)s)", group="recipe"))
     encoder_lr_scale: float = field(default=1.0, metadata=flag(
         "encoder learning rate relative to the decoder's (%(default)s)", group="recipe"))
-    postprocessing: str = field(default="all", metadata=flag(
+    postprocessing: str = field(default="validation", metadata=flag(
         "per-organ largest component and hole filling: chosen on the validation cases, for every organ (all), or "
         "none (%(default)s)", choices=POSTPROCESSING_MODES, group="recipe"))
     partial_labels: str = field(default="auto", metadata=flag(  # separeg.segment.finetune_objective
         "how to treat organs a case does not annotate: plseg (PL-Seg losses), marginal (marginal Dice + CE), "
         "background (naive: unlabelled voxels are background); auto: plseg when the training cases annotate "
         "different organs, else background", choices=PARTIAL_LABEL_MODES, group="partial"))
+    open_ended: str = field(default="", metadata=flag(  # separeg.segment.finetune_data.SliceSet
+        "organs whose contours may stop short of the organ's end, comma-separated (e.g. SpinalCord,Esophagus): on a "
+        "case's slices beyond its contour they are unknown, not background (partial-label modes)", group="partial"))
     hardness: bool = field(default=True, metadata=flag("PL-Seg without HADFL's hardness weights", negate=True,
                                                        group="partial"))
     psd_weight: float = field(default=0.1, metadata=flag(

@@ -22,14 +22,22 @@ class SliceSet:
 
     Attributes:
         images: ``(N, C, H, W)`` float (C input channels); labels: ``(N, H, W)`` int64; annotated: ``(N, K)`` bool
-        per slice (its case's annotated organs, background always); case_of: ``(N,)`` case index per slice;
-        neighbours: ``(N, 2k + 1)`` rows of ``images`` that make each slice's 2.5D input.
+        per slice (its case's annotated organs, background always); supervised: ``(N, K)``, the organs a slice's
+        labels speak for in training (``annotated``, less each ``open_ended`` organ on the case's slices beyond its
+        contour); case_of: ``(N,)`` case index per slice; neighbours: ``(N, 2k + 1)`` rows of ``images`` that make
+        each slice's 2.5D input.
+
+    Args:
+        open_ended: label values of organs whose contours may stop short of the organ's end (OpenKBP contours the
+            spinal cord to mid-neck in a third of its patients, though the cord goes on in the image): on a case's
+            slices above and below its contour of such an organ, the organ is unknown, not background.
     """
 
-    def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device) -> None:
+    def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device,
+                 open_ended: tuple[int, ...] = ()) -> None:
         import SimpleITK as sitk
 
-        images, labels, annotated, case_of, neighbours = [], [], [], [], []
+        images, labels, annotated, supervised, case_of, neighbours = [], [], [], [], [], []
         shape, offset = None, 0
         for i, case in enumerate(cases):
             check_channel_count(len(case.images), spec.input_channels, f"case {case.name}")
@@ -48,12 +56,14 @@ class SliceSet:
             images.append(x)
             labels.append(y)
             annotated.append(mask.expand(len(x), -1))
+            supervised.append(_within_extent(mask.expand(len(x), -1).clone(), y, open_ended))
             case_of.append(torch.full((len(x),), i))
             neighbours.append(neighbour_index(len(x), spec.context_slices) + offset)
             offset += len(x)
         self.images = torch.cat(images)
         self.labels = torch.cat(labels)
         self.annotated = torch.cat(annotated).to(device)
+        self.supervised = torch.cat(supervised).to(device)
         self.case_of = torch.cat(case_of).numpy()
         self.neighbours = torch.cat(neighbours).to(device)
         self.foreground = np.flatnonzero((self.labels > 0).flatten(1).any(1).cpu().numpy())
@@ -100,7 +110,19 @@ def sample_patches(slices: SliceSet, batch: int, patch: int, foreground_fraction
     images = torch.stack([slices.images[slices.neighbours[k], :, y0:y0 + patch, x0:x0 + patch].transpose(0, 1)
                           .flatten(0, 1) for k, y0, x0 in centres])
     labels = torch.stack([slices.labels[k, y0:y0 + patch, x0:x0 + patch] for k, y0, x0 in centres])
-    return images, labels, slices.annotated[index]
+    return images, labels, slices.supervised[index]
+
+
+def _within_extent(mask: torch.Tensor, labels: torch.Tensor, open_ended: tuple[int, ...]) -> torch.Tensor:
+    """``(Z, K)`` annotation flags with each open-ended organ unflagged on the slices beyond its contour."""
+    for value in open_ended:
+        if value >= mask.shape[1] or not bool(mask[0, value]):
+            continue
+        present = torch.nonzero((labels == value).flatten(1).any(1)).flatten().cpu()
+        if len(present):
+            mask[:int(present[0]), value] = False
+            mask[int(present[-1]) + 1:, value] = False
+    return mask
 
 
 def _label_image(case):
