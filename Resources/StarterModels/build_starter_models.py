@@ -43,9 +43,8 @@ LIMITS = ("Research use only; not for clinical use without local validation on t
           "not one institution's protocol.")
 
 
-# hn-oar-7 v2's fine-tuning recipe (finetune_config.NNUNET_RECIPE): every nnU-Net-grade part on. They were the
-# defaults when v2 was built (its bundle's training.config records every setting); the defaults are now the
-# settings measured best with one labelled case.
+# hn-oar-7 v2's fine-tuning recipe (finetune_config.NNUNET_RECIPE): every nnU-Net-grade part on, the defaults
+# (its bundle's training.config records every setting); spelled out so a later change of defaults keeps v2's recipe.
 RECIPE = ["--context-slices", "1", "--augmentation", "nnunet", "--deep-supervision", "--schedule", "poly",
           "--warmup-steps", "200", "--postprocessing", "validation"]
 
