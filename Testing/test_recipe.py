@@ -224,3 +224,15 @@ def test_open_ended_organs_are_unknown_beyond_their_contour_not_background() -> 
     assert out[:, 2].tolist() == [False, False, True, True, True, False, False]
     assert out[:, 1].all() and out[:, 0].all() and not out[:, 3].any()
     assert torch.equal(_within_extent(mask.clone(), labels, ()), mask)
+
+
+def test_open_ended_names_resolve_through_the_label_table_and_unknown_ones_are_refused() -> None:
+    from separeg.experiments.demo import SAMPLE_DATA
+    from separeg.rt.labels import load_label_table
+    from separeg.runtime.errors import InputError
+    from separeg.segment.finetune import _organ_values
+
+    table = load_label_table(SAMPLE_DATA / "labels.json")
+    assert _organ_values("SpinalCord, Esophagus", table) == (2, 5) and _organ_values("", table) == ()
+    with pytest.raises(InputError, match="--open-ended names Nope"):
+        _organ_values("SpinalCord,Nope", table)

@@ -35,7 +35,7 @@ from separeg.runtime.atomic import write_json
 from separeg.runtime.events import Events
 from separeg.runtime.training import Runtime, setup_runtime
 from separeg.segment.inference import predict_labels, upsampled_argmax
-from separeg.segment.mirror import MirrorEnsemble, laterality_permutation
+from separeg.segment.mirror import MirrorEnsemble, lateral_swap
 from separeg.segment.network import (
     CANONICAL_ORIENTATION,
     GridSpec,
@@ -257,8 +257,7 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
     if mirror is None:  # the model's choice
         mirror = bool((bundle.metadata.get("test_time_mirroring") or {}).get("chosen", False))
     if mirror:
-        names = {label.value: label.tg263 or label.name for label in table.labels}
-        model = MirrorEnsemble(model, laterality_permutation(names, max(table.values) + 1)).to(runtime.device)
+        model = MirrorEnsemble(model, lateral_swap(table)).to(runtime.device)
     lap("build network")
     batch = job.batch_size or (GPU_BATCH if runtime.device.type == "cuda" else cpu_batch)
     labels, canonical = segment(images, spec, model, runtime, batch, events)

@@ -39,7 +39,7 @@ from separeg.segment.finetune_cases import load_cases
 from separeg.segment.finetune_config import OLD_RECIPE, FinetuneConfig, FinetuneJob
 from separeg.segment.finetune_data import SliceSet, sample_patches
 from separeg.segment.finetune_validation import EpochValidator, choose_postprocessing, predict_slices, validate
-from separeg.segment.mirror import MirrorEnsemble, laterality_permutation, mirror_batch
+from separeg.segment.mirror import MirrorEnsemble, lateral_swap, mirror_batch
 from separeg.segment.network import (
     GridSpec,
     build_unet,
@@ -114,14 +114,15 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
     val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
     unet = _build_network(start, spec, n_classes, cfg, runtime)
     objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
-    swap = laterality_permutation({label.value: label.tg263 or label.name for label in table}, n_classes)
+    swap = lateral_swap(table)
     validator = _train(objective, train, val, spec, cfg, job, runtime, events, swap)
     if not runtime.is_main:
         return out / "model.separeg"
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     objective.deployable.load_state_dict(best["model"])
     postprocessing = _postprocessing(objective.deployable, val or train, val is None, table, cfg, runtime, events)
-    mirror = _mirroring(objective.deployable, val or train, val is None, table, runtime, events)
+    mirror = _mirroring(objective.deployable, val or train, val is None, validator.history["best"] or 0.0, swap,
+                        runtime, events)
     return _write_bundle(out, best, start, spec, n_classes, table, cfg, identity, objective, validator,
                          postprocessing, mirror, train_cases, val_cases, events)
 
@@ -261,29 +262,28 @@ def _postprocessing(model: torch.nn.Module, slices: SliceSet, on_training_data: 
 
 
 def _organ_values(names: str, table) -> tuple[int, ...]:
-    """Label values of comma-separated organ names (TG-263 or the label's own name).
+    """Label values of comma-separated organ names, matched as the label table matches names (``by_name``: the
+    label's name or TG-263 name, or a synonym).
 
     Raises:
         InputError: a name the label table does not hold.
     """
-    by_name = {name: label.value for label in table for name in (label.name, label.tg263) if name}
-    wanted = [name.strip() for name in names.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in by_name]
+    found = {name: table.by_name(name) for name in (n.strip() for n in names.split(",")) if name}
+    unknown = [name for name, label in found.items() if label is None]
     if unknown:
         raise InputError(f"--open-ended names {', '.join(unknown)}, which the label table does not hold; its organs: "
                          f"{', '.join(label.tg263 or label.name for label in table)}")
-    return tuple(by_name[name] for name in wanted)
+    return tuple(label.value for label in found.values())
 
 
-def _mirroring(model: torch.nn.Module, slices: SliceSet, on_training_data: bool, table, runtime: Runtime,
-               events: Events) -> dict:
+def _mirroring(model: torch.nn.Module, slices: SliceSet, on_training_data: bool, plain: float, swap: list[int],
+               runtime: Runtime, events: Events) -> dict:
     """Whether contour averages in the left-right mirrored prediction with laterality swapped
     (:mod:`separeg.segment.mirror`): chosen on the validation cases, kept when their mean DSC over organs does not
-    drop (mirroring assumes left-right symmetric anatomy; an asymmetric site's validation says no)."""
-    names = {label.value: label.tg263 or label.name for label in table}
-    ensemble = MirrorEnsemble(model, laterality_permutation(names, max(table.values) + 1)).to(runtime.device)
-    plain, mirrored = (float(np.mean(list(validate(m, slices, runtime).values()) or [0.0]))
-                       for m in (model, ensemble))
+    drop below ``plain``, the best checkpoint's (mirroring assumes left-right symmetric anatomy; an asymmetric
+    site's validation says no)."""
+    ensemble = MirrorEnsemble(model, swap).to(runtime.device)
+    mirrored = float(np.mean(list(validate(ensemble, slices, runtime).values()) or [0.0]))
     chosen = mirrored >= plain - 0.001
     events.log(f"test-time mirroring {'on' if chosen else 'off'}: mean DSC {100 * mirrored:.1f} % with it, "
                f"{100 * plain:.1f} % without", stage="finetune")

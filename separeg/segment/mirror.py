@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["laterality_permutation", "MirrorEnsemble", "mirror_batch"]
+__all__ = ["laterality_permutation", "lateral_swap", "MirrorEnsemble", "mirror_batch"]
 
 _SIDES = {"_R": "_L", "_L": "_R"}
 
@@ -31,6 +31,13 @@ def laterality_permutation(names: dict[int, str], n_channels: int) -> list[int]:
         if partner is not None and value < n_channels and partner < n_channels:
             permutation[value] = partner
     return permutation
+
+
+def lateral_swap(table) -> list[int]:
+    """:func:`laterality_permutation` of a label table's organs (TG-263 name, else the label's name), over its
+    output channels (background and every value up to the largest)."""
+    return laterality_permutation({label.value: label.tg263 or label.name for label in table},
+                                  max(table.values) + 1)
 
 
 class MirrorEnsemble(nn.Module):
