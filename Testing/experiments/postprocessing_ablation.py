@@ -42,26 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config)
     cases = args.cases or cfg.test
-    references = args.out / "references"
-    references.mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        shutil.copy(cfg.data / f"{case}_oar.nii.gz", references / f"{case}.nii.gz")
+    references = copy_references(cfg.data, cases, args.out / "references")
     for variant, switches in VARIANTS.items():
-        run = args.out / "runs" / variant / "n0_d0"
-        if (run / "metrics.csv").exists():
-            continue
-        start = time.perf_counter()
-        for case in cases:
-            result = run_contour(ContourJob(volume=cfg.data / f"{case}_ct.nii.gz", model=args.model,
-                                            out_dir=run / "contour" / case, device="cpu", **switches))
-            (run / "predictions").mkdir(parents=True, exist_ok=True)
-            shutil.move(result.segmentation, run / "predictions" / f"{case}.nii.gz")
-        per_case = round((time.perf_counter() - start) / len(cases), 2)
-        (run / "seconds.json").write_text(json.dumps({"mean_per_case": per_case}), encoding="utf-8")
-        evaluation = run_evaluate(EvaluateJob(pred=run / "predictions", ref=references, out_dir=run / "evaluation",
-                                              labels=cfg.data / "labels.json"))
-        with atomic_path(run / "metrics.csv") as tmp:
-            shutil.copy(evaluation.metrics_csv, tmp)
+        contour_and_score(args.model, cfg.data, cases, references, args.out / "runs" / variant / "n0_d0", **switches)
     seconds = {v: json.loads((args.out / "runs" / v / "n0_d0" / "seconds.json").read_text())["mean_per_case"]
                for v in VARIANTS if (args.out / "runs" / v / "n0_d0" / "seconds.json").exists()}
     results, texts = [], [f"# Post-processing ablation: {args.model} on {len(cases)} patients ({', '.join(cases)})", ""]
@@ -82,6 +65,35 @@ def main(argv: list[str] | None = None) -> int:
                                    "hd95_median": hd95, "seconds_per_case": seconds}, indent=1), encoding="utf-8")
     print("\n".join(texts))
     return 0
+
+
+def copy_references(data: Path, cases: list[str], references: Path) -> Path:
+    """``references/<case>.nii.gz``: the cases' reference label maps (``data/<case>_oar.nii.gz``)."""
+    references.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        shutil.copy(data / f"{case}_oar.nii.gz", references / f"{case}.nii.gz")
+    return references
+
+
+def contour_and_score(model: str, data: Path, cases: list[str], references: Path, run: Path, **switches) -> None:
+    """Contour ``data/<case>_ct.nii.gz`` with ``model`` (``switches``: :class:`ContourJob` settings) into
+    ``run/predictions``, timed (``run/seconds.json``), and score them against ``references`` into
+    ``run/metrics.csv``, the experiment layout the paired comparison reads. Skipped when that file exists, so a
+    killed script resumes."""
+    if (run / "metrics.csv").exists():
+        return
+    start = time.perf_counter()
+    for case in cases:
+        result = run_contour(ContourJob(volume=data / f"{case}_ct.nii.gz", model=model,
+                                        out_dir=run / "contour" / case, device="cpu", **switches))
+        (run / "predictions").mkdir(parents=True, exist_ok=True)
+        shutil.move(result.segmentation, run / "predictions" / f"{case}.nii.gz")
+    per_case = round((time.perf_counter() - start) / len(cases), 2)
+    (run / "seconds.json").write_text(json.dumps({"mean_per_case": per_case}), encoding="utf-8")
+    evaluation = run_evaluate(EvaluateJob(pred=run / "predictions", ref=references, out_dir=run / "evaluation",
+                                          labels=data / "labels.json"))
+    with atomic_path(run / "metrics.csv") as tmp:
+        shutil.copy(evaluation.metrics_csv, tmp)
 
 
 def _median_hd95(metrics: Path) -> dict[str, float]:

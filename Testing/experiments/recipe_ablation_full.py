@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -30,13 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "Resources" / "StarterModels"))
 
 from build_starter_models import link_cases  # noqa: E402
+from postprocessing_ablation import contour_and_score, copy_references  # noqa: E402
 
-from separeg.evaluate.job import EvaluateJob, run_evaluate  # noqa: E402
 from separeg.experiments.paired import compare  # noqa: E402
 from separeg.runtime.atomic import atomic_path  # noqa: E402
 from separeg.runtime.bundle import read_bundle_info  # noqa: E402
 from separeg.runtime.model_store import resolve_model  # noqa: E402
-from separeg.segment.contour import ContourJob, run_contour  # noqa: E402
 
 SHIPPED = "hn-oar-7"
 NEW = "new (hn-oar-7 v2)"
@@ -75,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     holdout = set(read_bundle_info(resolve_model(SHIPPED))["release"]["holdout_patients"])
     splits = link_cases(args.data.resolve(), args.work, holdout)
-    references = args.work / "references"
-    references.mkdir(exist_ok=True)
-    for case in splits["validation"]:
-        shutil.copy(args.data / f"{case}_oar.nii.gz", references / f"{case}.nii.gz")
-    contour_and_score(str(resolve_model(SHIPPED)), NEW, splits["validation"], args)
+    references = copy_references(args.data, splits["validation"], args.work / "references")
+
+    def score(model: str, arm: str) -> None:
+        # Without test-time mirroring: this ablates the training recipe (postprocessing_ablation.py ablates that).
+        contour_and_score(model, args.data, splits["validation"], references, args.work / "runs" / arm / "n0_d0",
+                          mirror=False)
+
+    score(str(resolve_model(SHIPPED)), NEW)
     for arm in args.arms:
         run = args.work / "runs" / arm / "n0_d0"
         if (run / "metrics.csv").exists():
@@ -93,28 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             subprocess.run(command, check=True)
             (model.parent / "seconds.json").write_text(json.dumps({"finetune": time.perf_counter() - start}))
-        contour_and_score(str(model), arm, splits["validation"], args)
+        score(str(model), arm)
     write_report(args.work)
     return 0
-
-
-def contour_and_score(model: str, arm: str, cases: list[str], args) -> None:
-    run = args.work / "runs" / arm / "n0_d0"
-    if (run / "metrics.csv").exists():
-        return
-    start = time.perf_counter()
-    for case in cases:
-        # Without test-time mirroring: this ablates the training recipe (postprocessing_ablation.py ablates that).
-        result = run_contour(ContourJob(volume=args.data / f"{case}_ct.nii.gz", model=model,
-                                        out_dir=run / "contour" / case, device="cpu", mirror=False))
-        (run / "predictions").mkdir(parents=True, exist_ok=True)
-        shutil.move(result.segmentation, run / "predictions" / f"{case}.nii.gz")
-    per_case = round((time.perf_counter() - start) / len(cases), 2)
-    (run / "seconds.json").write_text(json.dumps({"contour_mean_per_case": per_case}), encoding="utf-8")
-    evaluation = run_evaluate(EvaluateJob(pred=run / "predictions", ref=args.work / "references",
-                                          out_dir=run / "evaluation", labels=args.data / "labels.json"))
-    with atomic_path(run / "metrics.csv") as tmp:
-        shutil.copy(evaluation.metrics_csv, tmp)
 
 
 def write_report(work: Path) -> None:
