@@ -138,3 +138,12 @@ def test_one_case_and_the_shipped_encoder_find_the_mandible_in_an_unseen_ct(tmp_
                                       out_dir=tmp_path / "evaluation", labels=data / "labels.json"))
     mandible = next(r for r in result.results if r.name == "Bone_Mandible")
     assert mandible.status == "ok" and mandible.dsc > 0.4 and mandible.hd95_mm is not None
+
+
+def test_an_unknown_open_ended_organ_is_refused_before_the_run_folder_is_written(cases: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    with pytest.raises(InputError, match="--open-ended names Nope"):
+        run_finetune(FinetuneJob(data=cases, out_dir=tmp_path / "run", config=replace(TINY, open_ended="Nope"),
+                                 device="cpu"))
+    assert not (tmp_path / "run").exists()  # the corrected command can use the same --out

@@ -84,6 +84,7 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
     out = Path(job.out_dir)
     start = _resolve_init(job, events)
     table, cfg = _resolve_label_table(job, start)
+    open_ended = _organ_values(cfg.open_ended, table)  # before the run folder is written: a typo leaves none
     channels = _input_channels(cfg, start.bundle, job.init)
     if len(channels) > 1 and cfg.mean_teacher:
         raise InputError("--mean-teacher reads single-volume CT archives; it is not available with several input "
@@ -110,7 +111,7 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
         events.warning("no validation case: the best epoch is chosen on the training cases' DSC, which overstates "
                        "accuracy; add cases or give --validation", stage="finetune")
     n_classes = max(table.values) + 1
-    train = SliceSet(train_cases, n_classes, spec, runtime.device, open_ended=_organ_values(cfg.open_ended, table))
+    train = SliceSet(train_cases, n_classes, spec, runtime.device, open_ended=open_ended)
     val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
     unet = _build_network(start, spec, n_classes, cfg, runtime)
     objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
