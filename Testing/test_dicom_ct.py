@@ -195,3 +195,30 @@ def test_copy_patient_study(tmp_path: Path) -> None:
 def test_algorithm_describe() -> None:
     assert Algorithm("hn7", "0.3").describe() == "hn7 0.3"
     assert Algorithm("hn7", "0.3", "ab12").describe() == "hn7 0.3 (bundle sha256 ab12)"
+
+
+def test_slices_sharing_a_sop_instance_uid_are_refused_naming_the_files(lung1_subset: Path) -> None:
+    """Issue 30: a slice given another slice's SOPInstanceUID passed; the RTSTRUCT then listed 7 UIDs for 8 slices
+    and contours pointed at a UID two positions share. Contour, export, training and scan all read through here."""
+    from separeg.io.archive import scan_archive
+
+    files = sorted(lung1_subset.glob("*.dcm"))
+    ds = pydicom.dcmread(files[5])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.dcmread(files[2]).SOPInstanceUID
+    ds.save_as(files[5])
+    for read in (read_ct_series, read_volume):
+        with pytest.raises(SeriesError, match="same SOPInstanceUID") as info:
+            read(lung1_subset)
+        assert str(files[2]) in str(info.value) and str(files[5]) in str(info.value)
+    entry = next(e for e in scan_archive(lung1_subset).entries if e.kind == "dicom-series")
+    assert entry.status == "error" and "same SOPInstanceUID" in entry.reason and files[5].name in entry.reason
+
+
+def test_two_slices_at_one_position_are_both_named(lung1_subset: Path) -> None:
+    files = sorted(lung1_subset.glob("*.dcm"))
+    ds = pydicom.dcmread(files[5])
+    ds.ImagePositionPatient = pydicom.dcmread(files[4]).ImagePositionPatient
+    ds.save_as(files[5])
+    with pytest.raises(SeriesError, match="two slices at the same position") as info:
+        read_ct_series(lung1_subset)
+    assert str(files[4]) in str(info.value) and str(files[5]) in str(info.value)

@@ -167,9 +167,11 @@ def _sorted_slices(series: DicomSeries) -> list[Path]:
     pydicom = _pydicom()
     positions: list[tuple[float, Path]] = []
     corners: dict[Path, np.ndarray] = {}
+    instances: dict[str, list[Path]] = {}
     normal = None
     for path in series.files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        instances.setdefault(str(ds.get("SOPInstanceUID", "")), []).append(path)
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             raise SeriesError(f"{path} has no ImagePositionPatient/ImageOrientationPatient; the slice cannot be placed")
         if "Rows" not in ds:
@@ -183,14 +185,16 @@ def _sorted_slices(series: DicomSeries) -> list[Path]:
                               "split it into separate series")
         corners[path] = np.asarray(ds.ImagePositionPatient, float)
         positions.append((float(np.dot(normal, corners[path])), path))
+    _check_instance_uids(series, instances)
     positions.sort(key=lambda p: p[0])
     z = np.array([p[0] for p in positions])
     if len(z) > 1:
         gaps = np.diff(z)
         if np.any(gaps < 1e-3):
-            dup = positions[int(np.argmin(gaps)) + 1][1]
-            raise SeriesError(f"series {series.series_uid} has two slices at the same position (e.g. {dup.name}); "
-                              "remove duplicate files")
+            i = int(np.argmin(gaps))
+            raise SeriesError(f"series {series.series_uid} has two slices at the same position, {z[i]:.2f} mm: "
+                              f"{positions[i][1]} and {positions[i + 1][1]}. A structure set could not say which one "
+                              "it is drawn on; remove the duplicate file (or put each series in its own folder)")
         if gaps.max() - gaps.min() > SLICE_GAP_TOLERANCE * np.median(gaps) + 1e-3:
             raise SeriesError(
                 f"series {series.series_uid} has uneven slice gaps ({gaps.min():.3g} to {gaps.max():.3g} mm): "
@@ -198,6 +202,21 @@ def _sorted_slices(series: DicomSeries) -> list[Path]:
             )
         _check_tilt(series, corners[positions[-1][1]] - corners[positions[0][1]], normal)
     return [p[1] for p in positions]
+
+
+def _check_instance_uids(series: DicomSeries, instances: dict[str, list[Path]]) -> None:
+    """Refuse slices without a SOP Instance UID or sharing one: RTSTRUCT and SEG reference slices by this UID, so a
+    shared one makes their contours ambiguous (a copied-and-edited file, a broken anonymiser)."""
+    if "" in instances:
+        raise SeriesError(f"series {series.series_uid}: {instances[''][0]} has no SOPInstanceUID, so structures "
+                          "cannot reference it; export the series again from the scanner or PACS")
+    shared = {uid: paths for uid, paths in instances.items() if len(paths) > 1}
+    if shared:
+        listed = "; ".join(f"{', '.join(str(p) for p in paths)} share {uid}" for uid, paths in
+                           list(shared.items())[:3]) + (f"; and {len(shared) - 3} more" if len(shared) > 3 else "")
+        raise SeriesError(f"series {series.series_uid} has slices with the same SOPInstanceUID ({listed}). A "
+                          "structure set would reference two slices by one UID; remove the duplicate files or export "
+                          "the series again (an anonymiser must give every slice its own UID)")
 
 
 def _check_tilt(series: DicomSeries, step: np.ndarray, normal: np.ndarray) -> None:
