@@ -111,8 +111,9 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
         events.warning("no validation case: the best epoch is chosen on the training cases' DSC, which overstates "
                        "accuracy; add cases or give --validation", stage="finetune")
     n_classes = max(table.values) + 1
-    train = SliceSet(train_cases, n_classes, spec, runtime.device, open_ended=open_ended)
-    val = SliceSet(val_cases, n_classes, spec, runtime.device) if val_cases else None
+    train = SliceSet(train_cases, n_classes, spec, runtime.device, open_ended=open_ended,
+                     min_body_area=cfg.min_body_area)
+    val = SliceSet(val_cases, n_classes, spec, runtime.device, min_body_area=cfg.min_body_area) if val_cases else None
     unet = _build_network(start, spec, n_classes, cfg, runtime)
     objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
     swap = lateral_swap(table)

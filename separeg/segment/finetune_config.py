@@ -93,6 +93,10 @@ class FinetuneConfig:
     open_ended: str = field(default="", metadata=flag(  # separeg.segment.finetune_data.SliceSet
         "organs whose contours may stop short of the organ's end, comma-separated (e.g. SpinalCord,Esophagus): on a "
         "case's slices beyond its contour they are unknown, not background (partial-label modes)", group="partial"))
+    min_body_area: float = field(default=4000.0, metadata=flag(  # separeg.segment.finetune_data.SliceSet
+        "CT slices whose voxels above -500 HU cover less than this many mm^2 are unknown for every organ in training "
+        "and not scored in validation: OpenKBP stores CT only inside the contours outside the treated region "
+        "(0 = off; %(default)s)", group="partial"))
     hardness: bool = field(default=True, metadata=flag("PL-Seg without HADFL's hardness weights", negate=True,
                                                        group="partial"))
     psd_weight: float = field(default=0.1, metadata=flag(
@@ -120,7 +124,7 @@ class FinetuneConfig:
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}")
         for name in ("psd_weight", "cocl_weight", "consistency", "context_slices", "warmup_steps",
-                     "encoder_lr_scale"):
+                     "encoder_lr_scale", "min_body_area"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', '-')} must not be negative")
         if not 0.0 <= self.ema_decay < 1.0:

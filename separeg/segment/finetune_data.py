@@ -24,20 +24,24 @@ class SliceSet:
         images: ``(N, C, H, W)`` float (C input channels); labels: ``(N, H, W)`` int64; annotated: ``(N, K)`` bool
         per slice (its case's annotated organs, background always); supervised: ``(N, K)``, the organs a slice's
         labels speak for in training (``annotated``, less each ``open_ended`` organ on the case's slices beyond its
-        contour); case_of: ``(N,)`` case index per slice; neighbours: ``(N, 2k + 1)`` rows of ``images`` that make
-        each slice's 2.5D input.
+        contour, and every organ on a sparse slice); scored: ``(N,)`` bool, the slices validation scores (not sparse);
+        case_of: ``(N,)`` case index per slice; neighbours: ``(N, 2k + 1)`` rows of ``images`` that make each slice's
+        2.5D input.
 
     Args:
         open_ended: label values of organs whose contours may stop short of the organ's end (OpenKBP contours the
             spinal cord to mid-neck in a third of its patients, though the cord goes on in the image): on a case's
             slices above and below its contour of such an organ, the organ is unknown, not background.
+        min_body_area: a slice of a CT channel whose voxels above -500 HU cover less than this (mm^2) is *sparse*:
+            unknown for every organ and not scored (OpenKBP stores CT only inside the contours on slices outside
+            the treated region, so a cord contour ends there although the cord goes on). 0: no slice is sparse.
     """
 
     def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device,
-                 open_ended: tuple[int, ...] = ()) -> None:
+                 open_ended: tuple[int, ...] = (), min_body_area: float = 0.0) -> None:
         import SimpleITK as sitk
 
-        images, labels, annotated, supervised, case_of, neighbours = [], [], [], [], [], []
+        images, labels, annotated, supervised, scored, case_of, neighbours = [], [], [], [], [], [], []
         shape, offset = None, 0
         for i, case in enumerate(cases):
             check_channel_count(len(case.images), spec.input_channels, f"case {case.name}")
@@ -56,7 +60,12 @@ class SliceSet:
             images.append(x)
             labels.append(y)
             annotated.append(mask.expand(len(x), -1))
-            supervised.append(_within_extent(mask.expand(len(x), -1).clone(), y, open_ended))
+            sparse = _sparse_slices(canonical[0], min_body_area) if spec.input_channels[0].name == "CT" else None
+            flags = _within_extent(mask.expand(len(x), -1).clone(), y, open_ended)
+            if sparse is not None:
+                flags[torch.as_tensor(sparse), 1:] = False
+            supervised.append(flags)
+            scored.append(torch.ones(len(x), dtype=torch.bool) if sparse is None else torch.as_tensor(~sparse))
             case_of.append(torch.full((len(x),), i))
             neighbours.append(neighbour_index(len(x), spec.context_slices) + offset)
             offset += len(x)
@@ -64,6 +73,7 @@ class SliceSet:
         self.labels = torch.cat(labels)
         self.annotated = torch.cat(annotated).to(device)
         self.supervised = torch.cat(supervised).to(device)
+        self.scored = torch.cat(scored).to(device)
         self.case_of = torch.cat(case_of).numpy()
         self.neighbours = torch.cat(neighbours).to(device)
         self.foreground = np.flatnonzero((self.labels > 0).flatten(1).any(1).cpu().numpy())
@@ -123,6 +133,15 @@ def _within_extent(mask: torch.Tensor, labels: torch.Tensor, open_ended: tuple[i
             mask[:int(present[0]), value] = False
             mask[int(present[-1]) + 1:, value] = False
     return mask
+
+
+def _sparse_slices(image, min_body_area: float) -> np.ndarray:
+    """``(Z,)`` bool: axial slices whose voxels above -500 HU cover less than ``min_body_area`` mm^2."""
+    import SimpleITK as sitk
+
+    voxel_area = image.GetSpacing()[0] * image.GetSpacing()[1]
+    body = (sitk.GetArrayViewFromImage(image) > -500).sum(axis=(1, 2)) * voxel_area
+    return body < min_body_area
 
 
 def _label_image(case):

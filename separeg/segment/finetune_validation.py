@@ -37,12 +37,19 @@ def _dsc(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> flo
     return 2.0 * float((pred & ref).sum()) / total if total else None
 
 
+def _scored_rows(slices: SliceSet, case: int) -> np.ndarray:
+    """The rows of ``case`` that validation scores (its sparse slices are unknown for every organ)."""
+    return np.flatnonzero((slices.case_of == case) & slices.scored.cpu().numpy())
+
+
 def case_organ_scores(prediction: torch.Tensor, slices: SliceSet) -> dict[int, dict[int, float]]:
     """``{case index: {organ: DSC}}``, 3D over each case's slices, annotated organs only; organs neither predicted
     nor present in a case are not scored there."""
     scores: dict[int, dict[int, float]] = {}
     for case in np.unique(slices.case_of):
-        rows = torch.as_tensor(np.flatnonzero(slices.case_of == case), device=prediction.device)
+        rows = torch.as_tensor(_scored_rows(slices, case), device=prediction.device)
+        if not len(rows):
+            continue
         pred, ref = prediction[rows], slices.labels[rows]
         scores[int(case)] = {}
         for organ in torch.nonzero(slices.annotated[rows[0]]).flatten().tolist()[1:]:
@@ -89,7 +96,9 @@ def choose_postprocessing(prediction: torch.Tensor, slices: SliceSet, values: li
     reference = slices.labels.cpu().numpy()
     table: dict[int, dict[str, list[float]]] = {v: {"raw": [], "largest_component": [], "both": []} for v in values}
     for case in np.unique(slices.case_of):
-        rows = np.flatnonzero(slices.case_of == case)
+        rows = _scored_rows(slices, case)
+        if not len(rows):
+            continue
         pred, ref = labels[rows], reference[rows]
         annotated = torch.nonzero(slices.annotated[int(rows[0])]).flatten().tolist()
         for value in (v for v in values if v in annotated):
