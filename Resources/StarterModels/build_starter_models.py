@@ -15,6 +15,10 @@ Every step resumes (its run folder is kept in ``--work``), so a killed build con
 
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter          # CPU budget of MODELS.md
     python Resources/StarterModels/build_starter_models.py --work /tmp/v2 --init separeg-encoder-hn-ct  # hn-oar-7
+    python Resources/StarterModels/build_starter_models.py --work /tmp/v3 --init separeg-encoder-hn-ct \\
+        --data POOL --split Testing/experiments/openkbp_pool_split.json --epochs 120 --patience 15 \\
+        --models-out /tmp/v3/models                  # hn-oar-7 v3 candidate on the OpenKBP pool (issue 31);
+    # POOL: python ../shared/tools/openkbp_pool.py GIT_DIR POOL, GIT_DIR a bare copy of github:ababier/open-kbp
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter --encoder resnet50 \\
         --iterations 100000 --epochs 200 --device cuda --models-out /tmp/paper-models       # the paper's budget
 """
@@ -60,11 +64,28 @@ def separeg(args: list[str], log: Path) -> list[str]:
     return ["separeg", *args]
 
 
+def read_split(path: Path, data: Path) -> set[str]:
+    """The selection patients of a recorded pool split (``Testing/experiments/openkbp_pool_split.json``), after
+    checking that its training and test patients are exactly the data folder's training and validation patients."""
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    with (data / "manifest.csv").open(encoding="utf-8") as f:
+        split = {row["patient_id"]: row["split"] for row in csv.DictReader(f)}
+    expected = {"train": set(recorded["training"]) | set(recorded["selection"]), "validation": set(recorded["test"])}
+    for part, cases in expected.items():
+        found = {c for c, p in split.items() if p == part}
+        if found != cases:
+            sys.exit(f"{path} does not match {data}: {part} differs by {', '.join(sorted(found ^ cases)[:10])}; "
+                     "recreate the pool with ../shared/tools/openkbp_pool.py")
+    return set(recorded["selection"])
+
+
 def link_cases(data: Path, work: Path, holdout: set[str]) -> dict[str, list[str]]:
     """Folders of symlinks: ``archive`` (all CTs), ``train``, ``holdout`` (training patients kept for model
     selection) and ``validation`` (the OpenKBP validation patients, for the report only), CT + labels."""
     with (data / "manifest.csv").open(encoding="utf-8") as f:
         split = {row["patient_id"]: row["split"] for row in csv.DictReader(f)}
+    if any(p not in ("train", "validation") for p in split.values()):
+        sys.exit(f"{data} holds patients outside OpenKBP's training and validation splits: refused")
     unknown = holdout - {c for c, p in split.items() if p == "train"}
     if unknown:
         sys.exit(f"--holdout names cases that are not OpenKBP training patients: {', '.join(sorted(unknown))}")
@@ -152,11 +173,16 @@ def main() -> None:
     parser.add_argument("--init", default=None, help="start from this encoder (name or path) instead of pretraining")
     parser.add_argument("--holdout", default="pt_41,pt_42,pt_43,pt_45",
                         help="training patients that choose the best epoch and post-processing instead of training")
+    parser.add_argument("--split", type=Path, default=None,
+                        help="a recorded pool split (Testing/experiments/openkbp_pool_split.json): its selection "
+                             "patients replace --holdout")
+    parser.add_argument("--min-body-area", default=None, help="separeg finetune --min-body-area (mm^2)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     work, data = args.work.resolve(), args.data.resolve()
     log = work / "build.log"
-    splits = link_cases(data, work, {c for c in args.holdout.split(",") if c})
+    holdout = read_split(args.split, data) if args.split else {c for c in args.holdout.split(",") if c}
+    splits = link_cases(data, work, holdout)
     started = time.perf_counter()
     pretrain = None
     if args.init is None:
@@ -169,6 +195,7 @@ def main() -> None:
                         args.init or str(work / "pretrain" / "encoder.separeg"), "--out", str(work / "finetune"),
                         "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
                         "--patience", str(args.patience), *RECIPE,
+                        *(["--min-body-area", args.min_body_area] if args.min_body_area is not None else []),
                         "--batch-size", "16", "--partial-labels", "auto", "--seed", "0", "--device", args.device], log)
     finetune_minutes = (time.perf_counter() - started) / 60
     summary, seconds, contour = validate(work / "finetune" / "model.separeg", work, splits["validation"], log)
