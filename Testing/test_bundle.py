@@ -132,6 +132,16 @@ def test_read_bundle_info_does_not_read_weights(saved: tuple[Path, dict[str, tor
         load_bundle(path)
 
 
+def test_the_torch_free_reader_is_the_one_bundle_exports() -> None:
+    """``bundle_info`` (no torch: the Slicer panels list models with it) and ``bundle`` share one reader and one
+    error class, so ``except BundleError`` catches either's errors."""
+    import separeg.runtime.bundle_info as info_module
+
+    for name in info_module.__all__:
+        assert getattr(bundle_module, name) is getattr(info_module, name), name
+    assert set(info_module.__all__) - {"check_kind", "read_bundle_weights"} <= set(bundle_module.__all__)
+
+
 @pytest.mark.parametrize(("saved_kind", "expected", "message"), [
     ("segmentation", "encoder", "is a segmentation bundle; an encoder bundle is needed"),
     ("encoder", "segmentation", "is an encoder bundle; a segmentation bundle is needed"),

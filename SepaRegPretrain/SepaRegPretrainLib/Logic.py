@@ -180,7 +180,7 @@ class PretrainLogic:
     @staticmethod
     def shippedEncodersText() -> str:
         """One line per encoder in the model folders (shipped or installed), for the module's header."""
-        from separeg.runtime.bundle import read_bundle_info
+        from separeg.runtime.bundle_info import read_bundle_info
         from separeg.runtime.model_store import list_models
 
         lines = []

@@ -26,7 +26,7 @@ class ModelLibrary:
         return self._bundles("encoder")
 
     def _bundles(self, kind: str) -> list[ModelInfo]:
-        from separeg.runtime.bundle import read_bundle_info
+        from separeg.runtime.bundle_info import read_bundle_info
         from separeg.runtime.model_store import list_models
 
         found = []

@@ -2,7 +2,8 @@
 
 Names are looked up in the user model folder (``$SEPAREG_MODELS``, else the platform data folder, e.g.
 ``~/.local/share/separeg/models``), then in the models shipped inside the package, so a pip install and
-the Slicer extension see the same files.
+the Slicer extension see the same files. Standard library only: the Slicer panels list and install models before
+torch is installed (``Testing/test_slicer_stock.py``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import os
 import sys
 from pathlib import Path
 
+from separeg.runtime.bundle_info import BUNDLE_SUFFIX
 from separeg.runtime.errors import InputError
 
 __all__ = ["model_dirs", "user_model_dir", "shipped_model_dir", "resolve_model", "list_models", "install_model",
            "BUNDLE_SUFFIX"]
-
-BUNDLE_SUFFIX = ".separeg"
 
 
 def _user_dir() -> Path:
@@ -86,7 +86,7 @@ def install_model(bundle: str | Path, name: str | None = None, *, replace: bool 
     import shutil
 
     from separeg.runtime.atomic import atomic_path
-    from separeg.runtime.bundle import read_bundle_info
+    from separeg.runtime.bundle_info import read_bundle_info  # torch-free: the Slicer panels install models with it
 
     source = Path(bundle)
     info = read_bundle_info(source)
