@@ -144,7 +144,7 @@ def probe_encoder(arch: str, state: dict | None, train, val, cfg: ProbeConfig, d
         rows = np.concatenate([rng.choice(foreground, n_fg), rng.integers(0, len(train), cfg.batch_size - n_fg)])
         rows_t = torch.as_tensor(rows, device=device)
         logits = F.interpolate(head(feats[rows_t].float()), size=size, mode="bilinear", align_corners=False)
-        loss = marginal_dice_ce(logits, train.labels[rows_t], train.annotated[rows_t])
+        loss = marginal_dice_ce(logits, train.labels[rows_t].long(), train.annotated[rows_t])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimizer.param_groups:  # cosine decay to 0

@@ -21,7 +21,8 @@ class SliceSet:
     """Slices and label maps of a list of cases on the model grid, on one device.
 
     Attributes:
-        images: ``(N, C, H, W)`` float (C input channels); labels: ``(N, H, W)`` int64; annotated: ``(N, K)`` bool
+        images: ``(N, C, H, W)`` float (C input channels); labels: ``(N, H, W)`` uint8 (int64 past 256 classes;
+        batches are int64); annotated: ``(N, K)`` bool
         per slice (its case's annotated organs, background always); supervised: ``(N, K)``, the organs a slice's
         labels speak for in training (``annotated``, less each ``open_ended`` organ on the case's slices beyond its
         contour, and every organ on a sparse slice); scored: ``(N,)`` bool, the slices validation scores (not sparse);
@@ -58,7 +59,7 @@ class SliceSet:
             mask[0] = True
             mask[sorted(case.annotated)] = True
             images.append(x)
-            labels.append(y)
+            labels.append(y.to(torch.uint8) if n_classes <= 256 else y)  # 8x less memory (160 cases: 6 -> 0.8 GB)
             annotated.append(mask.expand(len(x), -1))
             sparse = _sparse_slices(canonical[0], min_body_area) if spec.input_channels[0].name == "CT" else None
             flags = _within_extent(mask.expand(len(x), -1).clone(), y, open_ended)
@@ -70,7 +71,9 @@ class SliceSet:
             neighbours.append(neighbour_index(len(x), spec.context_slices) + offset)
             offset += len(x)
         self.images = torch.cat(images)
+        del images[:]  # the slices are held once, not twice, from here on
         self.labels = torch.cat(labels)
+        del labels[:]
         self.annotated = torch.cat(annotated).to(device)
         self.supervised = torch.cat(supervised).to(device)
         self.scored = torch.cat(scored).to(device)
@@ -119,7 +122,7 @@ def sample_patches(slices: SliceSet, batch: int, patch: int, foreground_fraction
     index = torch.as_tensor([c[0] for c in centres], device=slices.images.device)
     images = torch.stack([slices.images[slices.neighbours[k], :, y0:y0 + patch, x0:x0 + patch].transpose(0, 1)
                           .flatten(0, 1) for k, y0, x0 in centres])
-    labels = torch.stack([slices.labels[k, y0:y0 + patch, x0:x0 + patch] for k, y0, x0 in centres])
+    labels = torch.stack([slices.labels[k, y0:y0 + patch, x0:x0 + patch] for k, y0, x0 in centres]).long()
     return images, labels, slices.supervised[index]
 
 
