@@ -147,3 +147,36 @@ def test_an_unknown_open_ended_organ_is_refused_before_the_run_folder_is_written
         run_finetune(FinetuneJob(data=cases, out_dir=tmp_path / "run", config=replace(TINY, open_ended="Nope"),
                                  device="cpu"))
     assert not (tmp_path / "run").exists()  # the corrected command can use the same --out
+
+
+def test_cases_whose_roi_names_match_no_organ_are_refused_before_training(lung1: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    """Issue 30: an RTSTRUCT with Cyrillic ROI names and no synonym table trained a model on no organ (0 %)."""
+    import pydicom
+    from test_cases import copy_lung1
+
+    from separeg.cli import main
+
+    data = copy_lung1(lung1, tmp_path / "data", slices=slice(40, 48))
+    rt = pydicom.dcmread(data / "rt" / "1-1.dcm")
+    russian = {"Lung-Left": "Лёгкое левое", "Lung-Right": "Лёгкое правое", "Spinal-Cord": "Спинной мозг"}
+    for roi in rt.StructureSetROISequence:
+        roi.ROIName = russian.get(str(roi.ROIName), f"Прочее {roi.ROINumber}")
+    rt.SpecificCharacterSet = "ISO_IR 192"
+    rt.save_as(data / "rt" / "1-1.dcm")
+    (tmp_path / "labels.csv").write_text("value,name\n1,SpinalCord\n2,Lung_L\n3,Lung_R\n", encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["finetune", str(data), "--labels", str(tmp_path / "labels.csv"), "--out", str(out), "--device", "cpu",
+            "--encoder", "resnet18-slim", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
+            "--validation-cases", "0"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "no organ of the label table (SpinalCord, Lung_L, Lung_R) is annotated" in err
+    assert "LUNG1-001: ROI names matching no organ: Спинной мозг, Лёгкое левое" in err
+    assert "--synonyms" in err and "--labels" in err
+    assert not out.exists()  # refused before the run folder (config.json) is written
+    (tmp_path / "synonyms.csv").write_text("Сердце,SpinalCord\n", encoding="utf-8")
+    with pytest.raises(InputError, match="check the names in your synonym table"):
+        run_finetune(FinetuneJob(data=data, labels=tmp_path / "labels.csv", out_dir=out, device="cpu",
+                                 synonyms=tmp_path / "synonyms.csv",
+                                 config=FinetuneConfig(encoder="resnet18-slim", validation_cases=0)))

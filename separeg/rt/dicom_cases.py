@@ -132,13 +132,14 @@ def load_dicom_case(ct_folder: str | Path, rtstruct: str | Path, table: LabelTab
     """Read a CT series and rasterise its RTSTRUCT into ``table``'s label map.
 
     Returns:
-        ``(image, labelmap, annotated, unmatched)``: the SimpleITK image, the ``(z, y, x)`` label map on its grid,
-        the label values an ROI was found for (the others were not contoured: not annotated), and the ROI names
-        that matched no label.
+        ``(image, labelmap, annotated, unmatched, skipped)``: the SimpleITK image, the ``(z, y, x)`` label map on its
+        grid, the label values an ROI was found for (the others were not contoured: not annotated), the ROI names
+        that matched no label, and the ROIs left out because they hold no voxel on this CT (``"name: why"``).
 
     Raises:
         InputError, SeriesError: from :func:`~separeg.io.dicom_ct.read_ct_series` and :func:`read_rtstruct`.
     """
     ct = read_ct_series(ct_folder, series_uid=series_uid)
-    match = read_rtstruct(rtstruct, ct).match(table, synonyms=synonyms)
-    return ct.image(), match.labelmap, frozenset(match.matched), match.unmatched
+    rois = read_rtstruct(rtstruct, ct)
+    match = rois.match(table, synonyms=synonyms)
+    return ct.image(), match.labelmap, frozenset(match.matched), match.unmatched, list(rois.skipped)

@@ -34,6 +34,8 @@ class LoadedCase:
             else uint16.
         annotated: the label values present in this case. Organs of the table outside this set were not
             annotated in this case: unknown, not background.
+        unused: what the case's labels held that gave no organ, for messages: an RTSTRUCT's ROI names that match no
+            organ of the table, and its ROIs without a voxel on this CT (``"not imported: name: why"``).
     """
 
     name: str
@@ -42,6 +44,7 @@ class LoadedCase:
     annotated: frozenset[int]
     channels: tuple[sitk.Image, ...] = ()  # every input channel on image's grid ([0] is image); empty: image only
     warnings: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
 
     @property
     def images(self) -> tuple[sitk.Image, ...]:
@@ -81,12 +84,14 @@ def load_case(case: Case, table: LabelTable, *, synonyms: Mapping[str, str] | No
     if case.is_dicom:
         from separeg.rt.dicom_cases import load_dicom_case
 
-        image, labels, annotated, unmatched = load_dicom_case(case.image, case.labels, table,
-                                                              series_uid=case.series_uid, synonyms=synonyms)
+        image, labels, annotated, unmatched, skipped = load_dicom_case(case.image, case.labels, table,
+                                                                       series_uid=case.series_uid, synonyms=synonyms)
         if unmatched:
             log.warning("case %s: ROIs %s of %s match no organ of the label table; left out", case.name,
                         ", ".join(unmatched), case.labels)
-        return LoadedCase(case.name, image, labels, annotated)
+        unused = ((f"ROI names matching no organ: {', '.join(unmatched)}",) if unmatched else ()) + \
+            tuple(f"not imported: {why}" for why in skipped)
+        return LoadedCase(case.name, image, labels, annotated, unused=unused)
     image = read_volume(case.image)
     channels, warnings = (), ()
     if case.channels:

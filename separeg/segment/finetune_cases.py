@@ -13,7 +13,7 @@ from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
 from separeg.segment.finetune_config import FinetuneConfig, FinetuneJob
 
-__all__ = ["load_cases", "case_list", "split_cases"]
+__all__ = ["load_cases", "case_list", "split_cases", "require_annotated_organs"]
 
 
 def load_cases(job: FinetuneJob, cfg: FinetuneConfig, table, events: Events):
@@ -26,6 +26,7 @@ def load_cases(job: FinetuneJob, cfg: FinetuneConfig, table, events: Events):
 
         synonyms = load_synonyms(job.synonyms)
     cases = [load_case(c, table, synonyms=synonyms) for c in case_list(job.data, events)]
+    require_annotated_organs(cases, table, synonyms_given=synonyms is not None)
     if job.validation_data is not None:  # a fixed validation set (the experiment protocol)
         train_cases, val_cases = cases, [load_case(c, table, synonyms=synonyms)
                                          for c in case_list(job.validation_data, events)]
@@ -63,3 +64,24 @@ def split_cases(cases: list, cfg: FinetuneConfig) -> tuple[list, list]:
         raise InputError(f"{len(cases)} case(s) cannot give {n_val} validation case(s) and a training case")
     order = np.random.default_rng(cfg.seed).permutation(len(cases))
     return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
+
+
+def require_annotated_organs(cases: list, table, *, synonyms_given: bool = False, shown: int = 5) -> None:
+    """Refuse a training set in which no case annotates any organ of the label table: a model trained on it learns
+    only background (it was trained and saved, "train longer" advised). Checked before the run folder is written.
+
+    Raises:
+        InputError: naming the cases, what their labels held instead, and how to map the names.
+    """
+    if any(case.annotated for case in cases):
+        return
+    details = [f"{case.name}: " + ("; ".join(case.unused[:shown]) + (" ..." if len(case.unused) > shown else "")
+                                   if case.unused else "no organ voxel in its labels") for case in cases[:shown]]
+    more = f" (and {len(cases) - shown} more)" if len(cases) > shown else ""
+    synonyms = "check the names in your synonym table (--synonyms)" if synonyms_given else \
+        "map their names to the table's with --synonyms (a CSV of 'their name,TG263name' rows)"
+    raise InputError(
+        f"no organ of the label table ({', '.join(table.names)}) is annotated in any of the {len(cases)} case(s), so "
+        f"there is nothing to train on. Found instead: {' | '.join(details)}{more}. For ROI names the table does "
+        f"not know, {synonyms} or give a label table with their names (--labels); ROIs drawn in another Frame of "
+        "Reference belong to another scan: pair each RTSTRUCT with the CT series it was drawn on")
