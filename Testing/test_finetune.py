@@ -180,3 +180,23 @@ def test_cases_whose_roi_names_match_no_organ_are_refused_before_training(lung1:
         run_finetune(FinetuneJob(data=data, labels=tmp_path / "labels.csv", out_dir=out, device="cpu",
                                  synonyms=tmp_path / "synonyms.csv",
                                  config=FinetuneConfig(encoder="resnet18-slim", validation_cases=0)))
+
+
+def test_a_near_zero_model_is_marked_unusable_with_the_shared_rule(cases: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Issue 30: the warning fired only at exactly 0.0; a best validation DSC of 0.14 % printed "0.1 %" and nothing
+    else. Now the rule of model_quality (floor 1 %, shared with Slicer's install) marks the bundle and warns."""
+    import separeg.segment.finetune_validation as finetune_validation
+    from separeg.runtime.events import ListSink
+    from separeg.segment.model_quality import useless_model_reason
+
+    monkeypatch.setattr(finetune_validation, "validate", lambda model, slices, runtime: {"Brainstem": 0.0014})
+    sink = ListSink()
+    tiny = FinetuneConfig(encoder="resnet18-slim", epochs=1, steps_per_epoch=1, batch_size=2, validation_cases=1)
+    path = run_finetune(FinetuneJob(data=cases, out_dir=tmp_path, config=tiny, device="cpu"), Events(sink))
+    reason = useless_model_reason({"mean_dsc": 0.0014, "on_training_data": False})
+    assert reason is not None and "0.14 %" in reason
+    assert [e.msg for e in sink.of_type(EventType.LOG) if e.level == "warning"][-1] == reason
+    assert "NOT USABLE" in sink.of_type(EventType.DONE)[-1].msg
+    metadata = load_bundle(path).metadata
+    assert metadata["usable"] is False and metadata["unusable_reason"] == reason

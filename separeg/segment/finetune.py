@@ -40,6 +40,7 @@ from separeg.segment.finetune_config import OLD_RECIPE, FinetuneConfig, Finetune
 from separeg.segment.finetune_data import SliceSet, sample_patches
 from separeg.segment.finetune_validation import EpochValidator, choose_postprocessing, predict_slices, validate
 from separeg.segment.mirror import MirrorEnsemble, lateral_swap, mirror_batch
+from separeg.segment.model_quality import useless_model_reason
 from separeg.segment.network import (
     GridSpec,
     build_unet,
@@ -301,6 +302,8 @@ def _write_bundle(out: Path, best: dict, start: _Start, spec: GridSpec, n_classe
 
     history = validator.history
     what = validator.what
+    # One rule with Slicer's model install: a model under the floor is kept, marked unusable, and warned about.
+    unusable = useless_model_reason({"mean_dsc": history["best"], "on_training_data": validator.on_training_data})
     path = save_bundle(
         out / "model.separeg", kind="segmentation",
         architecture=unet_architecture(start.encoder, spec.network_channels, n_classes),
@@ -314,16 +317,16 @@ def _write_bundle(out: Path, best: dict, start: _Start, spec: GridSpec, n_classe
                                "separeg": __version__},
                   "validation": {"mean_dsc": history["best"], "per_organ_dsc": validator.best_scores,
                                  "on_training_data": validator.on_training_data},
+                  "usable": unusable is None, "unusable_reason": unusable,
                   "postprocessing": postprocessing,
                   "test_time_mirroring": mirror,
                   "data": _data_statistics(train_cases)})
     write_json(history, out / "history.json")
     best_dsc = history["best"] or 0.0
-    if best_dsc == 0.0:
-        events.warning(f"the best {what} DSC is 0 %: this model found none of the organs; do not use it. Train "
-                       "longer (--epochs), on more cases, or from a pretrained encoder (--init)", stage="finetune")
+    if unusable is not None:
+        events.warning(unusable, stage="finetune")
     events.done(f"model written to {path} (best {what} mean DSC {100 * best_dsc:.1f} % at epoch "
-                f"{history['best_epoch']})")
+                f"{history['best_epoch']})" + ("; NOT USABLE: do not install or contour with it" if unusable else ""))
     return path
 
 
