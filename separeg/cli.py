@@ -136,6 +136,9 @@ def _contour_command(sub: argparse._SubParsersAction) -> None:
                          help="also write rtstruct.dcm referencing the CT (a NIfTI/NRRD CT is first written as a new "
                          "DICOM series in OUT/ct_dicom)")
     contour.add_argument("--seg", action="store_true", help="also write seg.dcm (DICOM SEG), as --rtstruct")
+    contour.add_argument("--include-unlearned", action="store_true",
+                         help="also write the organs the model did not learn (no training case annotates them, or "
+                         "validation DSC under 1 %%); left out by default, saying so")
     _add_patient(contour)
     _add_common(contour)
     contour.set_defaults(handler=commands.run_contour)

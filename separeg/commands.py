@@ -56,7 +56,7 @@ def run_contour(args: argparse.Namespace, events: Events) -> int:
                                largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
                                mirror=args.mirror, series_uid=args.series_uid, rtstruct=args.rtstruct, seg=args.seg,
                                patient_name=args.patient_name, patient_id=args.patient_id,
-                               batch_size=args.batch_size), events)
+                               batch_size=args.batch_size, include_unlearned=args.include_unlearned), events)
     return 0
 
 

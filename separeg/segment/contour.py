@@ -4,13 +4,17 @@ CT (NIfTI/NRRD/MHA or a DICOM series folder) -> canonical orientation -> model g
 2.5D context stacked there) -> slice inference in batches (bf16 on CUDA and on CPUs with native bf16; channels-last
 on a CPU; averaged with the left-right mirrored slices, laterality swapped, where the model's fine-tuning chose
 that on its validation cases) -> labels on the input grid: the argmax of the bilinearly resampled logits, computed
-exactly without resampling them (:func:`upsampled_argmax`) -> per-organ largest connected component and hole
-filling inside each organ's bounding box -> label map in the input's exact geometry. Outputs, in OUT_DIR:
+exactly without resampling them (:func:`upsampled_argmax`) -> organs the model never learned left out (unless
+``include_unlearned``; :mod:`~separeg.segment.learned_organs`) and every label outside the body cleared
+(:mod:`~separeg.segment.body_mask`) -> per-organ largest connected component and hole filling inside each organ's
+bounding box -> organ volumes checked against the training volumes (:mod:`~separeg.segment.body_site`: a warning for
+a CT of another body site) -> label map in the input's exact geometry. Outputs, in OUT_DIR:
 ``segmentation.nii.gz`` (uint8 label map) and ``segmentation.json`` (labels with names, TG-263 names,
-colours, volumes in cc, display names and Slicer terminology entries, warnings, the model's identity, and the
-reminder that this is an automatic contour that needs review). With ``rtstruct``/``seg``, also ``rtstruct.dcm``/
-``seg.dcm`` referencing the input CT series (a NIfTI/NRRD/MHA input is first written as a new DICOM series
-``ct_dicom/``, which they reference; see :mod:`separeg.rt.export`) and ``export.json``.
+colours, volumes in cc, display names and Slicer terminology entries, the organs not contoured and why, warnings,
+the model's identity, and the reminder that this is an automatic contour that needs review). With
+``rtstruct``/``seg``, also ``rtstruct.dcm``/``seg.dcm`` referencing the input CT series (a NIfTI/NRRD/MHA input is
+first written as a new DICOM series ``ct_dicom/``, which they reference; see :mod:`separeg.rt.export`) and
+``export.json``.
 
 Speed (issue 24, ``Testing/benchmarks/results/contour_profile.md``): the path before it, kept as
 :func:`_run_contour_legacy` for ``bench_contour.py`` and the agreement test, resampled 8-channel float logits to
@@ -34,6 +38,7 @@ from separeg.io.volumes import read_volume, write_volume
 from separeg.runtime.atomic import write_json
 from separeg.runtime.events import Events
 from separeg.runtime.training import Runtime, setup_runtime
+from separeg.segment.body_site import body_site_warning, expected_volumes
 from separeg.segment.inference import predict_labels, upsampled_argmax
 from separeg.segment.mirror import MirrorEnsemble, lateral_swap
 from separeg.segment.network import (
@@ -46,6 +51,7 @@ from separeg.segment.network import (
     to_canonical,
     with_context,
 )
+from separeg.segment.output_organs import select_output_organs
 
 __all__ = ["ContourJob", "ContourResult", "run_contour", "postprocess", "SEGMENTATION_FILE", "LABELS_FILE",
            "REVIEW_NOTICE"]
@@ -78,6 +84,8 @@ class ContourJob:
     seg: bool = False  # also write seg.dcm (DICOM SEG)
     patient_name: str | None = None  # for a NIfTI/NRRD/MHA input written as DICOM (default "Anonymous")
     patient_id: str | None = None
+    # Also write the organs the model did not learn (separeg.segment.learned_organs); off: they are left out, saying so
+    include_unlearned: bool = False
 
 
 @dataclass
@@ -88,6 +96,7 @@ class ContourResult:
     warnings: list[str] = field(default_factory=list)
     exports: dict[str, Path] = field(default_factory=dict)  # rtstruct, seg, ct_dicom: as written by export_labelmap
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (read, model, inference, ...)
+    not_contoured: list[dict] = field(default_factory=list)  # organs left out: {"value", "name", "tg263", "reason"}
 
 
 def postprocess(labels: np.ndarray, values: list[int], *, largest_component: bool, fill_holes: bool) -> np.ndarray:
@@ -262,7 +271,11 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
     batch = job.batch_size or (GPU_BATCH if runtime.device.type == "cuda" else cpu_batch)
     labels, canonical = segment(images, spec, model, runtime, batch, events)
     lap("inference and labels")
-    lcc, fill = _postprocessing_organs(bundle.metadata.get("postprocessing"), table.values, job)
+    is_ct = spec.input_channels[0].normalisation == "window"
+    organs = select_output_organs(labels, sitk.GetArrayViewFromImage(canonical) if is_ct else None, bundle.metadata,
+                                  table, include_unlearned=job.include_unlearned)
+    kept = organs.table
+    lcc, fill = _postprocessing_organs(bundle.metadata.get("postprocessing"), kept.values, job)
     labels = post(labels, lcc, largest_component=True, fill_holes=False)
     labels = post(labels, fill, largest_component=False, fill_holes=True)
     lap("postprocess")
@@ -276,17 +289,24 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
     segmentation = write_volume(result_image, out / SEGMENTATION_FILE)
     voxel_cc = float(np.prod(image.GetSpacing())) / 1000.0
     counts = sum(np.bincount(labels_slice.ravel(), minlength=max(table.values) + 1) for labels_slice in labels)
-    volumes = {label.tg263 or label.name: round(float(counts[label.value]) * voxel_cc, 2) for label in table.labels}
+    volumes = {label.tg263 or label.name: round(float(counts[label.value]) * voxel_cc, 2) for label in kept.labels}
+    expected, source = expected_volumes(bundle.metadata, kept)
+    site = body_site_warning({lb.value: volumes[lb.tg263 or lb.name] for lb in kept}, expected, kept, source)
+    for note in [*organs.warnings, *([site] if site else [])]:
+        events.warning(note, stage="contour")
+        warnings.append(note)
     description = {
         "notice": REVIEW_NOTICE,
         "source": str(job.volume),
         "separeg_version": __version__,
         "model": {"path": str(bundle.path), "name": Path(bundle.path).stem, "sha256": bundle.weights_sha256},
         "labels": [{"value": lb.value, "name": lb.name, "tg263": lb.tg263, "color": list(lb.color),
-                    "volume_cc": volumes[lb.tg263 or lb.name], **_terminology(lb)} for lb in table.labels],
+                    "volume_cc": volumes[lb.tg263 or lb.name], **_terminology(lb)} for lb in kept.labels],
+        "not_contoured": organs.not_contoured,
         "warnings": warnings,
         "postprocessing": {"largest_component": [_organ(table, v) for v in lcc],
-                           "fill_holes": [_organ(table, v) for v in fill]},
+                           "fill_holes": [_organ(table, v) for v in fill],
+                           "outside_body_voxels_removed": organs.outside_body},
         "test_time_mirroring": bool(mirror),
     }
     labels_json = write_json(description, out / LABELS_FILE)
@@ -302,14 +322,14 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
         from separeg.rt.export import export_labelmap
 
         algorithm = Algorithm(name=Path(bundle.path).stem, version=__version__, bundle_hash=bundle.weights_sha256)
-        exports = export_labelmap(result_image, table, Path(job.volume), out, formats=formats, algorithm=algorithm,
+        exports = export_labelmap(result_image, kept, Path(job.volume), out, formats=formats, algorithm=algorithm,
                                   series_uid=job.series_uid, patient_name=job.patient_name,
                                   patient_id=job.patient_id, events=events).outputs
         lap("export")
     logger.debug("contour seconds per stage: %s", {k: round(v, 2) for k, v in seconds.items()})
     written = ", ".join(str(p) for p in (segmentation, *exports.values()))
     events.done(f"{written} written. {REVIEW_NOTICE}")
-    return ContourResult(segmentation, labels_json, volumes, warnings, exports, seconds)
+    return ContourResult(segmentation, labels_json, volumes, warnings, exports, seconds, organs.not_contoured)
 
 
 # ---------------------------------------------------------------- the path before issue 24 (benchmark, agreement test)

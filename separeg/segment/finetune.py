@@ -299,6 +299,8 @@ def _write_bundle(out: Path, best: dict, start: _Start, spec: GridSpec, n_classe
                   mirror: dict, train_cases: list, val_cases: list, events: Events) -> Path:
     from separeg import __version__
     from separeg.runtime.bundle import save_bundle
+    from separeg.segment.body_site import organ_volume_statistics
+    from separeg.segment.learned_organs import annotated_cases_per_organ
 
     history = validator.history
     what = validator.what
@@ -314,13 +316,17 @@ def _write_bundle(out: Path, best: dict, start: _Start, spec: GridSpec, n_classe
                                "validation_cases": len(val_cases), "epochs_run": len(history["epochs"]),
                                "best_epoch": history["best_epoch"], "config": identity["config"],
                                "partial_labels": objective.mode, "mean_teacher": cfg.mean_teacher,
-                               "separeg": __version__},
+                               "separeg": __version__,
+                               # contour leaves out organs no training case annotates (learned_organs, issue 30)
+                               "annotated_cases_per_organ": annotated_cases_per_organ(
+                                   [c.annotated for c in train_cases], table.values)},
                   "validation": {"mean_dsc": history["best"], "per_organ_dsc": validator.best_scores,
                                  "on_training_data": validator.on_training_data},
                   "usable": unusable is None, "unusable_reason": unusable,
                   "postprocessing": postprocessing,
                   "test_time_mirroring": mirror,
-                  "data": _data_statistics(train_cases)})
+                  "data": {**_data_statistics(train_cases),  # organ volumes: contour's body-site check
+                           "organ_volume_cc": organ_volume_statistics(train_cases, table.values)}})
     write_json(history, out / "history.json")
     best_dsc = history["best"] or 0.0
     if unusable is not None:

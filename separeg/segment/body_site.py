@@ -1,0 +1,84 @@
+"""Out-of-distribution check of a contour: are the organs found of the sizes the model was trained on? (issue 30)
+
+``hn-oar-7`` on a thoracic CT (LUNG1) found a 12-voxel "Brainstem" in the lower thorax, a 0.8 cc parotid and a 4 cc
+mandible on the top slices, and said nothing. Image statistics (field of view, HU range) do not tell a chest from a
+neck; the contour itself does: on the body site a model was trained on, most of its organs are found with about their
+training volumes.
+
+Rule: a found organ is out of range when its volume is below a third of the smallest, or above three times the
+largest, training volume; when at least half of the organs found (3 or more, each with training volumes) are out of
+range, contour warns. Organs not found do not count: an organ may lie outside the scan or be resected, and
+``hn-oar-7`` misses 3 of 7 on OpenKBP's pt_203 (which then does not warn; LUNG1 has 3 of 6 found out of range).
+Checked on 16 OpenKBP head-and-neck CTs: none warns. Training volumes: ``data.organ_volume_cc`` of the bundle
+(``{value: [min, median, max]}`` over the training cases annotating the organ, written by ``separeg finetune``); for
+a bundle without it (the shipped ``hn-oar-7``, trained on OpenKBP), :data:`OPENKBP_VOLUMES_CC` by TG-263 name.
+Organs with neither are not checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+__all__ = ["OPENKBP_VOLUMES_CC", "RANGE_FACTOR", "organ_volume_statistics", "expected_volumes", "body_site_warning"]
+
+# (min, max) cc over the 50 OpenKBP patients in the shared test data (OpenKBP's training split, 128^3 grids), each
+# over the patients that contour the organ: the data the shipped hn-oar-7 was trained on.
+OPENKBP_VOLUMES_CC: dict[str, tuple[float, float]] = {
+    "Brainstem": (5.5, 45.3), "SpinalCord": (8.8, 45.6), "Parotid_R": (5.2, 50.3), "Parotid_L": (9.8, 56.0),
+    "Esophagus": (5.7, 19.1), "Larynx": (2.0, 54.0), "Bone_Mandible": (30.1, 84.6)}
+RANGE_FACTOR = 3.0  # a third of the smallest to three times the largest: truncated scans and few training cases pass
+MIN_CHECKED = 3  # fewer organs found with training volumes: no verdict
+
+
+def organ_volume_statistics(cases: Iterable, values: Iterable[int]) -> dict[str, list[float]]:
+    """``{str(value): [min, median, max] cc}`` over the cases annotating each organ (``LoadedCase``: ``image``,
+    ``labels`` on its grid, ``annotated``); organs no case annotates are left out."""
+    volumes: dict[int, list[float]] = {v: [] for v in values}
+    for case in cases:
+        voxel_cc = float(np.prod(case.image.GetSpacing())) / 1000.0
+        counts = np.bincount(np.asarray(case.labels).ravel(), minlength=max(volumes, default=0) + 1)
+        for value in volumes:
+            if value in case.annotated and value < len(counts) and counts[value]:
+                volumes[value].append(float(counts[value]) * voxel_cc)
+    return {str(v): [round(min(cc), 2), round(float(np.median(cc)), 2), round(max(cc), 2)]
+            for v, cc in volumes.items() if cc}
+
+
+def expected_volumes(metadata: Mapping, table) -> tuple[dict[int, tuple[float, float]], str]:
+    """``({value: (min, max) cc}, source)``: the bundle's training volumes (source ""), else OpenKBP's by TG-263
+    name."""
+    recorded = (metadata.get("data") or {}).get("organ_volume_cc")
+    if recorded is not None:
+        return ({lb.value: (float(recorded[str(lb.value)][0]), float(recorded[str(lb.value)][-1]))
+                 for lb in table if str(lb.value) in recorded}, "")
+    return ({lb.value: OPENKBP_VOLUMES_CC[lb.tg263] for lb in table if lb.tg263 in OPENKBP_VOLUMES_CC},
+            "OpenKBP head and neck")
+
+
+def body_site_warning(found_cc: Mapping[int, float], expected: Mapping[int, tuple[float, float]], table,
+                      source: str = "") -> str | None:
+    """The warning when at least half of the organs found are out of their training range (module rule), or None.
+
+    Args:
+        found_cc: ``{value: volume cc}`` of the organs output (0: not found).
+        expected: ``{value: (min, max) cc}`` (:func:`expected_volumes`); organs without an entry are not checked.
+        source: where ``expected`` comes from when not the bundle's own training data (:func:`expected_volumes`).
+    """
+    checked = [v for v in found_cc if v in expected and found_cc[v] > 0]
+    if len(checked) < MIN_CHECKED:
+        return None
+
+    def name(value: int) -> str:
+        label = table.by_value(value)
+        return label.tg263 or label.name
+
+    off = [v for v in checked if not expected[v][0] / RANGE_FACTOR <= found_cc[v] <= expected[v][1] * RANGE_FACTOR]
+    if 2 * len(off) < len(checked):
+        return None
+    found = ", ".join(f"{name(v)} {found_cc[v]:.2f} cc" for v in off)
+    ranges = ", ".join(f"{name(v)} {expected[v][0]:.3g}-{expected[v][1]:.3g} cc" for v in off)
+    return (f"body site: {len(off)} of {len(checked)} organs found are far from their training volumes: {found} "
+            f"(training data: {source + ', ' if source else ''}{ranges}); is this CT of the body region the model "
+            "was trained on? Its contours are unreliable here")
