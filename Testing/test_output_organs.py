@@ -137,3 +137,21 @@ def test_a_fine_tuned_model_records_its_annotations_and_leaves_out_what_it_never
     never = [o["name"] for o in result.not_contoured if o["reason"] == "no training case annotates it"]
     assert never == ["Esophagus", "Larynx"] and "Esophagus" not in result.volumes_cc  # (a 2-step model may also
     # score under the validation floor on others)
+
+
+def test_evaluate_scores_an_organ_left_out_as_missed(never_taught: Path, openkbp: Path, tmp_path: Path) -> None:
+    """segmentation.json beside the prediction as the label table: an Esophagus in the reference is a miss, not a
+    value the table does not know (which evaluate refuses)."""
+    from separeg.evaluate.job import EvaluateJob, run_evaluate
+
+    result = run_contour(ContourJob(volume=openkbp / "pt_203_ct.nii.gz", model=str(never_taught),
+                                    out_dir=tmp_path / "out", device="cpu"))
+    reference = sitk.ReadImage(str(openkbp / "pt_203_oar.nii.gz"))
+    array = sitk.GetArrayFromImage(reference)
+    array[60:70, 60:64, 60:64] = ESOPHAGUS
+    ref = sitk.GetImageFromArray(array)
+    ref.CopyInformation(reference)
+    sitk.WriteImage(ref, str(tmp_path / "ref.nii.gz"))
+    evaluation = run_evaluate(EvaluateJob(pred=result.segmentation, ref=tmp_path / "ref.nii.gz",
+                                          out_dir=tmp_path / "eval"))
+    assert [(r.name, r.status) for r in evaluation.results if r.organ == ESOPHAGUS] == [("Esophagus", "missed")]

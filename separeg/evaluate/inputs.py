@@ -39,7 +39,23 @@ def read_labels(path: Path) -> dict[int, str]:
     Raises:
         InputError: see :func:`~separeg.rt.labels.load_label_table`.
     """
-    return {label.value: label.tg263 or label.name for label in load_label_table(path)}
+    names = {label.value: label.tg263 or label.name for label in load_label_table(path)}
+    return {**names, **_not_contoured(Path(path))}
+
+
+def _not_contoured(path: Path) -> dict[int, str]:
+    """The organs ``separeg contour`` left out of a ``segmentation.json`` (a model that never learned them): still
+    organs of the table, so a reference holding one scores it as missed instead of an unknown value (issue 30)."""
+    import json
+
+    if path.suffix.lower() != ".json":
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # load_label_table has read it already; not JSON of this kind
+    left_out = data.get("not_contoured") if isinstance(data, dict) else None
+    return {int(o["value"]): o.get("tg263") or o["name"] for o in left_out or []}
 
 
 def find_label_table(pred: Path, ref: Path) -> Path | None:
