@@ -39,5 +39,5 @@ def test_the_demo_report_counts_a_missed_organ(tmp_path: Path) -> None:
                       "split": {"train": ["pt_1"], "validation": "pt_22", "test": ["pt_a", "pt_b"]},
                       "segmentation": {"shipped": rows}})
     assert "| SpinalCord | 50.0 | 0.0 (1 of 2 cases) | 1/2 |" in report  # before: "| SpinalCord | 50.0 | 0.0 |"
-    assert "| Brainstem | 100.0 | 0.0 | 0/2 |" in report
-    assert "| shipped | 100.0 (0.0), missed 0/2 | 50.0 (0.0), missed 1/2 |" in report
+    assert "| Brainstem | 100.0 | 0.0 | 0/2 |" in report and "| All organs | 75.0 | 0.0 | 1/4 |" in report
+    assert "| shipped | 100.0 (0.0), missed 0/2 | 50.0 (0.0), missed 1/2 | 75.0 (0.0), missed 1/4 |" in report

@@ -154,15 +154,19 @@ def _starter_contour(job: DemoJob, tests: list, out: Path, events: Events) -> di
 
 def _organ_rows(result) -> dict:
     """Per organ: DSC (a miss counts 0) over the ``n`` cases whose reference holds it, HD95 over the ``n_hd95``
-    where it was found, and ``n_missed`` (found nowhere in the prediction)."""
-    return {"organs": {row.name: {"dsc_percent": row.dsc_mean_percent, "dsc_se_percent": row.dsc_se_percent,
-                                  "hd95_mm": row.hd95_mean_mm, "n": row.n, "n_hd95": row.n_hd95,
-                                  "n_missed": row.n_missed} for row in [*result.organs, result.overall]}}
+    where it was found, and ``n_missed`` (found nowhere in the prediction); the all-organs row counts misses over
+    its ``n_organ_cases`` (organ, case) pairs."""
+    rows = {row.name: {"dsc_percent": row.dsc_mean_percent, "dsc_se_percent": row.dsc_se_percent,
+                       "hd95_mm": row.hd95_mean_mm, "n": row.n, "n_hd95": row.n_hd95, "n_missed": row.n_missed}
+            for row in [*result.organs, result.overall]}
+    rows[result.overall.name]["n_organ_cases"] = sum(row.n for row in result.organs)
+    return {"organs": rows}
 
 
 def _missed(row: dict) -> str:
-    """``"1/2"``: cases where the organ was missed, of those whose reference holds it."""
-    return f"{row.get('n_missed', 0)}/{row.get('n', 0)}"
+    """``"1/2"``: cases where the organ was missed, of those whose reference holds it (all organs: of the
+    (organ, case) pairs)."""
+    return f"{row.get('n_missed', 0)}/{row.get('n_organ_cases', row.get('n', 0))}"
 
 
 def _hd95(row: dict) -> str:
