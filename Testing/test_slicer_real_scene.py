@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import slicer_tier
 from SepaRegSegmentLib.Provenance import CONTOUR_MODEL_ATTRIBUTE
 from SepaRegSegmentLib.Requests import TrainingCase
+from test_slicer_hygiene import SceneDiff
 
 from separeg.runtime.background import RunState
 
@@ -71,10 +72,6 @@ def core_ijk_to_ras(image: sitk.Image) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
 
 
-def nodes_of(scene, cls: str) -> list:
-    return [scene.GetNthNodeByClass(i, cls) for i in range(scene.GetNumberOfNodesByClass(cls))]
-
-
 def segments(node) -> dict:
     segmentation = node.GetSegmentation()
     return {segmentation.GetNthSegmentID(i): segmentation.GetNthSegment(i)
@@ -115,13 +112,13 @@ def test_auto_contour_with_hn_oar_7_then_evaluate(real_slicer, logic, tmp_path: 
 
     slicer = real_slicer
     volume = slicer.util.loadVolume(str(SAMPLES / "pt_203_ct.nii.gz"))
-    before = {cls: len(nodes_of(slicer.mrmlScene, cls)) for cls in ("vtkMRMLLabelMapVolumeNode",
-                                                                      "vtkMRMLScalarVolumeNode")}
+    slicer.mrmlScene.GetSubjectHierarchyNode()
+    diff = SceneDiff(slicer.mrmlScene)  # every node class, not only volumes (test_slicer_hygiene.py)
     result = run(logic, lambda: logic.autoContour(volume, "hn-oar-7", device="cpu"))
     node = result.outputs["segmentationNode"]
     assert node.IsA("vtkMRMLSegmentationNode") and node.GetDisplayNode() is not None
     assert node.GetNodeReference("referenceImageGeometryRef") is volume
-    assert {cls: len(nodes_of(slicer.mrmlScene, cls)) for cls in before} == before  # the label map node is gone
+    diff.check("Auto-contour", node)  # no temporary label map, nor its display node, is left
     labels = logic.model("hn-oar-7").labels
     found = segments(node)
     assert [s.GetName() for s in found.values()] == HN_OAR_7 == [lb["tg263"] for lb in labels]
@@ -182,9 +179,13 @@ def test_auto_contour_with_hn_oar_7_then_evaluate(real_slicer, logic, tmp_path: 
         assert all(full[2 * a] <= extent[2 * a] and extent[2 * a + 1] <= full[2 * a + 1] for a in range(3)) or \
             extent[1] < extent[0], (extent, full)
 
-    # Evaluate against the reference label map as Slicer loads it (Segment_<value>), named from labels.json
-    raw = logic.scene.loadSegmentationFile(SAMPLES / "pt_203_oar.nii.gz")
-    with pytest.raises(ValueError, match="Segment_1, Segment_2.*select the model whose label table"):
+    # Evaluate against the reference label map as Slicer loads it (Segment_<value>): with no table beside the file,
+    # refused with the hint (never named from the model by guess); named from the table the planner chose
+    bare = tmp_path / "no table"
+    bare.mkdir()
+    shutil.copy(SAMPLES / "pt_203_oar.nii.gz", bare / "pt_203_oar.nii.gz")
+    raw = logic.scene.loadSegmentationFile(bare / "pt_203_oar.nii.gz")
+    with pytest.raises(ValueError, match="Segment_1, Segment_2.*choose the table those values follow"):
         logic.evaluate(node, raw, volume)
     rows = {r["organ"]: r for r in logic.evaluate(node, raw, volume, labels=labels)}
     reference_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "pt_203_oar.nii.gz")))
@@ -223,7 +224,10 @@ def test_planner_segment_names_are_matched_through_synonyms(real_slicer, logic, 
     slicer = real_slicer
     volume = slicer.util.loadVolume(str(SAMPLES / "pt_1_ct.nii.gz"))
     prediction = logic.loadSegmentation(SAMPLES / "pt_1_oar.nii.gz")  # TG-263 names from labels.json
-    reference = logic.scene.loadSegmentationFile(SAMPLES / "pt_1_oar.nii.gz")
+    bare = tmp_path / "no table"  # a label map without a table beside it: only the planner's names
+    bare.mkdir()
+    shutil.copy(SAMPLES / "pt_1_oar.nii.gz", bare / "pt_1_oar.nii.gz")
+    reference = logic.scene.loadSegmentationFile(bare / "pt_1_oar.nii.gz")
     logic.nameSegmentsByValue(reference, [{"value": 4, "name": "Lt Parotid"}, {"value": 7, "name": "Mandible"}])
     slicer.mrmlScene.GetSubjectHierarchyNode()
     count = slicer.mrmlScene.GetNumberOfNodes()
@@ -351,3 +355,48 @@ def test_correct_and_learn_on_real_nodes(real_slicer, logic, tmp_path: Path) -> 
     run(logic, lambda: logic.updateModel("hn-oar-7 local", epochs=1, device="cpu", extraArgs=TINY))
     assert model.path.read_bytes() != before
     assert model.path.with_name(f"{model.path.stem}.previous.separeg.bak").read_bytes() == before
+
+
+def test_label_maps_are_named_from_the_table_that_travels_with_them(real_slicer, logic, tmp_path: Path) -> None:
+    """Label maps loaded by Slicer's own loader (File > Add Data: Segment_<value>) are named from the table beside
+    their file (labels.json, or the segmentation.json of ``separeg contour``), not from the model's table by guess;
+    with none, Add to training set asks for one."""
+    slicer = real_slicer
+    volume = slicer.util.loadVolume(str(SAMPLES / "pt_1_ct.nii.gz"))
+    source = sitk.ReadImage(str(SAMPLES / "pt_1_oar.nii.gz"))
+    values = sitk.GetArrayFromImage(source)
+    other = tmp_path / "other table"  # the same label map, with values that do not follow hn-oar-7's table
+    other.mkdir()
+    shutil.copy(SAMPLES / "pt_1_oar.nii.gz", other / "pt_1_oar.nii.gz")
+    (other / "labels.json").write_text(json.dumps({"1": "Parotid_L", "2": "Brainstem", "3": "Bone_Mandible",
+                                                   "4": "SpinalCord", "7": "Parotid_R"}))
+    loaded = slicer.util.loadSegmentation(str(other / "pt_1_oar.nii.gz"))
+    assert logic.scene.segments(loaded)[0][1] == "Segment_1"
+    logic.addToTrainingSet(volume, loaded, "hn-oar-7")
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(logic.trainingSetDir("hn-oar-7") / "pt_1_ct_oar.nii.gz")))
+    model = {name: i + 1 for i, name in enumerate(HN_OAR_7)}  # the case's values follow the model's organs
+    np.testing.assert_array_equal(stored, np.select(
+        [values == 1, values == 2, values == 3, values == 4, values == 7],
+        [model["Parotid_L"], model["Brainstem"], model["Bone_Mandible"], model["SpinalCord"], model["Parotid_R"]], 0))
+
+    contour = tmp_path / "contour result"  # the core's contour output: segmentation.json describes the values
+    contour.mkdir()
+    result = sitk.GetImageFromArray(np.select([values == 4, values == 7], [1, 2], 0).astype(np.uint8))
+    result.CopyInformation(source)
+    sitk.WriteImage(result, str(contour / "segmentation.nii.gz"))
+    (contour / "segmentation.json").write_text(json.dumps({"labels": [
+        {"value": 1, "name": "Parotid_L", "tg263": "Parotid_L"}, {"value": 2, "name": "Mandible",
+                                                                  "tg263": "Bone_Mandible"}]}))
+    prediction = slicer.util.loadSegmentation(str(contour / "segmentation.nii.gz"))
+    reference = logic.loadSegmentation(SAMPLES / "pt_1_oar.nii.gz")
+    rows = {r["organ"]: r["dsc"] for r in logic.evaluate(prediction, reference, volume)}
+    assert rows == {"Parotid_L": pytest.approx(100.0), "Bone_Mandible": pytest.approx(100.0)}
+
+    bare = tmp_path / "no table"
+    bare.mkdir()
+    shutil.copy(SAMPLES / "pt_1_oar.nii.gz", bare / "pt_1_oar.nii.gz")
+    unnamed = slicer.util.loadSegmentation(str(bare / "pt_1_oar.nii.gz"))
+    with pytest.raises(ValueError, match="Segment_1, Segment_2, Segment_3, ... are the values of a label map .*"
+                                         "choose the table those values follow"):
+        logic.addToTrainingSet(volume, unnamed, "hn-oar-7")
+    logic.addToTrainingSet(volume, unnamed, "hn-oar-7", labels=SAMPLES / "labels.json")  # the planner's choice

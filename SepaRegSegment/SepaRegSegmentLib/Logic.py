@@ -19,16 +19,14 @@ from pathlib import Path
 from separeg.runtime.background import BackgroundRun, RunState, Signal, cli_command, core_root, default_python
 from separeg.runtime.events import Event, EventType
 from SepaRegSegmentLib.Models import ModelLibrary
-from SepaRegSegmentLib.Provenance import ContourProvenance
+from SepaRegSegmentLib.Provenance import ContourProvenance, SegmentNaming
 from SepaRegSegmentLib.Requests import (
-    SEGMENT_BY_VALUE,
     TRAINING_SET_LABELS,
+    AfterRunError,
     FinetuneRequest,
     TaskResult,
     TrainingCase,
-    labelNamesByValue,
     labelTable,
-    labelTableBeside,
     matchSegments,
     refuseUselessModel,
     safeName,
@@ -38,7 +36,19 @@ from SepaRegSegmentLib.Requests import (
 STOP_FILE = "STOP"
 
 
-class SegmentLogic(ModelLibrary, ContourProvenance):
+def afterRun(step: Callable[[], dict]) -> Callable[[], dict]:
+    """``step`` as the end of a run: its errors become :class:`AfterRunError` (the run's own outputs are kept)."""
+
+    def done() -> dict:
+        try:
+            return step()
+        except (RuntimeError, OSError) as exc:
+            raise AfterRunError(f"{exc}; the run's other outputs are kept") from exc
+
+    return done
+
+
+class SegmentLogic(ModelLibrary, ContourProvenance, SegmentNaming):
     """Runs the segmentation tasks. ``scene`` is a :class:`SceneIO` (or a fake of it).
 
     Args:
@@ -63,37 +73,6 @@ class SegmentLogic(ModelLibrary, ContourProvenance):
         self.progress = Signal(str, int, int, object)
         self.logMessage = Signal(str, str)
         self.finished = Signal(TaskResult)
-
-    # ------------------------------------------------------------------------------------- segment names
-    def nameSegmentsByValue(self, segmentationNode, table) -> dict[str, str]:
-        """Rename ``Segment_<v>`` segments to the organ of value v in ``table`` (see :func:`labelNamesByValue`).
-
-        Slicer's ``loadSegmentation`` names the segments of a label map ``Segment_1``, ``Segment_2``, ...; with a
-        table they get organ names that fine-tuning and evaluation can match. Returns ``{old name: new name}``.
-        """
-        names = labelNamesByValue(table)
-        taken = {name for _, name in self.scene.segments(segmentationNode)}
-        renamed = {}
-        for segmentId, name in self.scene.segments(segmentationNode):
-            match = SEGMENT_BY_VALUE.fullmatch(name)
-            organ = names.get(int(match.group(1))) if match else None
-            if organ and organ not in taken:
-                self.scene.renameSegment(segmentationNode, segmentId, organ)
-                taken.add(organ)
-                renamed[name] = organ
-        if renamed:
-            self.logMessage.emit(f"{segmentationNode.GetName()}: segments named by value: "
-                                 + ", ".join(f"{a} -> {b}" for a, b in renamed.items()), "info")
-        return renamed
-
-    def loadSegmentation(self, path: str | os.PathLike, table=None):
-        """Load a segmentation or label map file; ``Segment_<v>`` segments are named from ``table`` or, when none is
-        given, from ``labels.json`` beside the file."""
-        node = self.scene.loadSegmentationFile(path)
-        table = table if table is not None else labelTableBeside(path)
-        if table is not None:
-            self.nameSegmentsByValue(node, table)
-        return node
 
     # -------------------------------------------------------------------------------------------- background
     @property
@@ -144,9 +123,27 @@ class SegmentLogic(ModelLibrary, ContourProvenance):
         if state is RunState.DONE and self._onDone is not None:
             try:
                 outputs = self._onDone() or {}
+            except AfterRunError as exc:  # the run's result was refused or not exported: say so, and what to do
+                state, message = RunState.FAILED, f"the run finished, but {exc}"
             except Exception as exc:  # noqa: BLE001 - shown to the user, with the run's own outputs kept
                 state, message = RunState.FAILED, f"the run finished but its result could not be loaded: {exc}"
+        if outputs.get("note"):  # what Slicer did after the run (e.g. SlicerRT's RTSTRUCT)
+            message = f"{message}; {outputs['note']}"
         self.finished.emit(TaskResult(self.task or "", state, message, outputs))
+
+    def _finishNow(self, task: str, work: Callable[[], dict]) -> None:
+        """A task done on the spot, without a background run: ``finished`` reports it as a run would (done, or
+        failed with the error), so the panel's status ends the same way; ``work`` returns the outputs and a
+        ``note`` (the message)."""
+        if self.isRunning:
+            raise RuntimeError(f"{self.task} is still running; wait for it or stop it first")
+        self.task, self.run = task, None
+        try:
+            outputs = work()
+        except (RuntimeError, OSError, ValueError) as exc:  # AfterRunError is a RuntimeError
+            self.finished.emit(TaskResult(task, RunState.FAILED, str(exc)))
+            return
+        self.finished.emit(TaskResult(task, RunState.DONE, outputs.pop("note", ""), outputs))
 
     # ------------------------------------------------------------------------------------------- Auto-contour
     def autoContour(self, volumeNode, modelName: str, device: str = "auto", outputName: str | None = None,
@@ -235,10 +232,14 @@ class SegmentLogic(ModelLibrary, ContourProvenance):
 
         return user_model_dir() / "training" / safeName(modelName)
 
-    def addToTrainingSet(self, volumeNode, segmentationNode, modelName: str) -> Path:
-        """Store a corrected case for "Update model" (beside the per-user models; case names must be unique)."""
+    def addToTrainingSet(self, volumeNode, segmentationNode, modelName: str, labels=None) -> Path:
+        """Store a corrected case for "Update model" (beside the per-user models; case names must be unique).
+
+        ``Segment_<v>`` segments are named by :meth:`nameSegments` (the table travelling with the data, else
+        ``labels``), never from the model's table by guess; the case's values then follow the model's organs.
+        """
         model = self.model(modelName)
-        self.nameSegmentsByValue(segmentationNode, model.labels)  # a label map loaded without names: the model's
+        self.nameSegments(segmentationNode, labels)
         folder = self.trainingSetDir(modelName)
         folder.mkdir(parents=True, exist_ok=True)
         name = safeName(volumeNode.GetName())
@@ -265,27 +266,44 @@ class SegmentLogic(ModelLibrary, ContourProvenance):
         if len(cases) < 2:
             raise ValueError(f"the training set of {modelName} has {len(cases)} case(s); add at least 2 corrected "
                              "cases (one is held out to check the update)")
-        backup = model.path.with_name(f"{model.path.stem}.previous.separeg.bak")
-        shutil.copyfile(model.path, backup)
         request = FinetuneRequest(outDir=self._taskDir("update"), modelName=modelName,
                                   dataFolder=self.trainingSetDir(modelName), init=model.path, epochs=epochs,
                                   device=device, extraArgs=tuple(extraArgs))
-        self.logMessage.emit(f"previous version kept as {backup}", "info")
+        self.keepPreviousVersion(model)
         return self.finetune(request)
+
+    def keepPreviousVersion(self, model) -> None:
+        """Back up a per-user model before its update replaces it (``<name>.previous.separeg.bak`` beside it).
+
+        Nothing is written into the extension's install folder (read-only, or replaced when the extension is
+        updated): the update of a shipped model is installed as a per-user model of the same name, which
+        :mod:`separeg.runtime.model_store` finds first, and the shipped file stays as it is.
+        """
+        from separeg.runtime.model_store import user_model_dir
+
+        userDir = user_model_dir()
+        if model.path.parent.resolve() != userDir.resolve():
+            self.logMessage.emit(f"{model.name} is a shipped model: the update is installed as your own copy in "
+                                 f"{userDir}, which takes its place (delete that copy to use the shipped one again)",
+                                 "info")
+            return
+        backup = userDir / f"{model.path.stem}.previous.separeg.bak"
+        shutil.copyfile(model.path, backup)
+        self.logMessage.emit(f"previous version kept as {backup}", "info")
 
     # ------------------------------------------------------------------------------------------------ evaluate
     def evaluate(self, predictionNode, referenceNode, volumeNode, labels=None) -> list[dict]:
         """DSC (%), HD95 (mm) and volumes per organ present in both segmentations (matched by name).
 
-        ``labels`` (a label table, e.g. the selected model's labels) names ``Segment_<v>`` segments of either
-        segmentation first (:meth:`nameSegmentsByValue`).
+        ``Segment_<v>`` segments of either segmentation are named first by :meth:`nameSegments`: from the table
+        travelling with each (``labels.json`` / ``segmentation.json`` beside its file), else from ``labels`` (a
+        table the planner chose); left unnamed, they are refused with the hint.
         """
         from separeg.evaluate.metrics import organ_metrics
         from separeg.rt.organs import to_tg263
 
-        if labels is not None:
-            for node in (predictionNode, referenceNode):
-                self.nameSegmentsByValue(node, labels)
+        for node in (predictionNode, referenceNode):
+            self.nameSegments(node, labels)
 
         pred = self.scene.segmentArrays(predictionNode, volumeNode)
         ref = self.scene.segmentArrays(referenceNode, volumeNode)
@@ -313,7 +331,8 @@ class SegmentLogic(ModelLibrary, ContourProvenance):
 
         RTSTRUCT goes through SlicerRT's exporter when it is installed and the volume came from DICOM (and
         ``useSlicerRT``); everything else through ``separeg export``, which writes the CT as a new DICOM series
-        first when the volume has none. Returns the background run, or ``None`` when SlicerRT did all the work.
+        first when the volume has none; SlicerRT writes after the core's run. Returns the background run, or ``None``
+        when SlicerRT did all the work (``finished`` has then reported it already, done or failed).
 
         Generation type (:meth:`contourOrigin`): a segmentation made by Auto-contour names its model and is
         AUTOMATIC while its segments are the model's output, SEMIAUTOMATIC once a planner edited, renamed, added or
@@ -322,30 +341,42 @@ class SegmentLogic(ModelLibrary, ContourProvenance):
         out = Path(outputFolder)
         out.mkdir(parents=True, exist_ok=True)
         fromDicom = self.scene.dicomSeriesFiles(volumeNode) is not None
-        if rtstruct and useSlicerRT and fromDicom and self.scene.hasSlicerRT():
+        slicerRT = rtstruct and useSlicerRT and fromDicom and self.scene.hasSlicerRT()
+
+        def withSlicerRT() -> dict:
             self.scene.exportRtstructWithSlicerRT(segmentationNode, volumeNode, out)
-            self.logMessage.emit(f"RTSTRUCT written by SlicerRT to {out}", "info")
-            rtstruct = False
-            if not (seg or nifti):
-                return None
+            note = f"RTSTRUCT written by SlicerRT to {out}"
+            self.logMessage.emit(note, "info")
+            return {"folder": out, "note": note}
+
+        if slicerRT and not (seg or nifti):
+            return self._finishNow("Export", withSlicerRT)
+        rtstruct = rtstruct and not slicerRT
         folder = self._taskDir("export")
+        args = [*self._exportInputs(segmentationNode, volumeNode, folder), "--out", out]
+        args += [flag for flag, on in (("--rtstruct", rtstruct), ("--seg", seg), ("--nifti", nifti)) if on]
+        # SlicerRT writes after the core, into the folder the core accepted (the core checks the folder first)
+        return self._start("Export", "export", args, afterRun(withSlicerRT) if slicerRT else lambda: {"folder": out},
+                           logPath=folder / "log.txt")
+
+    def _exportInputs(self, segmentationNode, volumeNode, folder: Path) -> list:
+        """Write what ``separeg export`` reads (label map, labels.json naming the model, CT) into ``folder``;
+        returns those arguments, with ``--generation`` for contours Auto-contour made."""
         segments = self.scene.segments(segmentationNode)
-        organs = [name for _, name in segments]
         origin = self.contourOrigin(segmentationNode, volumeNode)
         self.scene.exportSegmentsAsLabelmap(segmentationNode, volumeNode, folder / "labels.nii.gz",
                                             {sid: i + 1 for i, (sid, _) in enumerate(segments)})
-        table = labelTable(organs)
+        table = labelTable([name for _, name in segments])
         if origin is not None:
             table.update(origin.model)  # "model", "separeg_version": the core names the model in the exports
         (folder / "labels.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
         ct = self.scene.copyDicomSeries(volumeNode, folder / "ct") or self.scene.exportVolume(volumeNode,
                                                                                             folder / "ct.nii.gz")
-        args = [folder / "labels.nii.gz", "--ct", ct, "--out", out, "--labels", folder / "labels.json"]
+        args = [folder / "labels.nii.gz", "--ct", ct, "--labels", folder / "labels.json"]
         if origin is not None:
             args += ["--generation", origin.generation]
             self.logMessage.emit(
                 f"{segmentationNode.GetName()}: contours of {origin.modelName}, "
                 + (f"edited since Auto-contour ({', '.join(origin.changes)}): semiautomatic" if origin.changes
                    else "unchanged since Auto-contour: automatic"), "info")
-        args += [flag for flag, on in (("--rtstruct", rtstruct), ("--seg", seg), ("--nifti", nifti)) if on]
-        return self._start("Export", "export", args, lambda: {"folder": out}, logPath=folder / "log.txt")
+        return args

@@ -12,26 +12,43 @@ from pathlib import Path
 
 from separeg.runtime.background import RunState
 
-__all__ = ["ContourOrigin", "FinetuneRequest", "ModelInfo", "SEGMENT_BY_VALUE", "TRAINING_SET_LABELS", "TaskResult",
-           "TrainingCase", "labelNamesByValue", "labelTable", "labelTableBeside", "maskFingerprint", "matchSegments",
-           "refuseUselessModel", "safeName", "unnamedSegmentsHint"]
+__all__ = ["AfterRunError", "ContourOrigin", "FinetuneRequest", "ModelInfo", "ModelRefused", "SEGMENT_BY_VALUE",
+           "TABLES_BESIDE", "TRAINING_SET_LABELS", "TaskResult", "TrainingCase", "labelNamesByValue", "labelTable",
+           "labelTableBeside", "maskFingerprint", "matchSegments", "refuseUselessModel", "safeName",
+           "unnamedSegmentsHint"]
 
 
 TRAINING_SET_LABELS = "labels.json"
+# Label tables that travel with a label map file, looked for beside it in this order: a labels.json, or the
+# segmentation.json that `separeg contour` writes beside its segmentation.nii.gz.
+TABLES_BESIDE = (TRAINING_SET_LABELS, "segmentation.json")
 # Slicer's name for the segment of value v when it loads a label map without a table (loadSegmentation).
 SEGMENT_BY_VALUE = re.compile(r"Segment_(\d+)")
 
 
-def refuseUselessModel(path: Path) -> None:
-    """A fine-tuned model whose best validation DSC is 0 % found no organ: it is not installed over a working one
-    (the run folder keeps it). A best epoch chosen on training data is accepted: the core's log says so."""
-    from separeg.runtime.bundle import read_bundle_info
+class AfterRunError(RuntimeError):
+    """The background run finished, but what follows it in Slicer (installing its model, a SlicerRT export) did
+    not happen; the message says what and what to do."""
 
-    validation = read_bundle_info(path).get("validation") or {}
-    if validation.get("mean_dsc") == 0:
-        raise ValueError(f"its best {'training' if validation.get('on_training_data') else 'validation'} DSC is 0 %: "
-                         f"the model found none of the organs, so it was not installed ({path} is kept). Train "
-                         "longer, on more cases, or from a pretrained encoder")
+
+class ModelRefused(AfterRunError):
+    """A fine-tuned model too weak to install (:func:`separeg.segment.model_quality.useless_model_reason`)."""
+
+
+def refuseUselessModel(path: Path) -> None:
+    """Refuse to install a fine-tuned model whose best validation DSC is under the shared floor (1 %): it found
+    (almost) none of its organs and must not replace a working one. The run folder keeps it.
+
+    Raises:
+        ModelRefused: with the score, the floor and what to try.
+    """
+    from separeg.runtime.bundle import read_bundle_info
+    from separeg.segment.model_quality import useless_model_reason
+
+    reason = useless_model_reason(read_bundle_info(path).get("validation"))
+    if reason:
+        raise ModelRefused(f"the model was not installed: {reason}. The run folder keeps it ({path}); in this panel "
+                           "raise Epochs, add training cases or choose a pretrained encoder, then fine-tune again")
 
 
 @dataclass
@@ -149,9 +166,13 @@ def labelNamesByValue(table) -> dict[int, str]:
 
 
 def labelTableBeside(path: str | os.PathLike) -> Path | None:
-    """``labels.json`` in the folder of a label map file, when there is one."""
-    candidate = Path(path).parent / TRAINING_SET_LABELS
-    return candidate if candidate.is_file() else None
+    """The label table that travels with a label map file: ``labels.json`` in its folder, else the
+    ``segmentation.json`` that ``separeg contour`` writes beside its result; ``None`` when there is neither."""
+    for name in TABLES_BESIDE:
+        candidate = Path(path).parent / name
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def unnamedSegmentsHint(names: Sequence[str]) -> str:
@@ -160,9 +181,10 @@ def unnamedSegmentsHint(names: Sequence[str]) -> str:
     if not unnamed:
         return ""
     return (f". Segments named {', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''} are the values of a "
-            "label map Slicer loaded without a label table: select the model whose label table those values follow "
-            "(SepaReg then names them from it), put a labels.json beside the file before loading it, or rename the "
-            "segments in Segment Editor to organ names (TG-263, e.g. Parotid_L)")
+            "label map Slicer loaded without a label table, so their organs are unknown: choose the table those "
+            "values follow under 'Label values' in the Model section (a labels.json or CSV file, or a model's "
+            "table), put a labels.json beside the file before loading it, or rename the segments in Segment Editor "
+            "to organ names (TG-263, e.g. Parotid_L)")
 
 
 def labelTable(organs: Sequence[str]) -> dict:

@@ -4,7 +4,7 @@ Everything else in the module works on files. This adapter runs against Slicer's
 ``slicer.util`` in the test tier (Testing/test_slicer_real_scene.py, PyPI slicer-core) and in the module's self-test
 in Slicer; Testing/slicer_fakes.py keeps small fakes for the logic tests that do not need a scene.
 API references (Slicer 5.10+): ``slicer/util.py`` (exportNode, arrayFromSegmentBinaryLabelmap,
-updateSegmentBinaryLabelmapFromArray, loadLabelVolume), ``vtkSegmentation::AddEmptySegment``,
+loadLabelVolume), ``ImportLabelmapToSegmentationNode``, ``vtkSegmentation::AddEmptySegment``,
 ``vtkSegment::SetTerminology`` (SLICER_NOTES §5).
 """
 
@@ -39,6 +39,16 @@ def terminologyEntry(label: dict) -> str | None:
 
     codes = terminology(label.get("tg263") or "")
     return codes.slicer_entry() if codes is not None else None
+
+
+def setTerminology(segment, entry: str | None) -> None:
+    """Give a segment its terminology entry (``SetTerminology`` in Slicer 5.10+, the tag before)."""
+    if not entry:
+        return
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(entry)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
 
 
 class SceneIO:
@@ -119,6 +129,12 @@ class SceneIO:
 
         return slicer.util.loadSegmentation(str(path))
 
+    def sourceFile(self, node) -> Path | None:
+        """The file a node was loaded from (its storage node's file name), or ``None`` (made in the scene)."""
+        storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+        name = storage.GetFileName() if storage is not None else None
+        return Path(name) if name else None
+
     def segmentArrays(self, segmentationNode, referenceVolumeNode) -> dict[str, np.ndarray]:
         """Segment name -> boolean mask (K, J, I) on the reference volume's grid."""
         return {name: self.segmentArray(segmentationNode, sid, referenceVolumeNode)
@@ -137,6 +153,7 @@ class SceneIO:
         import slicer
 
         description = json.loads(Path(labelsJsonPath).read_text(encoding="utf-8"))
+        temporary = None
         labelNode = slicer.util.loadLabelVolume(str(labelmapPath), {"show": False})
         try:
             labels = slicer.util.arrayFromVolume(labelNode)
@@ -147,24 +164,36 @@ class SceneIO:
             segNode.CreateDefaultDisplayNodes()
             segNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
             segmentation = segNode.GetSegmentation()
+            # one temporary label map for every organ: slicer.util.updateSegmentBinaryLabelmapFromArray would leave
+            # one display node per organ in the scene (Slicer/Slicer#8463)
+            temporary = slicer.modules.volumes.logic().CreateAndAddLabelVolume(referenceVolumeNode, "SepaRegImport")
             for label in description["labels"]:
                 segmentName = label.get("tg263") or label["name"]
                 color = [c / 255.0 for c in label["color"]]
                 segmentId = segmentation.AddEmptySegment(segmentName, segmentName, color)
                 mask = (labels == label["value"]).astype(np.uint8)
                 if mask.any():
-                    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segNode, segmentId, referenceVolumeNode)
-                entry = terminologyEntry(label)
-                if entry:
-                    segment = segmentation.GetSegment(segmentId)
-                    if hasattr(segment, "SetTerminology"):  # Slicer 5.10+
-                        segment.SetTerminology(entry)
-                    else:
-                        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
+                    self.importMask(mask, temporary, segNode, segmentId)
+                setTerminology(segmentation.GetSegment(segmentId), terminologyEntry(label))
         finally:
             removeNode(labelNode)
+            if temporary is not None:
+                removeNode(temporary)
         segNode.CreateClosedSurfaceRepresentation()
         return segNode
+
+    def importMask(self, mask: np.ndarray, temporaryLabelNode, segmentationNode, segmentId: str) -> None:
+        """Set a segment from a 0/1 mask (K, J, I) through a temporary label map on the reference grid (what
+        ``slicer.util.updateSegmentBinaryLabelmapFromArray`` does, with a label map the caller removes)."""
+        import slicer
+        import vtk
+
+        slicer.util.updateVolumeFromArray(temporaryLabelNode, mask)
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segmentId)
+        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(temporaryLabelNode,
+                                                                                   segmentationNode, ids):
+            raise RuntimeError(f"could not import segment {segmentId} into {segmentationNode.GetName()}")
 
     # ------------------------------------------------------------------------------------------------- DICOM
     def dicomSeriesFiles(self, volumeNode) -> list[Path] | None:

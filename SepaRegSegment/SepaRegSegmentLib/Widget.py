@@ -13,9 +13,11 @@ import qt
 import slicer
 
 from SepaRegSegmentLib.Install import ensureRequirements
-from SepaRegSegmentLib.Requests import FinetuneRequest, TrainingCase
+from SepaRegSegmentLib.Requests import FinetuneRequest, TrainingCase, unnamedSegmentsHint
 
 SETTINGS = "SepaReg/Segment/"
+# labelTableComboBox data: no table (ask), the file in labelTablePathLineEdit, or "model:<name>" (that model's table)
+NO_TABLE, TABLE_FILE, MODEL_TABLE = "", "file", "model:"
 UI_FILE = Path(__file__).resolve().parent.parent / "Resources" / "UI" / "SepaRegSegment.ui"
 
 
@@ -103,12 +105,36 @@ class Widget:
         self.ui.initEncoderComboBox.addItem("Random initialisation", "")
 
     def fillModels(self, select: str | None = None):
+        models = self.logic.models()
         self.ui.modelComboBox.clear()
-        for model in self.logic.models():
+        for model in models:
             self.ui.modelComboBox.addItem(model.name, model.name)
         if select:
             self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(select))
+        self.fillLabelTables(models)
         self.onModelChanged()
+
+    def fillLabelTables(self, models):
+        """The tables a planner may choose for label maps that carry none; "ask" stays the default, so that no
+        table is guessed from the selected model (issue 30)."""
+        combo = self.ui.labelTableComboBox
+        chosen = combo.currentData
+        combo.clear()
+        combo.addItem("None: ask when a label map has no table", NO_TABLE)
+        combo.addItem("The label table file below", TABLE_FILE)
+        for model in models:
+            combo.addItem(f"The label table of {model.name}", MODEL_TABLE + model.name)
+        combo.setCurrentIndex(max(0, combo.findData(chosen or NO_TABLE)))
+
+    @property
+    def labelTable(self):
+        """The table the planner chose for ``Segment_<value>`` segments (a file, a model's labels), or None."""
+        choice = self.ui.labelTableComboBox.currentData or NO_TABLE
+        if choice == TABLE_FILE:
+            return self.ui.labelTablePathLineEdit.currentPath or None
+        if choice.startswith(MODEL_TABLE):
+            return self.logic.model(choice.removeprefix(MODEL_TABLE)).labels
+        return None
 
     @property
     def modelName(self) -> str | None:
@@ -164,19 +190,41 @@ class Widget:
                 self.logic.exportModel(self.modelName, path)
 
     # -------------------------------------------------------------------------------------------------- tasks
-    def startTask(self, start):
-        """Run ``start()`` (which starts a background task) with the checks and displays every task shares."""
+    def startTask(self, task: str, start):
+        """Run ``start()`` (which starts a background task) with the checks and displays every task shares.
+
+        The status line tells how it ends every time: refused (not started), running until ``finished`` (done,
+        failed, stopped), or already ended when the logic did the work on the spot (SlicerRT's export).
+        """
         if not ensureRequirements():
+            self.showStatus(f"{task}: not started: SepaReg's Python packages are not installed")
             return
         self.ui.progressBar.value = 0
         try:
             start()
         except (ValueError, RuntimeError, OSError) as exc:
-            slicer.util.errorDisplay(str(exc))
+            self.showStatus(f"{task}: not started: {exc}")
+            slicer.util.errorDisplay(f"{task} was not started: {exc}")
             return
-        self.ui.statusLabel.text = f"{self.logic.task}: running..."
-        self.timer.start()
+        if self.logic.isRunning:  # else finished has already been reported (onFinished)
+            self.showStatus(f"{task}: running...")
+            self.timer.start()
         self.updateButtons()
+
+    def runNow(self, task: str, work) -> bool:
+        """A task done on the spot: ``work()`` returns the result message; errors are shown. The status line says
+        how it ended. Returns whether it succeeded."""
+        try:
+            message = work()
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.showStatus(f"{task}: failed: {exc}")
+            slicer.util.errorDisplay(f"{task} failed: {exc}")
+            return False
+        self.showStatus(f"{task}: done: {message}")
+        return True
+
+    def showStatus(self, text: str):
+        self.ui.statusLabel.text = text
 
     def onAutoContour(self):
         volume = self.ui.inputVolumeSelector.currentNode()
@@ -187,7 +235,8 @@ class Widget:
         if None in extras:
             slicer.util.errorDisplay("Choose a volume for every input channel of the model.")
             return
-        self.startTask(lambda: self.logic.autoContour(volume, self.modelName, self.device, extraVolumeNodes=extras))
+        self.startTask("Auto-contour", lambda: self.logic.autoContour(volume, self.modelName, self.device,
+                                                                     extraVolumeNodes=extras))
 
     def onAddToTrainingSet(self):
         volume = self.ui.inputVolumeSelector.currentNode()
@@ -195,12 +244,18 @@ class Widget:
         if volume is None or segmentation is None or not self.modelName:
             slicer.util.errorDisplay("Choose the CT (Auto-contour section), its corrected segmentation and a model.")
             return
-        with slicer.util.tryWithErrorDisplay("Could not add the case", waitCursor=True):
-            self.logic.addToTrainingSet(volume, segmentation, self.modelName)
+        modelName = self.modelName
+
+        def add() -> str:
+            path = self.logic.addToTrainingSet(volume, segmentation, modelName, labels=self.labelTable)
+            return f"{path.name} stored; {len(self.logic.trainingSet(modelName))} case(s) for {modelName}"
+
+        self.runNow("Add to training set", add)
         self.onModelChanged()
 
     def onUpdateModel(self):
-        self.startTask(lambda: self.logic.updateModel(self.modelName, self.ui.updateEpochsSpinBox.value, self.device))
+        self.startTask("Update model", lambda: self.logic.updateModel(self.modelName, self.ui.updateEpochsSpinBox.value,
+                                                                     self.device))
 
     def onAddCase(self):
         volume = self.ui.trainingVolumeSelector.currentNode()
@@ -225,10 +280,16 @@ class Widget:
         self.updateButtons()
 
     def onTrainingSegmentation(self, node):
-        if node is not None and self.modelName:  # a label map loaded without names: the selected model's table
-            self.logic.nameSegmentsByValue(node, self.logic.model(self.modelName).labels)
-        if node is not None and not self.ui.organsLineEdit.text:
-            self.ui.organsLineEdit.text = ", ".join(name for _, name in self.logic.scene.segments(node))
+        """Name a label map's ``Segment_<value>`` segments from its own or the chosen table; without one, ask."""
+        if node is None:
+            return
+        self.logic.nameSegments(node, self.labelTable)
+        unnamed = self.logic.unnamedSegments(node)
+        if unnamed:
+            self.showStatus(f"{node.GetName()}: organs unknown{unnamedSegmentsHint(unnamed)}")
+        if not self.ui.organsLineEdit.text:
+            self.ui.organsLineEdit.text = ", ".join(name for _, name in self.logic.scene.segments(node)
+                                                    if name not in unnamed)
 
     def onFinetune(self):
         folder = self.ui.finetuneOutputPathLineEdit.currentPath
@@ -244,7 +305,7 @@ class Widget:
             organs=[o.strip() for o in self.ui.organsLineEdit.text.split(",") if o.strip()],
             init=Path(init) if init else None, epochs=self.ui.epochsSpinBox.value, device=self.device,
             unlabelled=Path(unlabelled) if unlabelled else None)
-        self.startTask(lambda: self.logic.finetune(request))
+        self.startTask("Fine-tune", lambda: self.logic.finetune(request))
 
     def onEvaluate(self):
         nodes = (self.ui.predictionSegmentationSelector.currentNode(),
@@ -252,17 +313,24 @@ class Widget:
         if None in nodes:
             slicer.util.errorDisplay("Choose the prediction, the reference and their CT volume.")
             return
-        with slicer.util.tryWithErrorDisplay("Evaluation failed", waitCursor=True):
-            labels = self.logic.model(self.modelName).labels if self.modelName else None  # names Segment_<v>
-            rows = self.logic.evaluate(*nodes, labels=labels)
-            table = self.ui.metricsTable
-            table.setRowCount(len(rows))
-            for r, row in enumerate(rows):
-                values = (row["organ"], row["dsc"], row["hd95_mm"], row["volume_pred_ml"], row["volume_ref_ml"])
-                for c, value in enumerate(values):
-                    text = value if isinstance(value, str) else ("n/a" if value is None else f"{value:.1f}")
-                    table.setItem(r, c, qt.QTableWidgetItem(text))
-            table.resizeColumnsToContents()
+        rows = []
+
+        def evaluate() -> str:
+            rows.extend(self.logic.evaluate(*nodes, labels=self.labelTable))  # no table chosen: ask, never guess
+            return f"{len(rows)} organ(s) compared"
+
+        if self.runNow("Evaluate", evaluate):
+            self.showMetrics(rows)
+
+    def showMetrics(self, rows: list[dict]):
+        table = self.ui.metricsTable
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            values = (row["organ"], row["dsc"], row["hd95_mm"], row["volume_pred_ml"], row["volume_ref_ml"])
+            for c, value in enumerate(values):
+                text = value if isinstance(value, str) else ("n/a" if value is None else f"{value:.1f}")
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
 
     def onExport(self):
         segmentation = self.ui.exportSegmentationSelector.currentNode()
@@ -274,7 +342,7 @@ class Widget:
         qt.QSettings().setValue(SETTINGS + "exportFolder", folder)
         formats = {"rtstruct": self.ui.rtstructCheckBox.checked, "seg": self.ui.segCheckBox.checked,
                    "nifti": self.ui.niftiCheckBox.checked}
-        self.startTask(lambda: self.logic.export(segmentation, volume, folder, **formats))
+        self.startTask("Export", lambda: self.logic.export(segmentation, volume, folder, **formats))
 
     # ------------------------------------------------------------------------------------------------ updates
     def onProgress(self, stage, step, total, eta):
@@ -287,7 +355,7 @@ class Widget:
 
     def onFinished(self, result):
         self.timer.stop()
-        self.ui.statusLabel.text = f"{result.task}: {result.state.value}: {result.message}"
+        self.showStatus(f"{result.task}: {result.state.value}: {result.message}")
         if result.state.value == "done":
             self.ui.progressBar.value = 100
             node = result.outputs.get("segmentationNode")
