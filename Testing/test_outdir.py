@@ -81,3 +81,97 @@ def test_a_second_run_into_one_out_is_refused_and_no_lock_file_is_left(case, tmp
     with output_folder(tmp_path / "unused"):
         pass
     assert not (tmp_path / "unused").exists()  # a folder the run created and left empty is removed
+
+
+# ------------------------------------------------------------------ one folder, one result (issue 30, finding 7)
+
+
+def _dicom_case(tmp_path: Path) -> tuple[Path, Path]:
+    """Another patient: a small DICOM CT series and a label map on its grid (spacing 1 x 1 x 2 mm)."""
+    from test_dicom_ct import write_series
+
+    write_series(tmp_path / "other_ct", np.full((4, 16, 16), -1000), patient_id="OTHER")
+    labelmap = np.zeros((4, 16, 16), np.uint8)
+    labelmap[1:3, 6:12, 6:12] = 1
+    image = sitk.GetImageFromArray(labelmap)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "other_lm.nrrd"))
+    return tmp_path / "other_ct", tmp_path / "other_lm.nrrd"
+
+
+def _earlier_result(case, out: Path) -> None:
+    """What an earlier export left: the CT written as DICOM, RTSTRUCT, SEG, export.json; and a file of the user's."""
+    ct, lm, labels = case
+    run_export(ExportJob(labelmap=lm, ct=ct, out_dir=out, labels=labels, formats=("rtstruct", "seg")))
+    assert {"ct_dicom", "rtstruct.dcm", "seg.dcm", "export.json"} <= {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("the planner's notes")
+
+
+def test_a_reused_out_keeps_no_file_of_the_earlier_patient(case, tmp_path: Path) -> None:
+    """Before: the second export left the first patient's seg.dcm and ct_dicom/ beside the second's RTSTRUCT."""
+    import json
+
+    _, _, labels = case
+    out = tmp_path / "out"
+    _earlier_result(case, out)
+    other_ct, other_lm = _dicom_case(tmp_path)
+    run_export(ExportJob(labelmap=other_lm, ct=other_ct, out_dir=out, labels=labels, formats=("rtstruct",)))
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "notes.txt", "rtstruct.dcm"]
+    assert json.loads((out / "export.json").read_text())["outputs"] == {"rtstruct": "rtstruct.dcm"}
+    # The folder `contour` wrote, exported into: the label map and its description are inputs, kept.
+    sitk.WriteImage(sitk.ReadImage(str(other_lm)), str(out / "segmentation.nii.gz"))
+    (out / "segmentation.json").write_text('{"labels": [{"value": 1, "name": "Heart"}]}')
+    run_export(ExportJob(labelmap=out / "segmentation.nii.gz", ct=other_ct, out_dir=out, formats=("seg",)))
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "notes.txt", "seg.dcm", "segmentation.json",
+                                                     "segmentation.nii.gz"]
+
+
+def test_a_run_that_fails_while_writing_leaves_no_half_result(case, tmp_path: Path, monkeypatch) -> None:
+    import separeg.rt.rtstruct_write as rtstruct_write
+
+    _, _, labels = case
+    out = tmp_path / "out"
+    _earlier_result(case, out)
+    other_ct, other_lm = _dicom_case(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rtstruct_write, "write_rtstruct", fail)
+    with pytest.raises(OSError):
+        run_export(ExportJob(labelmap=other_lm, ct=other_ct, out_dir=out, labels=labels, formats=("seg", "rtstruct")))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # not this run's seg.dcm beside nothing
+
+
+def test_contour_into_a_reused_out_replaces_the_earlier_result(case, tmp_path: Path) -> None:
+    import torch
+
+    from separeg.cli import main
+    from separeg.rt.labels import LabelTable
+    from separeg.runtime.bundle import save_bundle
+    from separeg.segment.network import GridSpec, build_unet
+
+    out = tmp_path / "out"
+    _earlier_result(case, out)
+    other_ct, _ = _dicom_case(tmp_path)
+    torch.manual_seed(0)
+    model = save_bundle(tmp_path / "tiny.separeg", kind="segmentation",
+                        architecture={"network": "monai.networks.nets.FlexibleUNet", "backbone": "resnet18",
+                                      "spatial_dims": 2, "in_channels": 1, "out_channels": 2},
+                        state_dict=build_unet("resnet18", 2).state_dict(),
+                        metadata={"inputs": {**GridSpec(spacing_xy=(1.0, 1.0)).to_dict(), "orientation": "LPS"},
+                                  "labels": LabelTable.from_names(["Heart"]).to_dict()})
+    assert main(["contour", str(other_ct), "--model", str(model), "--out", str(out), "--rtstruct",
+                 "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "notes.txt", "rtstruct.dcm", "segmentation.json",
+                                                     "segmentation.nii.gz"]
+
+
+def test_the_result_names_are_those_contour_and_export_write() -> None:
+    from separeg.rt import export
+    from separeg.runtime.outdir import RESULT_FILES, RESULT_FOLDERS
+    from separeg.segment import contour
+
+    assert set(RESULT_FILES) == {contour.SEGMENTATION_FILE, contour.LABELS_FILE, export.RTSTRUCT_FILE, export.SEG_FILE,
+                                 export.NIFTI_FILE, export.MANIFEST_FILE}
+    assert RESULT_FOLDERS == (export.CT_DICOM_DIR,)

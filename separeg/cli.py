@@ -21,6 +21,11 @@ __all__ = ["main", "build_parser"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 1, 2, 130
 
+# contour and export (separeg.runtime.outdir.begin_result)
+OUT_HOLDS_ONE_RESULT = ("it holds this run's result only: what an earlier run wrote there (segmentation.nii.gz, "
+                        "segmentation.json, rtstruct.dcm, seg.dcm, export.json, ct_dicom/) is removed when this run "
+                        "starts writing, other files are kept")
+
 
 _existing_path = existing_path
 
@@ -122,7 +127,7 @@ def _contour_command(sub: argparse._SubParsersAction) -> None:
                          help="CT volume file or DICOM series folder; for a model with several input channels, one "
                               "co-registered volume per channel, in the model's order (see `separeg models`)")
     contour.add_argument("--model", required=True, help="segmentation bundle path or installed model name")
-    contour.add_argument("--out", type=Path, required=True, help="output folder")
+    contour.add_argument("--out", type=Path, required=True, help=f"output folder; {OUT_HOLDS_ONE_RESULT}")
     contour.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     contour.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")
     contour.add_argument("--batch-size", type=positive_int, default=None,
@@ -170,7 +175,7 @@ def _export_command(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--ct", type=Path, required=True,
                         help="the CT: a DICOM series folder, or a NIfTI/NRRD/MHA file (then written as DICOM in "
                         "OUT/ct_dicom)")
-    export.add_argument("--out", type=Path, required=True, help="output folder")
+    export.add_argument("--out", type=Path, required=True, help=f"output folder; {OUT_HOLDS_ONE_RESULT}")
     export.add_argument("--labels", type=Path, default=None,
                         help="label table: segmentation.json of `separeg contour` (default: the one beside the label "
                         "map), labels.json or a CSV")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ from separeg.rt.labels import LabelTable, load_label_table
 from separeg.runtime.atomic import write_json
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
-from separeg.runtime.outdir import check_output_folder, output_folder
+from separeg.runtime.outdir import abandon_result, begin_result, check_output_folder, finish_result, output_folder
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -151,9 +152,12 @@ def _mismatch(what: str, labelmap: Geometry, ct: Geometry) -> InputError:
 def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, out_dir: Path, *,
                     formats: tuple[str, ...] = FORMATS, algorithm: Algorithm | None, series_uid: str | None = None,
                     patient_name: str | None = None, patient_id: str | None = None, source: str = "the label map",
-                    events: Events | None = None, generation: str | None = None,
-                    holes: str = "separate") -> ExportResult:
+                    events: Events | None = None, generation: str | None = None, holes: str = "separate",
+                    replace: bool = True, keep: Iterable[str | Path] = ()) -> ExportResult:
     """Write ``labelmap`` (on ``ct_source``'s grid) in ``formats`` to ``out_dir``, and ``export.json``.
+
+    ``out_dir`` then holds this result only: once the inputs are checked, the files an earlier run wrote there are
+    removed, and the files written are removed again if writing fails (:func:`~separeg.runtime.outdir.begin_result`).
 
     Args:
         labelmap: the label map image (geometry checked against the CT).
@@ -168,6 +172,8 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
         events: progress and warnings.
         generation: contour generation type (default AUTOMATIC with a model, MANUAL without).
         holes: RTSTRUCT hole convention ("separate" or "keyhole").
+        replace: False when the caller has begun the result already (``contour``, which writes the label map first).
+        keep: further inputs that may lie in ``out_dir`` and must not be removed (the label map file, its table).
 
     Returns:
         the outputs; SEG is skipped (with a warning) for an empty label map.
@@ -177,26 +183,18 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
             VolumeReadError, SeriesError: unreadable CT.
     """
     from separeg.io.dicom_ct import generation_type, read_ct_series
-    from separeg.io.dicom_write import dicom_grid, write_ct_series
-    from separeg.rt.rtstruct_write import HOLE_NOTES
-    from separeg.rt.seg import segment_terminology
 
     events = events or Events()
     kind = generation_type(algorithm, generation)
     algorithm = algorithm if kind != "MANUAL" else None  # manual contours name no algorithm
-    description = SERIES_DESCRIPTIONS[kind]
     ct_source, out_dir = Path(ct_source), Path(out_dir)
     if not ct_source.exists():
         raise InputError(f"the CT {ct_source} does not exist; give the CT the label map was made on (a DICOM series "
                          "folder or a NIfTI/NRRD/MHA file)")
     array = _labelmap_array(labelmap, source)
     present = table.present_in(array, str(source), " (--labels)")
-    outputs: dict[str, Path] = {}
-    skipped: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-    dicom_formats = [f for f in formats if f != "nifti"]
     ct: CtSeries | None = None
-    ct_written = False
+    ct_image = None
     if ct_source.is_dir():
         if patient_name or patient_id:
             raise InputError("--patient-name/--patient-id are for a CT given as a NIfTI/NRRD/MHA file; the exports of "
@@ -208,22 +206,61 @@ def export_labelmap(labelmap: sitk.Image, table: LabelTable, ct_source: Path, ou
         ct_image = read_volume(ct_source)
         if not Geometry.of(labelmap).matches(Geometry.of(ct_image)):
             raise _mismatch(str(ct_source), Geometry.of(labelmap), Geometry.of(ct_image))
-        if dicom_formats:
-            start = time.perf_counter()
-            events.log(f"{ct_source.name} is not DICOM: writing it as a new DICOM CT series in "
-                       f"{out_dir / CT_DICOM_DIR} for the RTSTRUCT/SEG to reference", stage="export")
-            written = write_ct_series(ct_image, out_dir / CT_DICOM_DIR, patient_name=patient_name,
-                                      patient_id=patient_id)
-            ct = read_ct_series(written.folder)
-            outputs["ct_dicom"], ct_written = written.folder, True
-            seconds["ct_dicom"] = time.perf_counter() - start
-            if not written.exact:
-                events.warning("the CT's values are not whole HU in the int16 range; the DICOM copy is rounded",
-                               stage="export")
-            grid = dicom_grid(labelmap)
-            assert Geometry.of(grid).matches(ct.geometry), "the written CT series is not on the label map's grid"
+    source_ct = ct if ct is not None else ct_image
+    if not replace:  # the caller began the result (contour, which wrote the label map first)
+        return _write_exports(labelmap, array, present, table, source_ct, ct_source, out_dir, formats, algorithm,
+                              kind, holes, patient_name, patient_id, events)
+    begin_result(out_dir, keep=(ct_source, *keep))
+    try:
+        result = _write_exports(labelmap, array, present, table, source_ct, ct_source, out_dir, formats, algorithm,
+                                kind, holes, patient_name, patient_id, events)
+    except BaseException:
+        abandon_result(out_dir)  # no half-written result
+        raise
+    finish_result(out_dir)
+    return result
+
+
+def _dicom_copy(labelmap: sitk.Image, ct_image: sitk.Image, ct_source: Path, out_dir: Path,
+                patient_name: str | None, patient_id: str | None, events: Events) -> CtSeries:
+    """Write a CT volume file as a new DICOM series in ``out_dir/ct_dicom`` for RTSTRUCT/SEG to reference."""
+    from separeg.io.dicom_ct import read_ct_series
+    from separeg.io.dicom_write import dicom_grid, write_ct_series
+
+    events.log(f"{ct_source.name} is not DICOM: writing it as a new DICOM CT series in "
+               f"{out_dir / CT_DICOM_DIR} for the RTSTRUCT/SEG to reference", stage="export")
+    written = write_ct_series(ct_image, out_dir / CT_DICOM_DIR, patient_name=patient_name, patient_id=patient_id)
+    ct = read_ct_series(written.folder)
+    if not written.exact:
+        events.warning("the CT's values are not whole HU in the int16 range; the DICOM copy is rounded",
+                       stage="export")
+    assert Geometry.of(dicom_grid(labelmap)).matches(ct.geometry), "the written CT series is off the label map's grid"
+    return ct
+
+
+def _write_exports(labelmap: sitk.Image, array: np.ndarray, present: list, table: LabelTable,
+                   source_ct: CtSeries | sitk.Image, ct_source: Path, out_dir: Path, formats: tuple[str, ...],
+                   algorithm: Algorithm | None, kind: str, holes: str, patient_name: str | None,
+                   patient_id: str | None, events: Events) -> ExportResult:
+    """The files of :func:`export_labelmap`, after its checks: the DICOM copy of a CT file (``source_ct`` is the
+    DICOM series read, or the CT volume), each format, the manifest."""
     import SimpleITK as sitk
 
+    from separeg.io.dicom_ct import CtSeries
+    from separeg.io.dicom_write import dicom_grid
+    from separeg.rt.rtstruct_write import HOLE_NOTES
+    from separeg.rt.seg import segment_terminology
+
+    description = SERIES_DESCRIPTIONS[kind]
+    outputs: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    ct = source_ct if isinstance(source_ct, CtSeries) else None
+    ct_written = ct is None and any(f != "nifti" for f in formats)
+    if ct_written:
+        start = time.perf_counter()
+        ct = _dicom_copy(labelmap, source_ct, ct_source, out_dir, patient_name, patient_id, events)
+        outputs["ct_dicom"], seconds["ct_dicom"] = ct.folder, time.perf_counter() - start
     dicom_array = sitk.GetArrayFromImage(dicom_grid(labelmap)).astype(np.uint8) if ct_written else array
     for label in present:
         if not segment_terminology(label).coded:
@@ -311,7 +348,7 @@ def run_export(job: ExportJob, events: Events | None = None) -> ExportResult:
         result = export_labelmap(labelmap, table, Path(job.ct), Path(job.out_dir), formats=job.formats,
                                  algorithm=algorithm, series_uid=job.series_uid, patient_name=job.patient_name,
                                  patient_id=job.patient_id, source=str(labelmap_path), events=events,
-                                 generation=job.generation, holes=job.holes)
+                                 generation=job.generation, holes=job.holes, keep=(labelmap_path, labels_path, beside))
     written = ", ".join(path.name for path in result.outputs.values())
     events.done(f"wrote {written} in {job.out_dir}; manifest {result.manifest.name}")
     return result

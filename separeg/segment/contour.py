@@ -37,6 +37,7 @@ from separeg.io.channels import check_channel_count, co_register
 from separeg.io.volumes import read_volume, write_volume
 from separeg.runtime.atomic import write_json
 from separeg.runtime.events import Events
+from separeg.runtime.outdir import begin_result, finish_result
 from separeg.runtime.training import Runtime, setup_runtime
 from separeg.segment.body_site import body_site_warning, expected_volumes
 from separeg.segment.inference import predict_labels, upsampled_argmax
@@ -286,6 +287,7 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
         result_image.CopyInformation(canonical)
         result_image = from_canonical(result_image, image)
     out = Path(job.out_dir)
+    begin_result(out, keep=(job.volume, *job.channels))  # the folder holds this result only (runtime.outdir)
     segmentation = write_volume(result_image, out / SEGMENTATION_FILE)
     voxel_cc = float(np.prod(image.GetSpacing())) / 1000.0
     counts = sum(np.bincount(labels_slice.ravel(), minlength=max(table.values) + 1) for labels_slice in labels)
@@ -324,10 +326,11 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
         algorithm = Algorithm(name=Path(bundle.path).stem, version=__version__, bundle_hash=bundle.weights_sha256)
         exports = export_labelmap(result_image, kept, Path(job.volume), out, formats=formats, algorithm=algorithm,
                                   series_uid=job.series_uid, patient_name=job.patient_name,
-                                  patient_id=job.patient_id, events=events).outputs
+                                  patient_id=job.patient_id, events=events, replace=False).outputs
         lap("export")
     logger.debug("contour seconds per stage: %s", {k: round(v, 2) for k, v in seconds.items()})
     written = ", ".join(str(p) for p in (segmentation, *exports.values()))
+    finish_result(out)
     events.done(f"{written} written. {REVIEW_NOTICE}")
     return ContourResult(segmentation, labels_json, volumes, warnings, exports, seconds, organs.not_contoured)
 
