@@ -226,7 +226,7 @@ def test_updating_a_shipped_model_writes_only_under_the_user_folder(monkeypatch,
 
     before = files(shipped)
     [result] = run(logic, lambda: logic.updateModel("hn-oar-7", epochs=1, device="cpu"))
-    assert result.state is RunState.DONE, result.message
+    assert (result.task, result.state) == ("Update model", RunState.DONE), result.message
     assert files(shipped) == before  # no backup, no copy, nothing written into the installed extension
     updated = logic.model("hn-oar-7").path
     assert updated.parent == tmp_path / "user" and model_store.resolve_model("hn-oar-7") == updated

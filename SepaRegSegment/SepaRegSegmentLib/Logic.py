@@ -195,7 +195,7 @@ class SegmentLogic(ModelLibrary, ContourProvenance, SegmentNaming):
                                             {sid: values[matched[name]] for sid, name in segments if name in matched})
         return sorted(set(matched.values()))
 
-    def finetune(self, request: FinetuneRequest) -> BackgroundRun:
+    def finetune(self, request: FinetuneRequest, task: str = "Fine-tune") -> BackgroundRun:
         """Fine-tune in the background; on success the model is installed as ``request.modelName``."""
         problems = request.problems()
         if problems:
@@ -223,7 +223,7 @@ class SegmentLogic(ModelLibrary, ContourProvenance, SegmentNaming):
             path = self.importModel(run / "model.separeg", request.modelName, replace=True)
             return {"model": path}
 
-        return self._start("Fine-tune", "finetune", args, install, stopFile=out / STOP_FILE,
+        return self._start(task, "finetune", args, install, stopFile=out / STOP_FILE,
                            logPath=out / "log.txt")
 
     # ------------------------------------------------------------------------------------- correct and learn
@@ -270,7 +270,7 @@ class SegmentLogic(ModelLibrary, ContourProvenance, SegmentNaming):
                                   dataFolder=self.trainingSetDir(modelName), init=model.path, epochs=epochs,
                                   device=device, extraArgs=tuple(extraArgs))
         self.keepPreviousVersion(model)
-        return self.finetune(request)
+        return self.finetune(request, task="Update model")
 
     def keepPreviousVersion(self, model) -> None:
         """Back up a per-user model before its update replaces it (``<name>.previous.separeg.bak`` beside it).
