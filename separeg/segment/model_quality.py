@@ -1,6 +1,11 @@
 """The one rule for a fine-tuned model too weak to use, shared by ``separeg finetune`` and Slicer's model install.
 
 Torch-free: it reads only the ``validation`` block a fine-tuned bundle records (:func:`read_bundle_info`).
+
+``separeg finetune`` applies it at the end of a run: a model under the floor is kept (its run folder can be resumed
+or inspected), the bundle records ``"usable": false`` and ``"unusable_reason"`` (this function's text), the run
+warns with exactly that text and its done line says NOT USABLE; the exit status stays 0, because tiny-budget runs
+(smoke tests, the Slicer self-test) end under the floor by design.
 """
 
 from __future__ import annotations
