@@ -400,3 +400,19 @@ def test_label_maps_are_named_from_the_table_that_travels_with_them(real_slicer,
                                          "choose the table those values follow"):
         logic.addToTrainingSet(volume, unnamed, "hn-oar-7")
     logic.addToTrainingSet(volume, unnamed, "hn-oar-7", labels=SAMPLES / "labels.json")  # the planner's choice
+
+
+def test_an_export_into_a_used_folder_says_what_the_folder_now_holds(real_slicer, logic, tmp_path: Path) -> None:
+    """One folder, one result: exporting again into a folder (NIfTI only now) leaves none of the earlier RTSTRUCT,
+    SEG or CT series beside it (the core removes them), and the task's message, which the panel shows, names only
+    what this export wrote."""
+    slicer = real_slicer
+    volume = slicer.util.loadVolume(str(SAMPLES / "pt_1_ct.nii.gz"))
+    segmentation = logic.loadSegmentation(SAMPLES / "pt_1_oar.nii.gz")
+    out = tmp_path / "export"
+    first = run(logic, lambda: logic.export(segmentation, volume, out))
+    assert {"rtstruct.dcm", "seg.dcm", "ct_dicom"} <= {p.name for p in out.iterdir()}
+    assert "rtstruct.dcm" in first.message
+    second = run(logic, lambda: logic.export(segmentation, volume, out, rtstruct=False, seg=False))
+    assert {p.name for p in out.iterdir()} == {"segmentation.nii.gz", "export.json"}
+    assert second.message == f"wrote segmentation.nii.gz in {out}; manifest export.json"
