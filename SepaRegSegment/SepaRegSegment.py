@@ -80,7 +80,8 @@ class SepaRegSegmentLogic(SegmentLogic, ScriptedLoadableModuleLogic):
 
 class SepaRegSegmentTest(ScriptedLoadableModuleTest):
     """Runs in Slicer (``make slicer-test``) and in the real-MRML tier: label maps loaded as Slicer loads them (named
-    from labels.json), a tiny fine-tune from the loaded pairs, Auto-contour, segments checked, evaluation."""
+    from labels.json), a tiny fine-tune from the loaded pairs (installed, or refused as useless saying why),
+    Auto-contour with the shipped model, segments checked, evaluation."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -108,20 +109,23 @@ class SepaRegSegmentTest(ScriptedLoadableModuleTest):
         request = FinetuneRequest(outDir=work / "finetune", modelName="SepaRegSelfTest", cases=cases, organs=organs,
                                   epochs=1, device="cpu", extraArgs=["--encoder", "resnet18-slim",
                                                                      "--steps-per-epoch", "2", "--batch-size", "2"])
-        run = logic.finetune(request)
-        self.assertEqual(run.wait(timeout=900), RunState.DONE, run.message)
-        self.assertEqual(logic.model("SepaRegSelfTest").organNames, organs)
         results = []
         logic.finished.connect(results.append)
-        self.delayDisplay("Auto-contour")
-        run = logic.autoContour(cases[0].volumeNode, "SepaRegSelfTest", device="cpu")
+        run = logic.finetune(request)
+        self.assertEqual(run.wait(timeout=900), RunState.DONE, run.message)
+        if results[-1].state is RunState.DONE:
+            self.assertEqual(logic.model("SepaRegSelfTest").organNames, organs)
+        else:  # two steps find almost no organ: the useless-model rule (< 1 % DSC) refuses it, saying why
+            self.assertIn("the model was not installed", results[-1].message)
+        self.delayDisplay("Auto-contour with the shipped model")
+        run = logic.autoContour(cases[0].volumeNode, "hn-oar-7", device="cpu")
         self.assertEqual(run.wait(timeout=900), RunState.DONE, run.message)
         node = results[-1].outputs["segmentationNode"]
-        self.assertEqual([name for _, name in logic.scene.segments(node)], organs)
+        self.assertLessEqual(set(organs), {name for _, name in logic.scene.segments(node)})
         origin = logic.contourOrigin(node, cases[0].volumeNode)  # the model recorded on the node: exports name it
-        self.assertEqual((origin.modelName, origin.generation), ("SepaRegSelfTest", "automatic"))
+        self.assertEqual((origin.modelName, origin.generation), ("hn-oar-7", "automatic"))
         rows = logic.evaluate(node, cases[0].segmentationNode, cases[0].volumeNode)
-        self.assertEqual([row["organ"] for row in rows], organs)
+        self.assertEqual([row["organ"] for row in rows if row["dsc"] is not None], organs)
         self.delayDisplay("Test passed")
 
 

@@ -30,7 +30,7 @@ What a planner sees on first open in a Slicer without torch (``pytest -s`` print
   now?", PyTorch through the extension, then Slicer's pip_ensure dialog for monai, safetensors, scikit-image,
   scikit-learn, scipy, matplotlib, highdicom (on 5.12 highdicom is there already); declining starts nothing.
   Without the PyTorch extension: "SepaReg needs PyTorch: install the PyTorch extension ... and restart Slicer."
-- Evaluate runs in Slicer's process and does not ask first: it fails with "No module named 'scipy'" (xfail below).
+- Evaluate runs in Slicer's process (scipy for the metrics): it asks first like every task.
 """
 
 from __future__ import annotations
@@ -154,10 +154,10 @@ def test_without_the_pytorch_extension_the_planner_is_told_to_install_it(stock: 
         assert "install the PyTorch extension" in message
 
 
-@pytest.mark.xfail(reason="SepaRegSegmentLib/Widget.py onEvaluate runs the scipy metrics without ensureRequirements")
 def test_evaluate_asks_before_installing(stock: dict) -> None:
     evaluate = stock["panels"]["SepaRegSegment"]["evaluate"]
     assert evaluate["pip_ensure"], f"Evaluate did not reach ensureRequirements; the planner saw {evaluate['errors']}"
+    assert "needs PyTorch" in evaluate["asked"][0] and "still missing" in evaluate["errors"][-1]
 
 
 def test_print_first_open(stock: dict) -> None:
@@ -253,12 +253,13 @@ def evaluate(widget, calls) -> dict:
     node = types.SimpleNamespace(GetName=lambda: "CT 1")
     for selector in ("predictionSegmentationSelector", "referenceSegmentationSelector", "evaluationVolumeSelector"):
         getattr(widget.ui, selector).setCurrentNode(node)
-    calls.errors, calls.pip_ensure = [], []
+    for key in ("errors", "asked", "pip_ensure", "torch_installs"):
+        setattr(calls, key, [])
     try:
         widget.onEvaluate()
     except Exception as exc:  # noqa: BLE001 - in Slicer a slot's exception goes to the Python console
         calls.errors.append(f"(raised) {type(exc).__name__}: {exc}")
-    return {"errors": calls.errors, "pip_ensure": calls.pip_ensure}
+    return {"errors": calls.errors, "pip_ensure": calls.pip_ensure, "asked": calls.asked}
 
 
 class PyTorchUtilsLogic:

@@ -313,6 +313,8 @@ class Widget:
         if None in nodes:
             slicer.util.errorDisplay("Choose the prediction, the reference and their CT volume.")
             return
+        if not ensureRequirements():  # evaluation runs in Slicer's process and needs scipy
+            return
         rows = []
 
         def evaluate() -> str:
