@@ -9,8 +9,9 @@ Rule: a found organ is out of range when its volume is below a third of the smal
 largest, training volume; when at least half of the organs found (3 or more, each with training volumes) are out of
 range, contour warns. Organs not found do not count: an organ may lie outside the scan or be resected, and
 ``hn-oar-7`` misses 3 of 7 on OpenKBP's pt_203 (which then does not warn; LUNG1 has 3 of 6 found out of range).
-Checked on 15 OpenKBP head-and-neck CTs: none warns (at most 1 found organ out of range). A weak model warns on its own body site too (the demo's
-two-case fine-tune finds a 0.9 cc brainstem and a 3.7 cc cord on pt_203), hence the message names both causes.
+Checked on 15 OpenKBP head-and-neck CTs: none warns (at most 1 found organ out of range). A weak model warns on
+its own body site too (the demo's two-case fine-tune finds a 0.9 cc brainstem and a 3.7 cc cord on pt_203), hence
+the message names both causes.
 
 Training volumes: ``data.organ_volume_cc`` of the bundle
 (``{value: [min, median, max]}`` over the training cases annotating the organ, written by ``separeg finetune``); for
