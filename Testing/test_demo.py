@@ -37,7 +37,8 @@ def test_the_demo_report_counts_a_missed_organ(tmp_path: Path) -> None:
     assert cord["dsc_percent"] == 50.0 and cord["n"] == 2 and cord["n_missed"] == 1 and cord["n_hd95"] == 1
     report = _report({"cases": {}, "starter": {"model": "hn-oar-7", "seconds": [1.0, 1.0], **rows},
                       "split": {"train": ["pt_1"], "validation": "pt_22", "test": ["pt_a", "pt_b"]},
-                      "segmentation": {"shipped": rows}})
+                      "segmentation": {"shipped": {**rows, "not_contoured": ["Esophagus"]}}})
     assert "| SpinalCord | 50.0 | 0.0 (1 of 2 cases) | 1/2 |" in report  # before: "| SpinalCord | 50.0 | 0.0 |"
     assert "| Brainstem | 100.0 | 0.0 | 0/2 |" in report and "| All organs | 75.0 | 0.0 | 1/4 |" in report
     assert "| shipped | 100.0 (0.0), missed 0/2 | 50.0 (0.0), missed 1/2 | 75.0 (0.0), missed 1/4 |" in report
+    assert "a reference holding one counts a miss: shipped: Esophagus." in report  # left out by contour, said so

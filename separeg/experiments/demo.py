@@ -138,18 +138,19 @@ def _starter_contour(job: DemoJob, tests: list, out: Path, events: Events) -> di
         events.warning(f"no starter model, instant contour skipped: {exc}", stage="demo")
         return {}
     events.log(f"instant Auto-contour with the shipped model {model.stem} (no training)", stage="demo")
-    seconds = []
+    seconds, left_out = [], set()
     for case in tests:
         start = time.perf_counter()
         contour = run_contour(ContourJob(volume=case.image, model=str(model), out_dir=out / "contours" / case.name,
                                          device=job.device), events)
         seconds.append(time.perf_counter() - start)
+        left_out |= {o["tg263"] or o["name"] for o in contour.not_contoured}
         for folder, source in (("predictions", contour.segmentation), ("references", case.labels)):
             (out / folder).mkdir(parents=True, exist_ok=True)
             shutil.copy(source, out / folder / f"{case.name}.nii.gz")
     result = run_evaluate(EvaluateJob(pred=out / "predictions", ref=out / "references", out_dir=out / "evaluation",
                                       labels=Path(job.data_dir) / "labels.json"), events)
-    return {"model": model.stem, "seconds": seconds, **_organ_rows(result)}
+    return {"model": model.stem, "seconds": seconds, "not_contoured": sorted(left_out), **_organ_rows(result)}
 
 
 def _organ_rows(result) -> dict:
@@ -166,7 +167,8 @@ def _organ_rows(result) -> dict:
 def _missed(row: dict) -> str:
     """``"1/2"``: cases where the organ was missed, of those whose reference holds it (all organs: of the
     (organ, case) pairs)."""
-    return f"{row.get('n_missed', 0)}/{row.get('n_organ_cases', row.get('n', 0))}"
+    total = row.get("n_organ_cases", row.get("n", 0))
+    return f"{row.get('n_missed', 0)}/{total}" if total else "-"
 
 
 def _hd95(row: dict) -> str:
@@ -195,10 +197,12 @@ def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: P
     model = run_finetune(FinetuneJob(data=out / "data", out_dir=out / "finetune", init=encoder, config=config,
                                      device=job.device, validation_data=out / "validation"), events)
     exports: dict[str, dict[str, str]] = {}
+    left_out: set[str] = set()
     for case in tests:
         contour = run_contour(ContourJob(volume=case.image, model=str(model), out_dir=out / "contours" / case.name,
                                          device=job.device, rtstruct=export, seg=export,
                                          patient_id=f"SEPAREG-DEMO-{case.name}"), events)
+        left_out |= {o["tg263"] or o["name"] for o in contour.not_contoured}
         if contour.exports:
             exports[case.name] = {name: str(path) for name, path in contour.exports.items()}
         for folder, source in (("predictions", out / "contours" / case.name / SEGMENTATION_FILE),
@@ -207,7 +211,8 @@ def _finetune_contour_evaluate(job: DemoJob, split: tuple, out: Path, encoder: P
             shutil.copy(source, out / folder / f"{case.name}.nii.gz")
     result = run_evaluate(EvaluateJob(pred=out / "predictions", ref=out / "references", out_dir=out / "evaluation",
                                       labels=Path(job.data_dir) / "labels.json"), events)
-    return {"model": str(model), "summary": str(result.summary_md), "exports": exports, **_organ_rows(result)}
+    return {"model": str(model), "summary": str(result.summary_md), "exports": exports,
+            "not_contoured": sorted(left_out), **_organ_rows(result)}
 
 
 def _report(summary: dict) -> str:
@@ -236,6 +241,8 @@ def _report(summary: dict) -> str:
         for organ, row in starter["organs"].items():
             dsc = row["dsc_percent"]
             lines.append(f"| {organ} | {'-' if dsc is None else f'{dsc:.1f}'} | {_hd95(row)} | {_missed(row)} |")
+        if starter.get("not_contoured"):
+            lines += ["", f"Not contoured, as the model cannot contour them: {', '.join(starter['not_contoured'])}."]
     if "segmentation" in summary:
         split = summary["split"]
         lines += ["", f"## Fine-tuning on {len(split['train'])} labelled case(s), Auto-contour and evaluation",
@@ -254,6 +261,12 @@ def _report(summary: dict) -> str:
                 cells.append("-" if dsc is None else f"{dsc:.1f}" + ("" if hd is None else f" ({hd:.1f})")
                              + f", missed {_missed(row)}")
             lines.append(f"| {init} | " + " | ".join(cells) + " |")
+        left_out = {init: result.get("not_contoured") for init, result in summary["segmentation"].items()}
+        if any(left_out.values()):
+            lines += ["", "Not contoured, as the model cannot contour them (no training case annotates them, or their "
+                      "validation DSC is under 1 %; `separeg contour --include-unlearned` writes them); a reference "
+                      "holding one counts a miss: " + "; ".join(f"{init}: {', '.join(names)}"
+                                                                 for init, names in left_out.items() if names) + "."]
         lines += ["", "A demonstration budget on 2 CPU cores: the numbers show the pipeline works end to end, not "
                   "what the method reaches with the paper's budget. Full tables: `*/evaluation/summary.md`."]
         exported = {init: result.get("exports", {}) for init, result in summary["segmentation"].items()}
