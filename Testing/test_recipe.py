@@ -173,7 +173,7 @@ def test_postprocessing_is_kept_only_for_organs_it_helps() -> None:
     prediction = reference.copy()
     prediction[2, 26:30, 26:30] = 1  # a stray component of organ 1
     slices = SimpleNamespace(labels=torch.as_tensor(reference), case_of=np.zeros(6, int),
-                             scored=torch.ones(6, dtype=torch.bool), annotated=torch.ones(6, 3, dtype=torch.bool))
+                             scored=torch.ones(6, 3, dtype=torch.bool), annotated=torch.ones(6, 3, dtype=torch.bool))
     chosen = choose_postprocessing(torch.as_tensor(prediction), slices, [1, 2])
     assert chosen["largest_component"] == [1]
     assert chosen["dsc"]["1"]["largest_component"] == 1.0 > chosen["dsc"]["1"]["raw"]

@@ -22,20 +22,21 @@ class SliceSet:
 
     Attributes:
         images: ``(N, C, H, W)`` float (C input channels); labels: ``(N, H, W)`` uint8 (int64 past 256 classes;
-        batches are int64); annotated: ``(N, K)`` bool
-        per slice (its case's annotated organs, background always); supervised: ``(N, K)``, the organs a slice's
-        labels speak for in training (``annotated``, less each ``open_ended`` organ on the case's slices beyond its
-        contour, and every organ on a sparse slice); scored: ``(N,)`` bool, the slices validation scores (not sparse);
-        case_of: ``(N,)`` case index per slice; neighbours: ``(N, 2k + 1)`` rows of ``images`` that make each slice's
-        2.5D input.
+        batches are int64); annotated: ``(N, K)`` bool per slice (its case's annotated organs, background always);
+        supervised: ``(N, K)``, the organs a slice's labels speak for in training (``annotated``, less each
+        ``open_ended`` organ on the case's slices beyond its contour, and every organ absent from a sparse slice);
+        scored: ``(N, K)`` bool, where validation scores each organ (every slice that is not sparse, and a sparse
+        slice for the organs it shows); case_of: ``(N,)`` case index per slice; neighbours: ``(N, 2k + 1)`` rows of
+        ``images`` that make each slice's 2.5D input.
 
     Args:
         open_ended: label values of organs whose contours may stop short of the organ's end (OpenKBP contours the
             spinal cord to mid-neck in a third of its patients, though the cord goes on in the image): on a case's
             slices above and below its contour of such an organ, the organ is unknown, not background.
         min_body_area: a slice of a CT channel whose voxels above -500 HU cover less than this (mm^2) is *sparse*:
-            unknown for every organ and not scored (OpenKBP stores CT only inside the contours on slices outside
-            the treated region, so a cord contour ends there although the cord goes on). 0: no slice is sparse.
+            OpenKBP stores CT only inside the contours on slices outside the treated region, so an organ absent
+            there (a cord whose contour ends) is unknown, neither taught as background nor scored; the organs a
+            sparse slice shows keep their labels (a whole larynx or brainstem may lie on such slices). 0: off.
     """
 
     def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device,
@@ -61,12 +62,10 @@ class SliceSet:
             images.append(x)
             labels.append(y.to(torch.uint8) if n_classes <= 256 else y)  # 8x less memory (160 cases: 6 -> 0.8 GB)
             annotated.append(mask.expand(len(x), -1))
-            sparse = _sparse_slices(canonical[0], min_body_area) if spec.input_channels[0].name == "CT" else None
             flags = _within_extent(mask.expand(len(x), -1).clone(), y, open_ended)
-            if sparse is not None:
-                flags[torch.as_tensor(sparse), 1:] = False
-            supervised.append(flags)
-            scored.append(torch.ones(len(x), dtype=torch.bool) if sparse is None else torch.as_tensor(~sparse))
+            known = _known_on_sparse_slices(canonical[0], y, n_classes, min_body_area, spec)
+            supervised.append(flags & known.to(flags.device))
+            scored.append(known)
             case_of.append(torch.full((len(x),), i))
             neighbours.append(neighbour_index(len(x), spec.context_slices) + offset)
             offset += len(x)
@@ -136,6 +135,18 @@ def _within_extent(mask: torch.Tensor, labels: torch.Tensor, open_ended: tuple[i
             mask[:int(present[0]), value] = False
             mask[int(present[-1]) + 1:, value] = False
     return mask
+
+
+def _known_on_sparse_slices(image, labels: torch.Tensor, n_classes: int, min_body_area: float,
+                            spec: GridSpec) -> torch.Tensor:
+    """``(Z, K)`` bool: False for an organ absent from a sparse slice (module docstring of :class:`SliceSet`)."""
+    known = torch.ones(len(labels), n_classes, dtype=torch.bool)
+    if min_body_area <= 0 or spec.input_channels[0].name != "CT":
+        return known
+    sparse = torch.as_tensor(_sparse_slices(image, min_body_area))
+    shown = torch.stack([(labels == k).flatten(1).any(1).cpu() for k in range(n_classes)], dim=1)
+    known[sparse, 1:] = shown[sparse, 1:]
+    return known
 
 
 def _sparse_slices(image, min_body_area: float) -> np.ndarray:

@@ -37,23 +37,17 @@ def _dsc(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> flo
     return 2.0 * float((pred & ref).sum()) / total if total else None
 
 
-def _scored_rows(slices: SliceSet, case: int) -> np.ndarray:
-    """The rows of ``case`` that validation scores (its sparse slices are unknown for every organ)."""
-    return np.flatnonzero((slices.case_of == case) & slices.scored.cpu().numpy())
-
-
 def case_organ_scores(prediction: torch.Tensor, slices: SliceSet) -> dict[int, dict[int, float]]:
-    """``{case index: {organ: DSC}}``, 3D over each case's slices, annotated organs only; organs neither predicted
-    nor present in a case are not scored there."""
+    """``{case index: {organ: DSC}}``, 3D over each case's slices that score the organ (``slices.scored``),
+    annotated organs only; organs neither predicted nor present in a case are not scored there."""
     scores: dict[int, dict[int, float]] = {}
     for case in np.unique(slices.case_of):
-        rows = torch.as_tensor(_scored_rows(slices, case), device=prediction.device)
-        if not len(rows):
-            continue
-        pred, ref = prediction[rows], slices.labels[rows]
+        rows = torch.as_tensor(np.flatnonzero(slices.case_of == case), device=prediction.device)
+        pred, ref, scored = prediction[rows], slices.labels[rows], slices.scored[rows]
         scores[int(case)] = {}
         for organ in torch.nonzero(slices.annotated[rows[0]]).flatten().tolist()[1:]:
-            score = _dsc(pred == organ, ref == organ)
+            keep = scored[:, organ]
+            score = _dsc(pred[keep] == organ, ref[keep] == organ)
             if score is not None:
                 scores[int(case)][organ] = score
     return scores
@@ -95,18 +89,18 @@ def choose_postprocessing(prediction: torch.Tensor, slices: SliceSet, values: li
     labels = prediction.cpu().numpy().astype(np.uint8)
     reference = slices.labels.cpu().numpy()
     table: dict[int, dict[str, list[float]]] = {v: {"raw": [], "largest_component": [], "both": []} for v in values}
+    scored_all = slices.scored.cpu().numpy()
     for case in np.unique(slices.case_of):
-        rows = _scored_rows(slices, case)
-        if not len(rows):
-            continue
-        pred, ref = labels[rows], reference[rows]
+        rows = np.flatnonzero(slices.case_of == case)
+        pred, ref, scored = labels[rows], reference[rows], scored_all[rows]
         annotated = torch.nonzero(slices.annotated[int(rows[0])]).flatten().tolist()
         for value in (v for v in values if v in annotated):
             variants = {"raw": pred,
                         "largest_component": postprocess(pred, [value], largest_component=True, fill_holes=False),
                         "both": postprocess(pred, [value], largest_component=True, fill_holes=True)}
+            keep = scored[:, value]  # post-processing acts on the whole case, scoring on the slices that count
             for name, variant in variants.items():
-                score = _dsc(variant == value, ref == value)
+                score = _dsc(variant[keep] == value, ref[keep] == value)
                 if score is not None:
                     table[value][name].append(score)
     mean = {v: {k: float(np.mean(s)) for k, s in t.items() if s} for v, t in table.items()}
