@@ -431,6 +431,19 @@ def test_the_status_line_tells_how_export_ended(monkeypatch, tmp_path: Path) -> 
     assert broken.status == "Export: failed: SlicerRT export failed: no study" and broken.errors
 
 
+def test_the_status_line_shows_contour_warnings(monkeypatch, tmp_path: Path) -> None:
+    """An Auto-contour that warned (another body site, organs left out) says so on the status line, not only in the
+    log (issue 30: a head-and-neck model on a chest CT)."""
+    from SepaRegSegmentLib.Requests import TaskResult
+
+    panel = Panel(monkeypatch, tmp_path, StubScene())
+    warning = "body site: 3 of 6 organs found are far from their training volumes"
+    panel.widget.onFinished(TaskResult("Auto-contour", RunState.DONE, "7 organs", {"warnings": [warning]}))
+    assert panel.status == f"Auto-contour: done: 7 organs | 1 warning(s), first: {warning}"
+    panel.widget.onFinished(TaskResult("Auto-contour", RunState.DONE, "7 organs", {"warnings": []}))
+    assert panel.status == "Auto-contour: done: 7 organs"
+
+
 def test_an_export_the_core_refuses_writes_nothing_with_slicerRT_either(monkeypatch, tmp_path: Path) -> None:
     """The core checks the output folder first (one result per folder): when it refuses, SlicerRT's RTSTRUCT is
     not written into that folder either, and the panel says the core's reason; SlicerRT writes after the core."""

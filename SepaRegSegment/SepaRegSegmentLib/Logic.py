@@ -172,7 +172,8 @@ class SegmentLogic(ModelLibrary, ContourProvenance, SegmentNaming):
             self.rememberContourModel(node, volumeNode, description)
             for warning in description.get("warnings", []):
                 self.logMessage.emit(warning, "warning")
-            return {"segmentationNode": node, "folder": out, "labels": description["labels"]}
+            return {"segmentationNode": node, "folder": out, "labels": description["labels"],
+                    "warnings": description.get("warnings", [])}
 
         return self._start("Auto-contour", "contour", [ct, *extras, "--model", model.path, "--out", out, "--device",
                                                        device],

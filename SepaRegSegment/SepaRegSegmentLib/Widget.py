@@ -357,7 +357,10 @@ class Widget:
 
     def onFinished(self, result):
         self.timer.stop()
-        self.showStatus(f"{result.task}: {result.state.value}: {result.message}")
+        warnings = result.outputs.get("warnings") or []
+        # the planner must see a body-site or left-out-organ warning without opening the log
+        suffix = f" | {len(warnings)} warning(s), first: {warnings[0]}" if warnings else ""
+        self.showStatus(f"{result.task}: {result.state.value}: {result.message}{suffix}")
         if result.state.value == "done":
             self.ui.progressBar.value = 100
             node = result.outputs.get("segmentationNode")
