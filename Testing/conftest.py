@@ -53,6 +53,39 @@ def lung1_subset(lung1: Path, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture()
+def real_slicer(monkeypatch, tmp_path: Path):
+    """Slicer's real MRML and module logics (slicer-core, ``slicer_tier``), with a per-user model folder of its own."""
+    import slicer_tier
+
+    monkeypatch.setenv("SEPAREG_MODELS", str(tmp_path / "models"))
+    return slicer_tier.install(monkeypatch, tmp_path)
+
+
+@pytest.fixture()
+def segment_logic(real_slicer, monkeypatch):
+    """``SepaRegSegmentLogic`` as Slicer constructs it, on the real-MRML tier."""
+    import slicer_tier
+
+    python, _ = slicer_tier.loadScriptedModule(monkeypatch, "SepaRegSegment")
+    return python.SepaRegSegmentLogic()
+
+
+def run_task(logic, start, timeout: float = 600) -> list:
+    """Start a module logic's task and poll it, as the panel's timer does, until it reports; returns the results."""
+    import time
+
+    results: list = []
+    logic.finished.connect(results.append)
+    start()
+    deadline = time.monotonic() + timeout
+    while not results:
+        logic.poll()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return results
+
+
 def region_crops(hu: np.ndarray, count: int, size: int):
     """``count`` SIS region crops of ``hu`` (drawn with seed 0), ``size`` x ``size``, HU window -1000..1000."""
     from separeg.sis.crops import RegionCropper

@@ -9,13 +9,12 @@ one ``vtkMRMLLabelMapVolumeDisplayNode`` per organ per Auto-contour, left by
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-import slicer_tier
 from SepaRegSegmentLib.Requests import TrainingCase
 
+from conftest import run_task
 from separeg.runtime.background import RunState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,27 +22,12 @@ SAMPLES = REPO / "Resources" / "SampleData"
 
 
 @pytest.fixture()
-def real_slicer(monkeypatch, tmp_path: Path):
-    monkeypatch.setenv("SEPAREG_MODELS", str(tmp_path / "models"))
-    return slicer_tier.install(monkeypatch, tmp_path)
-
-
-@pytest.fixture()
-def logic(real_slicer, monkeypatch):
-    python, _ = slicer_tier.loadScriptedModule(monkeypatch, "SepaRegSegment")
-    return python.SepaRegSegmentLogic()
+def logic(segment_logic):
+    return segment_logic
 
 
 def run(logic, start) -> object:
-    results = []
-    logic.finished.connect(results.append)
-    start()
-    deadline = time.monotonic() + 600
-    while not results:
-        logic.poll()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    [result] = results
+    [result] = run_task(logic, start)
     assert result.state is RunState.DONE, result.message
     return result
 

@@ -15,12 +15,6 @@ import slicer_tier
 MODULES = ("SepaRegSegment", "SepaRegPretrain")
 
 
-@pytest.fixture()
-def real_slicer(monkeypatch, tmp_path: Path):
-    monkeypatch.setenv("SEPAREG_MODELS", str(tmp_path / "models"))
-    return slicer_tier.install(monkeypatch, tmp_path)
-
-
 @pytest.mark.parametrize("module", MODULES)
 def test_module_declares_itself_as_the_generic_module_test_expects(real_slicer, monkeypatch, module: str) -> None:
     python, instance = slicer_tier.loadScriptedModule(monkeypatch, module)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
-import time
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from SepaRegSegmentLib.Logic import SegmentLogic
 from SepaRegSegmentLib.Requests import FinetuneRequest, TrainingCase, matchSegments
 from SepaRegSegmentLib.SceneIO import SceneIO
 
+from conftest import run_task
 from separeg.runtime.background import RunState, Signal
 from separeg.runtime.model_store import resolve_model
 
@@ -50,15 +50,7 @@ def case(name: str) -> TrainingCase:
 
 
 def run(logic: SegmentLogic, start) -> list:
-    results = []
-    logic.finished.connect(results.append)
-    start()
-    deadline = time.monotonic() + 600
-    while not results:
-        logic.poll()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return results
+    return run_task(logic, start)
 
 
 def test_models_are_listed_imported_and_exported(logic: SegmentLogic, tmp_path: Path) -> None:
