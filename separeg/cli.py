@@ -58,7 +58,7 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
 
     groups = {"finetune": parser.add_argument_group("fine-tuning"),
               "recipe": parser.add_argument_group("recipe (defaults: measured best with one labelled case; "
-                                                  "nnU-Net-grade parts are options, see README)"),
+                                                  "nnU-Net-grade parts are options, see docs/method.md)"),
               "partial": parser.add_argument_group("partial labels (PL-Seg) and Mean Teacher"),
               "running": parser.add_argument_group("running")}
     add_flags(parser, FinetuneJob, {"config": groups["finetune"], **groups})

@@ -1,4 +1,4 @@
-"""Time and disk of a pretraining run, estimated before it starts (README: "Time and disk").
+"""Time and disk of a pretraining run, estimated before it starts (docs/physicist.md, "Time and disk").
 
 Time: one SSL training step of the run's encoder, method and crop size is timed on the run's device (a warm-up step,
 then a measured one, on up to 4 crops, scaled to the batch size), times the run's iterations; the ``embed`` step
