@@ -86,6 +86,15 @@ def run_task(logic, start, timeout: float = 600) -> list:
     return results
 
 
+def run_done(logic, start):
+    """:func:`run_task` for a task that must succeed: its one result, asserted done."""
+    from separeg.runtime.background import RunState
+
+    [result] = run_task(logic, start)
+    assert result.state is RunState.DONE, result.message
+    return result
+
+
 def region_crops(hu: np.ndarray, count: int, size: int):
     """``count`` SIS region crops of ``hu`` (drawn with seed 0), ``size`` x ``size``, HU window -1000..1000."""
     from separeg.sis.crops import RegionCropper

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from SepaRegSegmentLib.Requests import TrainingCase
 
-from conftest import run_task
-from separeg.runtime.background import RunState
+from conftest import run_done as run
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"
@@ -24,12 +23,6 @@ SAMPLES = REPO / "Resources" / "SampleData"
 @pytest.fixture()
 def logic(segment_logic):
     return segment_logic
-
-
-def run(logic, start) -> object:
-    [result] = run_task(logic, start)
-    assert result.state is RunState.DONE, result.message
-    return result
 
 
 def sceneNodes(scene) -> dict[str, str]:

@@ -18,8 +18,7 @@ from SepaRegSegmentLib.Provenance import CONTOUR_MODEL_ATTRIBUTE
 from SepaRegSegmentLib.Requests import TrainingCase
 from test_slicer_hygiene import SceneDiff
 
-from conftest import run_task
-from separeg.runtime.background import RunState
+from conftest import run_done as run
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"
@@ -32,12 +31,6 @@ TYPE_CODES = {"Brainstem": "119238007", "SpinalCord": "2748008", "Parotid_R": "4
 @pytest.fixture()
 def logic(segment_logic):
     return segment_logic
-
-
-def run(logic, start) -> object:
-    [result] = run_task(logic, start)
-    assert result.state is RunState.DONE, result.message
-    return result
 
 
 def ijk_to_ras(node) -> np.ndarray:
