@@ -1,4 +1,4 @@
-"""Multi-atlas contouring (separeg.segment.atlas, `separeg atlas`, atlas methods of `separeg experiment`) on real
+"""Multi-atlas contouring (separeg.atlas.contour, `separeg atlas`, atlas methods of `separeg experiment`) on real
 CTs."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from separeg.atlas.contour import AtlasJob, _fuse, _Fusion, run_atlas
+from separeg.atlas.registration import RegistrationConfig
 from separeg.cli import main
 from separeg.runtime.errors import InputError
-from separeg.segment.atlas import AtlasJob, _fuse, _Fusion, run_atlas
-from separeg.segment.atlas_registration import RegistrationConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"

@@ -258,3 +258,33 @@ def test_a_25d_model_contours_with_its_context_slices(openkbp: Path, tmp_path: P
     assert fed_new.shape == (40, 3, 64, 64) and torch.equal(fed_new, fed_old)
     assert not torch.equal(fed_new[:, 0], fed_new[:, 1])  # the neighbours are there
     assert (new == old).mean() >= 0.999
+
+
+def test_an_ensemble_averages_its_members_probabilities(model_bundle: Path, openkbp: Path, tmp_path: Path) -> None:
+    """``--ensemble``: the members' softmax probabilities averaged (a model with itself gives its own labels, with
+    another seed something between the two); members with other organs are refused."""
+    from separeg.runtime.bundle import load_bundle
+    from separeg.segment.ensemble import ModelEnsemble
+
+    volume = tmp_path / "part.nii.gz"
+    sitk.WriteImage(read_volume(openkbp / "pt_203_ct.nii.gz")[:, :, 60:76], str(volume))
+    single, _ = _contour(volume, model_bundle, tmp_path / "single")
+    run_contour(ContourJob(volume=volume, model=str(model_bundle), out_dir=tmp_path / "twice", device="cpu",
+                           ensemble=(str(model_bundle),)))
+    twice = sitk.ReadImage(str(tmp_path / "twice" / SEGMENTATION_FILE))
+    assert np.array_equal(sitk.GetArrayFromImage(single), sitk.GetArrayFromImage(twice))
+    described = json.loads((tmp_path / "twice" / LABELS_FILE).read_text())["model"]["ensemble"]
+    assert [m["sha256"] for m in described] == [load_bundle(model_bundle).weights_sha256]
+    torch.manual_seed(1)
+    a, b = build_unet("resnet18", 3).eval(), build_unet("resnet18", 3).eval()
+    x = torch.randn(2, 1, 64, 64)
+    expected = (a(x).softmax(1) + b(x).softmax(1)) / 2
+    torch.testing.assert_close(ModelEnsemble([a, b])(x).exp(), expected, atol=1e-5, rtol=1e-4)
+    bundle = load_bundle(model_bundle)
+    other = save_bundle(tmp_path / "other.separeg", kind="segmentation", architecture=bundle.architecture,
+                        state_dict=bundle.state_dict,
+                        metadata={**bundle.metadata, "labels": load_label_table(openkbp / "labels.json").to_dict()
+                                  | {"labels": bundle.metadata["labels"]["labels"][::-1]}})
+    with pytest.raises(InputError, match="other organs"):
+        run_contour(ContourJob(volume=volume, model=str(model_bundle), out_dir=tmp_path / "bad", device="cpu",
+                               ensemble=(str(other),)))

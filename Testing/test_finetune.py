@@ -6,14 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from separeg.runtime.bundle import load_bundle
 from separeg.runtime.errors import CancelledError, InputError
 from separeg.runtime.events import Event, Events, EventType
-from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
-from separeg.segment.losses import marginal_dice_ce, marginal_probabilities
+from separeg.segment.finetune.losses import marginal_dice_ce, marginal_probabilities
+from separeg.segment.finetune.train import FinetuneConfig, FinetuneJob, run_finetune
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,8 @@ def cases(tmp_path_factory) -> Path:
     return folder
 
 
-TINY = FinetuneConfig(encoder="resnet18", epochs=2, steps_per_epoch=3, batch_size=4, validation_cases=1)
+TINY = FinetuneConfig(encoder="resnet18", epochs=2, steps_per_epoch=3, batch_size=4, validation_cases=1,
+                      validate_every=1)
 
 
 def test_tiny_finetune_writes_a_segmentation_bundle(cases: Path, tmp_path: Path) -> None:
@@ -79,11 +81,50 @@ def test_update_model_continues_from_a_segmentation_bundle(cases: Path, tmp_path
     for key, value in before.state_dict.items():  # lr 0: the update starts exactly from the model's weights
         if value.is_floating_point() and "running" not in key:
             torch.testing.assert_close(after.state_dict[key], value, msg=key)
-    wrong = tmp_path / "wrong_labels.json"
-    wrong.write_text(json.dumps({"1": "Liver"}))
-    with pytest.raises(InputError, match="differs from the model's"):
-        run_finetune(FinetuneJob(data=corrected, out_dir=tmp_path / "bad", init=first, labels=wrong,
-                                 config=one_step, device="cpu"))
+
+
+def _relabelled(cases: Path, folder: Path, mapping: dict[int, tuple[int, str]]) -> Path:
+    """A copy of ``cases`` keeping only the organs ``mapping`` names: old value -> (new value, TG-263 name)."""
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    for case in ("pt_1", "pt_22"):
+        shutil.copy(cases / f"{case}_ct.nii.gz", folder / f"{case}_ct.nii.gz")
+        image = sitk.ReadImage(str(cases / f"{case}_oar.nii.gz"))
+        old = sitk.GetArrayFromImage(image)
+        new = np.zeros_like(old)
+        for value, (target, _) in mapping.items():
+            new[old == value] = target
+        relabelled = sitk.GetImageFromArray(new)
+        relabelled.CopyInformation(image)
+        sitk.WriteImage(relabelled, str(folder / f"{case}_oar.nii.gz"))
+    (folder / "labels.json").write_text(json.dumps({str(t): name for t, name in mapping.values()}))
+    return folder
+
+
+def test_a_model_with_other_organs_transfers_its_body_and_shared_organs(cases: Path, tmp_path: Path) -> None:
+    """``--init`` a segmentation model whose organs differ: shared organs (by TG-263 name, at any label value) keep
+    their output weights, an organ it never learned starts fresh, the rest of the network comes along."""
+    without_larynx = _relabelled(cases, tmp_path / "source", {1: (1, "Brainstem"), 4: (2, "Parotid_L")})
+    source = load_bundle(run_finetune(FinetuneJob(data=without_larynx, out_dir=tmp_path / "first", config=TINY,
+                                                  device="cpu")))
+    target = _relabelled(cases, tmp_path / "target", {4: (1, "Parotid_L"), 1: (2, "Brainstem"), 6: (3, "Larynx")})
+    messages = []
+    one_step = FinetuneConfig(encoder="resnet50", epochs=1, steps_per_epoch=1, batch_size=2, validation_cases=0, lr=0)
+    path = run_finetune(FinetuneJob(data=target, out_dir=tmp_path / "transfer", init=tmp_path / "first" /
+                                    "model.separeg", config=one_step, device="cpu"),
+                        Events(lambda e: messages.append(e.msg or ""), min_interval=0.0))
+    after = load_bundle(path)
+    assert after.architecture["backbone"] == "resnet18" and after.architecture["out_channels"] == 4
+    assert after.metadata["inputs"] == source.metadata["inputs"]  # the model's grid and context
+    head = "segmentation_head.0.weight"
+    for channel, origin in ((0, 0), (1, 2), (2, 1)):  # background, Parotid_L (2 in the model), Brainstem (1)
+        torch.testing.assert_close(after.state_dict[head][channel], source.state_dict[head][origin])
+    assert not any(torch.allclose(after.state_dict[head][3], source.state_dict[head][c]) for c in range(3))
+    for key, value in source.state_dict.items():  # lr 0: the body is exactly the model's
+        if not key.startswith("segmentation_head") and value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(after.state_dict[key], value, msg=key)
+    assert any("Parotid_L, Brainstem keep" in m and "new: Larynx" in m for m in messages)
 
 
 def test_stop_and_resume_keeps_the_validation_history(cases: Path, tmp_path: Path) -> None:
@@ -186,11 +227,11 @@ def test_a_near_zero_model_is_marked_unusable_with_the_shared_rule(cases: Path, 
                                                                    monkeypatch) -> None:
     """Issue 30: the warning fired only at exactly 0.0; a best validation DSC of 0.14 % printed "0.1 %" and nothing
     else. Now the rule of model_quality (floor 1 %, shared with Slicer's install) marks the bundle and warns."""
-    import separeg.segment.finetune_validation as finetune_validation
+    import separeg.segment.finetune.validation as finetune_validation
     from separeg.runtime.events import ListSink
     from separeg.segment.model_quality import useless_model_reason
 
-    monkeypatch.setattr(finetune_validation, "validate", lambda model, slices, runtime: {"Brainstem": 0.0014})
+    monkeypatch.setattr(finetune_validation, "validate", lambda model, slices, runtime, **_: {"Brainstem": 0.0014})
     sink = ListSink()
     tiny = FinetuneConfig(encoder="resnet18-slim", epochs=1, steps_per_epoch=1, batch_size=2, validation_cases=1)
     path = run_finetune(FinetuneJob(data=cases, out_dir=tmp_path, config=tiny, device="cpu"), Events(sink))

@@ -12,7 +12,7 @@ import pytest
 from separeg.cli import build_parser
 from separeg.pretrain.config import PretrainConfig, PretrainJob
 from separeg.runtime.flags import add_flags, config_from_args, flag, flag_fields, positive_int
-from separeg.segment.finetune_config import FinetuneConfig, FinetuneJob
+from separeg.segment.finetune.config import FinetuneConfig, FinetuneJob
 from separeg.sis.regions import SISConfig
 
 

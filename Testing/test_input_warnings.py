@@ -15,7 +15,7 @@ from separeg.io.dicom_write import write_ct_series
 from separeg.io.volumes import read_volume
 from separeg.segment.contour import _warnings
 
-# The training-data summary a bundle records (separeg.segment.finetune), here OpenKBP-like: 2.7-5.4 mm voxels.
+# The training-data summary a bundle records (separeg.segment.finetune.train), here OpenKBP-like: 2.7-5.4 mm voxels.
 DATA = {"modality": "CT", "spacing_min": [2.73, 2.73, 1.5], "spacing_max": [5.42, 5.42, 3.0],
         "extent_mm_min": [350.0, 350.0, 190.0], "extent_mm_max": [694.0, 694.0, 384.0], "hu_p01": -1000.0,
         "hu_p99": 1200.0}

@@ -25,7 +25,7 @@ from separeg.runtime.errors import InputError
 from separeg.segment.case_loading import load_case
 from separeg.segment.cases import find_cases, read_case_list
 from separeg.segment.contour import ContourJob, run_contour
-from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
+from separeg.segment.finetune.train import FinetuneConfig, FinetuneJob, run_finetune
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "Resources" / "SampleData"

@@ -117,7 +117,7 @@ def test_a_fine_tuned_model_records_its_annotations_and_leaves_out_what_it_never
     """The demo's case: pt_1 contours no Esophagus (nor Larynx); the model trained on it records that and outputs
     neither."""
     from separeg.runtime.bundle import read_bundle_info
-    from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
+    from separeg.segment.finetune.train import FinetuneConfig, FinetuneJob, run_finetune
 
     sample = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
     for folder, case in (("train", "pt_1"), ("validation", "pt_22")):

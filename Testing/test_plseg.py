@@ -15,12 +15,10 @@ from separeg.runtime.bundle import load_bundle
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Event, Events, EventType
 from separeg.runtime.runlock import holds_run_lock
-from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
-from separeg.segment.finetune_objective import Objective, choose_partial_label_mode
-from separeg.segment.losses import marginal_dice_ce
-from separeg.segment.mean_teacher import MeanTeacher, UnlabelledSlices, ema_update
-from separeg.segment.network import build_unet
-from separeg.segment.plseg import (
+from separeg.segment.finetune.losses import marginal_dice_ce
+from separeg.segment.finetune.mean_teacher import MeanTeacher, UnlabelledSlices, ema_update
+from separeg.segment.finetune.objective import Objective, choose_partial_label_mode
+from separeg.segment.finetune.plseg import (
     DeepSupervision,
     HardnessWeights,
     PLSegLoss,
@@ -30,6 +28,8 @@ from separeg.segment.plseg import (
     gaussian_rampup,
     psd_loss,
 )
+from separeg.segment.finetune.train import FinetuneConfig, FinetuneJob, run_finetune
+from separeg.segment.network import build_unet
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"
@@ -233,7 +233,7 @@ def test_finetune_switches_to_partial_labels_and_mean_teacher_end_to_end(tmp_pat
     shutil.copy(SAMPLES / "pt_5_ct.nii.gz", archive)
     seen: list[Event] = []
     config = FinetuneConfig(encoder="resnet18", epochs=2, steps_per_epoch=2, batch_size=2, validation_cases=1,
-                            mean_teacher=True, unlabelled_slices=16)
+                            mean_teacher=True, unlabelled_slices=16, validate_every=1)
     path = run_finetune(FinetuneJob(data=data, out_dir=tmp_path / "run", config=config, device="cpu",
                                     unlabelled=archive), Events(seen.append, min_interval=0.0))
     bundle = load_bundle(path, expected_kind="segmentation")

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from separeg.runtime.training import warmup_lr
-from separeg.segment.augment import augment_batch
-from separeg.segment.finetune import _widen_input
-from separeg.segment.finetune_config import NNUNET_RECIPE, OLD_RECIPE, FinetuneConfig
-from separeg.segment.finetune_data import SliceSet
-from separeg.segment.finetune_objective import Objective
-from separeg.segment.finetune_validation import choose_postprocessing
+from separeg.segment.finetune.augment import augment_batch
+from separeg.segment.finetune.config import NNUNET_RECIPE, OLD_RECIPE, FinetuneConfig
+from separeg.segment.finetune.data import SliceSet
+from separeg.segment.finetune.objective import Objective
+from separeg.segment.finetune.plseg import PLSegLoss, SegOutputs, cocl_loss, probability_maps
+from separeg.segment.finetune.train import _widen_input
+from separeg.segment.finetune.validation import choose_postprocessing
 from separeg.segment.network import GridSpec, build_unet, model_input, neighbour_index, unet_encoder, with_context
-from separeg.segment.plseg import PLSegLoss, SegOutputs, cocl_loss, probability_maps
 
 
 def test_context_stacks_neighbours_channel_major_and_clamps_at_the_ends() -> None:
@@ -213,7 +213,7 @@ def test_contour_applies_the_post_processing_the_model_chose() -> None:
 def test_open_ended_organs_are_unknown_beyond_their_contour_not_background() -> None:
     """A cord contoured on slices 2-4 of 7: below and above, a training patch does not teach "no cord" there;
     the other organs keep their flags, and the case-level flags (validation) stay as annotated."""
-    from separeg.segment.finetune_data import _within_extent
+    from separeg.segment.finetune.data import _within_extent
 
     labels = torch.zeros(7, 4, 4, dtype=torch.long)
     labels[2:5, 1, 1] = 2  # cord
@@ -230,7 +230,7 @@ def test_open_ended_names_resolve_through_the_label_table_and_unknown_ones_are_r
     from separeg.experiments.demo import SAMPLE_DATA
     from separeg.rt.labels import load_label_table
     from separeg.runtime.errors import InputError
-    from separeg.segment.finetune import _organ_values
+    from separeg.segment.finetune.train import _organ_values
 
     table = load_label_table(SAMPLE_DATA / "labels.json")
     assert _organ_values("SpinalCord, Esophagus", table) == (2, 5) and _organ_values("", table) == ()

@@ -18,7 +18,7 @@ def test_each_name_has_one_implementation() -> None:
     from separeg.pretrain.config import DISTILL_LOSSES, STAGES
     from separeg.pretrain.encoders import ENCODERS
     from separeg.pretrain.ssl import METHODS
-    from separeg.segment.finetune_objective import PARTIAL_LABEL_MODES
+    from separeg.segment.finetune.objective import PARTIAL_LABEL_MODES
     from separeg.sis.regions import SEPARATION_EXTENTS, SEPARATION_MODES
 
     assert tuple(METHODS) == registry.SSL_METHODS
@@ -31,7 +31,7 @@ def test_each_name_has_one_implementation() -> None:
 
 def test_the_paper_budgets_are_the_config_defaults() -> None:
     from separeg.pretrain.config import PretrainConfig
-    from separeg.segment.finetune_config import FinetuneConfig
+    from separeg.segment.finetune.config import FinetuneConfig
 
     assert PretrainConfig().iterations == registry.PAPER_PRETRAIN_ITERATIONS == 100_000
     assert FinetuneConfig().epochs == registry.PAPER_FINETUNE_EPOCHS == 200

@@ -120,6 +120,31 @@ def test_unlabelled_folder_adds_mean_teacher_to_the_command(monkeypatch, tmp_pat
     assert "unlabelled CT folder" in " ".join(missing.problems())
 
 
+def test_archive_folder_adds_archive_propagation_to_the_command(monkeypatch, tmp_path: Path) -> None:
+    """The optional "Unlabelled archive" folder becomes ``--archive`` (not Mean Teacher); a missing one is refused."""
+    slicer_fakes.install(monkeypatch)
+    commands = []
+
+    class Recorded:
+        running = False  # so that the next task may start
+
+        def __init__(self, command, **_):
+            commands.append([str(c) for c in command])
+            self.event, self.finished = Signal(object), Signal(object, str)
+
+        def start(self):
+            pass
+
+    logic = SegmentLogic(SceneIO(), workDir=tmp_path, python=sys.executable, runFactory=Recorded)
+    logic.finetune(FinetuneRequest(outDir=tmp_path / "ft", modelName="m", dataFolder=SAMPLES, archive=tmp_path))
+    command = commands[-1]
+    assert command[command.index("--archive") + 1] == str(tmp_path) and "--mean-teacher" not in command
+    logic.finetune(FinetuneRequest(outDir=tmp_path / "ft", modelName="m", dataFolder=SAMPLES))
+    assert "--archive" not in commands[-1]
+    missing = FinetuneRequest(outDir=tmp_path, modelName="m", dataFolder=SAMPLES, archive=tmp_path / "nowhere")
+    assert "unlabelled archive folder" in " ".join(missing.problems())
+
+
 def uselessBundle(folder: Path, meanDsc: float, onTrainingData: bool = False) -> Path:
     import torch
 
@@ -323,7 +348,7 @@ def fakeUi(selected: dict) -> mock.MagicMock:
                  "newModelNameLineEdit"):
         setattr(ui, name, types.SimpleNamespace(text=""))
     for name in ("exportFolderPathLineEdit", "labelTablePathLineEdit", "finetuneOutputPathLineEdit",
-                 "dataFolderPathLineEdit", "unlabelledPathLineEdit", "initPathLineEdit"):
+                 "dataFolderPathLineEdit", "unlabelledPathLineEdit", "finetuneArchivePathLineEdit", "initPathLineEdit"):
         setattr(ui, name, types.SimpleNamespace(currentPath=""))
     for name in ("rtstructCheckBox", "segCheckBox", "niftiCheckBox"):
         setattr(ui, name, types.SimpleNamespace(checked=True))

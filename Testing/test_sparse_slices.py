@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from separeg.segment.finetune_config import FinetuneConfig
-from separeg.segment.finetune_data import SliceSet
-from separeg.segment.finetune_validation import case_organ_scores
+from separeg.segment.finetune.config import FinetuneConfig
+from separeg.segment.finetune.data import SliceSet
+from separeg.segment.finetune.validation import case_organ_scores
 from separeg.segment.network import GridSpec
 
 BRAINSTEM, CORD, LARYNX = 1, 2, 6

@@ -15,7 +15,7 @@ from separeg.cli import main
 from separeg.evaluate.metrics import dice
 from separeg.runtime.bundle import WEIGHTS_MEMBER, load_bundle, read_bundle_info
 from separeg.runtime.model_store import list_models, resolve_model, shipped_model_dir
-from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
+from separeg.segment.finetune.train import FinetuneConfig, FinetuneJob, run_finetune
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "Resources" / "SampleData"

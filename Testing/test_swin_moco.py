@@ -17,8 +17,8 @@ from separeg.pretrain.ssl import SSLModel, info_nce
 from separeg.pretrain.stages import run_pretrain
 from separeg.runtime.bundle import load_bundle
 from separeg.runtime.errors import InputError
+from separeg.segment.finetune.plseg import DeepSupervision
 from separeg.segment.network import build_unet, load_encoder_weights, unet_architecture, unet_encoder
-from separeg.segment.plseg import DeepSupervision
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -54,7 +54,7 @@ def _add_pretrain(parser: argparse.ArgumentParser) -> None:
 
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
     """The job's flags (data, --out, --labels, --init, ..., running; FinetuneJob's fields) and the config's."""
-    from separeg.segment.finetune_config import FinetuneJob
+    from separeg.segment.finetune.config import FinetuneJob
 
     groups = {"finetune": parser.add_argument_group("fine-tuning"),
               "recipe": parser.add_argument_group("recipe (defaults: measured best with one labelled case; "
@@ -127,6 +127,9 @@ def _contour_command(sub: argparse._SubParsersAction) -> None:
                          help="CT volume file or DICOM series folder; for a model with several input channels, one "
                               "co-registered volume per channel, in the model's order (see `separeg models`)")
     contour.add_argument("--model", required=True, help="segmentation bundle path or installed model name")
+    contour.add_argument("--ensemble", action="append", default=[], metavar="MODEL",
+                         help="also average the probabilities of this model (repeatable): seeds or folds of the "
+                              "model's recipe, for the same organs and input grid; each member adds its inference time")
     contour.add_argument("--out", type=Path, required=True, help=f"output folder; {OUT_HOLDS_ONE_RESULT}")
     contour.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     contour.add_argument("--series-uid", default=None, help="which DICOM series, when the folder holds several")

@@ -24,7 +24,7 @@ def run_pretrain(args: argparse.Namespace, events: Events) -> int:
 
 
 def run_finetune(args: argparse.Namespace, events: Events) -> int:
-    from separeg.segment.finetune import FinetuneJob, run_finetune
+    from separeg.segment.finetune.train import FinetuneJob, run_finetune
 
     job = config_from_args(FinetuneJob, args)  # the job and its config, each field from its flag
     if job.unlabelled is not None and not job.config.mean_teacher:
@@ -56,13 +56,14 @@ def run_contour(args: argparse.Namespace, events: Events) -> int:
                                largest_component=not args.no_largest_component, fill_holes=not args.no_fill_holes,
                                mirror=args.mirror, series_uid=args.series_uid, rtstruct=args.rtstruct, seg=args.seg,
                                patient_name=args.patient_name, patient_id=args.patient_id,
-                               batch_size=args.batch_size, include_unlearned=args.include_unlearned), events)
+                               batch_size=args.batch_size, include_unlearned=args.include_unlearned,
+                               ensemble=tuple(args.ensemble)), events)
     return 0
 
 
 def run_atlas(args: argparse.Namespace, events: Events) -> int:
-    from separeg.segment.atlas import AtlasJob, run_atlas
-    from separeg.segment.atlas_registration import RegistrationConfig
+    from separeg.atlas.contour import AtlasJob, run_atlas
+    from separeg.atlas.registration import RegistrationConfig
 
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip()) if args.cases else ()
     registration = RegistrationConfig(bspline_mesh=0) if args.affine_only else RegistrationConfig()

@@ -4,7 +4,7 @@ Slicer modules' logic reads it without importing the core's heavy parts.
 Each name here has exactly one implementation in the core (checked by ``Testing/test_registry.py``):
 stages in :mod:`separeg.pretrain.stages`, SSL methods in :data:`separeg.pretrain.ssl.METHODS`, encoders in
 :data:`separeg.pretrain.encoders.ENCODERS`, separations in :mod:`separeg.sis.regions`, partial-label modes in
-:mod:`separeg.segment.finetune_objective`. The paper's budgets are the defaults of the configs and the
+:mod:`separeg.segment.finetune.objective`. The paper's budgets are the defaults of the configs and the
 reference of ``separeg experiment``'s ``budget`` factor.
 
 May import: the standard library only.

@@ -18,6 +18,7 @@ Every step resumes (its run folder is kept in ``--work``), so a killed build con
     python Resources/StarterModels/build_starter_models.py --work /tmp/v3 --init separeg-encoder-hn-ct \\
         --data POOL --split Testing/experiments/openkbp_pool_split.json --epochs 120 --patience 15 \\
         --models-out /tmp/v3/models                  # hn-oar-7 v3 candidate on the OpenKBP pool (issue 31);
+    # add --training-patients 80 for the learning curve's middle point
     # POOL: python ../shared/tools/openkbp_pool.py GIT_DIR POOL, GIT_DIR a bare copy of github:ababier/open-kbp
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter --encoder resnet50 \\
         --iterations 100000 --epochs 200 --device cuda --models-out /tmp/paper-models       # the paper's budget
@@ -50,7 +51,9 @@ LIMITS = ("Research use only; not for clinical use without local validation on t
 # hn-oar-7 v2's fine-tuning recipe (finetune_config.NNUNET_RECIPE): every nnU-Net-grade part on, the defaults
 # (its bundle's training.config records every setting); spelled out so a later change of defaults keeps v2's recipe.
 RECIPE = ["--context-slices", "1", "--augmentation", "nnunet", "--deep-supervision", "--schedule", "poly",
-          "--warmup-steps", "200", "--postprocessing", "validation"]
+          "--warmup-steps", "200", "--postprocessing", "validation",
+          # validation after every epoch on every slice, the cases' own grid (finetune's LEGACY_VALIDATION)
+          "--finest-grid-mm", "0", "--validate-every", "1", "--validation-margin", "-1"]
 
 
 def separeg(args: list[str], log: Path) -> list[str]:
@@ -79,9 +82,28 @@ def read_split(path: Path, data: Path) -> set[str]:
     return set(recorded["selection"])
 
 
-def link_cases(data: Path, work: Path, holdout: set[str]) -> dict[str, list[str]]:
+def draw_training(path: Path, count: int, work: Path) -> set[str]:
+    """The split's training patients left out of fine-tuning when only ``count`` of them train (a learning-curve
+    point): the kept ones are drawn once with a fixed seed and recorded in ``work/training_draw.json``."""
+    import numpy as np
+
+    training = sorted(json.loads(path.read_text(encoding="utf-8"))["training"])
+    if not 0 < count <= len(training):
+        sys.exit(f"--training-patients must be 1..{len(training)} (the split's training patients)")
+    kept = sorted(np.random.default_rng(20261208).choice(training, size=count, replace=False).tolist())
+    record = work / "training_draw.json"
+    if record.exists() and json.loads(record.read_text(encoding="utf-8"))["kept"] != kept:
+        sys.exit(f"{record} records another draw; use a new --work folder")
+    work.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"seed": 20261208, "count": count, "kept": kept}, indent=1), encoding="utf-8")
+    return set(training) - set(kept)
+
+
+def link_cases(data: Path, work: Path, holdout: set[str], unused: frozenset[str] = frozenset()
+               ) -> dict[str, list[str]]:
     """Folders of symlinks: ``archive`` (all CTs), ``train``, ``holdout`` (training patients kept for model
-    selection) and ``validation`` (the OpenKBP validation patients, for the report only), CT + labels."""
+    selection) and ``validation`` (the OpenKBP validation patients, for the report only), CT + labels. ``unused``
+    training patients stay in the archive only."""
     with (data / "manifest.csv").open(encoding="utf-8") as f:
         split = {row["patient_id"]: row["split"] for row in csv.DictReader(f)}
     if any(p not in ("train", "validation") for p in split.values()):
@@ -90,17 +112,21 @@ def link_cases(data: Path, work: Path, holdout: set[str]) -> dict[str, list[str]
     if unknown:
         sys.exit(f"--holdout names cases that are not OpenKBP training patients: {', '.join(sorted(unknown))}")
     split.update({case: "holdout" for case in holdout})
+    split.update({case: "unused" for case in unused})
     for folder in ("archive", "train", "holdout", "validation"):
         (work / folder).mkdir(parents=True, exist_ok=True)
     for case, part in split.items():
-        pairs = [("archive", f"{case}_ct.nii.gz"), (part, f"{case}_ct.nii.gz"), (part, f"{case}_oar.nii.gz")]
+        pairs = [("archive", f"{case}_ct.nii.gz")]
+        if part != "unused":
+            pairs += [(part, f"{case}_ct.nii.gz"), (part, f"{case}_oar.nii.gz")]
         for folder, name in pairs:
             target = work / folder / name
             if not target.exists():
                 target.symlink_to(data / name)
     for folder in ("train", "holdout"):
         (work / folder / "labels.json").write_bytes((data / "labels.json").read_bytes())
-    return {part: sorted(c for c, p in split.items() if p == part) for part in ("train", "holdout", "validation")}
+    parts = ("train", "holdout", "validation", "unused")
+    return {part: sorted(c for c, p in split.items() if p == part) for part in parts}
 
 
 def device_name(device: str) -> str:
@@ -176,13 +202,19 @@ def main() -> None:
     parser.add_argument("--split", type=Path, default=None,
                         help="a recorded pool split (Testing/experiments/openkbp_pool_split.json): its selection "
                              "patients replace --holdout")
+    parser.add_argument("--training-patients", type=int, default=None,
+                        help="with --split: fine-tune on this many of its training patients (a fixed-seed draw, "
+                             "recorded in WORK/training_draw.json), for a learning curve")
     parser.add_argument("--min-body-area", default=None, help="separeg finetune --min-body-area (mm^2)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     work, data = args.work.resolve(), args.data.resolve()
     log = work / "build.log"
     holdout = read_split(args.split, data) if args.split else {c for c in args.holdout.split(",") if c}
-    splits = link_cases(data, work, holdout)
+    if args.training_patients is not None and not args.split:
+        sys.exit("--training-patients needs --split")
+    unused = draw_training(args.split, args.training_patients, work) if args.training_patients else frozenset()
+    splits = link_cases(data, work, holdout, frozenset(unused))
     started = time.perf_counter()
     pretrain = None
     if args.init is None:

@@ -218,6 +218,8 @@ class SegmentLogic(ModelLibrary, ContourProvenance, SegmentNaming):
             args += ["--init", str(request.init)]
         if request.unlabelled is not None:
             args += ["--mean-teacher", "--unlabelled", request.unlabelled]
+        if request.archive is not None:  # registered first (progress stage "archive"), then trained on
+            args += ["--archive", request.archive]
 
         def install() -> dict:
             refuseUselessModel(run / "model.separeg")

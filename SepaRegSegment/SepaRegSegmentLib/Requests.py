@@ -83,6 +83,7 @@ class FinetuneRequest:
     organs: Sequence[str] = ()  # organ (TG-263) names to train; segment names are matched to them
     init: Path | None = None  # encoder bundle (file or shipped name) from pretraining, or a model to continue
     unlabelled: Path | None = None  # unlabelled CTs: adds Mean Teacher consistency training on them
+    archive: Path | None = None  # unlabelled CTs the training cases are registered to; trains on the propagated labels
     epochs: int = 50
     device: str = "auto"
     extraArgs: Sequence[str] = ()
@@ -107,6 +108,8 @@ class FinetuneRequest:
                 found.append(f"initial model {self.init} does not exist")
         if self.unlabelled is not None and not Path(self.unlabelled).is_dir():
             found.append(f"the unlabelled CT folder {self.unlabelled} does not exist")
+        if self.archive is not None and not Path(self.archive).is_dir():
+            found.append(f"the unlabelled archive folder {self.archive} does not exist; choose a folder of CTs")
         return found
 
 

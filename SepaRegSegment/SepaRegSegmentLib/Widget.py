@@ -298,13 +298,14 @@ class Widget:
             return
         dataFolder = self.ui.dataFolderPathLineEdit.currentPath
         unlabelled = self.ui.unlabelledPathLineEdit.currentPath
+        archive = self.ui.finetuneArchivePathLineEdit.currentPath
         init = self.ui.initPathLineEdit.currentPath or self.ui.initEncoderComboBox.currentData
         request = FinetuneRequest(
             outDir=Path(folder), modelName=self.ui.newModelNameLineEdit.text.strip(), cases=list(self.cases),
             dataFolder=Path(dataFolder) if dataFolder and not self.cases else None,
             organs=[o.strip() for o in self.ui.organsLineEdit.text.split(",") if o.strip()],
             init=Path(init) if init else None, epochs=self.ui.epochsSpinBox.value, device=self.device,
-            unlabelled=Path(unlabelled) if unlabelled else None)
+            unlabelled=Path(unlabelled) if unlabelled else None, archive=Path(archive) if archive else None)
         self.startTask("Fine-tune", lambda: self.logic.finetune(request))
 
     def onEvaluate(self):

@@ -13,8 +13,12 @@ comparable within one run on a busy machine). ``--agreement`` also contours the 
 ``hn-oar-7`` and a copy of each resampled to 1 mm pixels with both paths (in-process) and records the per-organ
 DSC between them.
 
+``--candidate MODEL`` compares a candidate model (a bundle path or name; ``A+B``: an ensemble) with the shipped one
+instead, both on today's path, alternating the same way (issue 31: a retrained ``hn-oar-7`` before and after); the
+result goes to ``bench_contour_candidate_cpu-<cores>cores.json`` with the arms ``shipped`` and ``candidate``.
+
 Usage: ``python Testing/benchmarks/bench_contour.py [--out DIR] [--repeats N] [--cases lung1,openkbp]
-[--agreement]``.
+[--agreement] [--candidate MODEL]``.
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ OLD = ("import sys; import separeg.segment.contour as c, separeg.segment.contour
 STAGES_LOG = "contour seconds per stage: "
 
 
-def _run(path: str, volume: Path, out: Path) -> dict:
+def _run(path: str, volume: Path, out: Path, model: str = MODEL) -> dict:
     """One contour in a fresh process: wall seconds, peak RSS (MB), seconds per stage, load before."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    args = ["-v", "contour", str(volume), "--model", MODEL, "--out", str(out), "--device", "cpu"]
+    first, *members = model.split("+")  # "A+B": the ensemble of A and B
+    args = ["-v", "contour", str(volume), "--model", first, *(a for m in members for a in ("--ensemble", m)),
+            "--out", str(out), "--device", "cpu"]
     command = [sys.executable, "-c", OLD, *args] if path == "old" else [sys.executable, "-m", "separeg.cli", *args]
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -79,23 +85,27 @@ def _dsc(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {str(v): round(float(dice(a == v, b == v)), 5) for v in range(1, 256) if (a == v).any() or (b == v).any()}
 
 
-def speed(cases: list[str], repeats: int, work: Path) -> dict:
+def speed(cases: list[str], repeats: int, work: Path, arms: dict[str, tuple[str, str]] | None = None) -> dict:
+    """Per case, the arms alternating ``repeats`` times; ``arms``: name -> (path, model), the baseline first
+    (default: the old and new path with the shipped model)."""
+    arms = arms or {"old": ("old", MODEL), "new": ("new", MODEL)}
+    (base, _), (other, _) = arms.items()
     results = {}
     for case in cases:
-        runs: dict[str, list[dict]] = {"old": [], "new": []}
+        runs: dict[str, list[dict]] = {name: [] for name in arms}
         for i in range(repeats):
-            for path in ("old", "new"):
-                runs[path].append(_run(path, CASES[case], work / case / f"{path}{i}"))
-                print(f"{case:8s} {path}: {runs[path][-1]}", flush=True)
+            for name, (path, model) in arms.items():
+                runs[name].append(_run(path, CASES[case], work / case / f"{name}{i}", model))
+                print(f"{case:8s} {name}: {runs[name][-1]}", flush=True)
         row = {path: {"wall_s_median": statistics.median(r["wall_s"] for r in rs),
                       "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in rs),
                       "stages_s_median": {k: statistics.median(r["stages_s"][k] for r in rs)
                                           for k in rs[0]["stages_s"]},
                       "runs": rs} for path, rs in runs.items()}
-        row["speedup_wall"] = round(row["old"]["wall_s_median"] / row["new"]["wall_s_median"], 2)
-        row["peak_rss_ratio"] = round(row["new"]["peak_rss_mb_median"] / row["old"]["peak_rss_mb_median"], 2)
-        row["dsc_old_vs_new"] = _dsc(_labels(work / case / "old0" / "segmentation.nii.gz"),
-                                     _labels(work / case / "new0" / "segmentation.nii.gz"))
+        row["speedup_wall"] = round(row[base]["wall_s_median"] / row[other]["wall_s_median"], 2)
+        row["peak_rss_ratio"] = round(row[other]["peak_rss_mb_median"] / row[base]["peak_rss_mb_median"], 2)
+        row[f"dsc_{base}_vs_{other}"] = _dsc(_labels(work / case / f"{base}0" / "segmentation.nii.gz"),
+                                             _labels(work / case / f"{other}0" / "segmentation.nii.gz"))
         results[case] = row
     return results
 
@@ -143,26 +153,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default="lung1,openkbp")
     parser.add_argument("--agreement", action="store_true", help="also the 10 validation patients, native and 1 mm")
+    parser.add_argument("--candidate", default=None, metavar="MODEL",
+                        help="compare this model with the shipped one (both on today's path) instead of the paths")
     args = parser.parse_args(argv)
+    arms = {"shipped": ("new", MODEL), "candidate": ("new", args.candidate)} if args.candidate else None
     cores = len(os.sched_getaffinity(0))
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        results = speed(args.cases.split(","), args.repeats, Path(tmp))
-        loads = [r["load_before"] for row in results.values() for p in ("old", "new") for r in row[p]["runs"]]
+        results = speed(args.cases.split(","), args.repeats, Path(tmp), arms)
+        names = list(arms or ("old", "new"))
+        loads = [r["load_before"] for row in results.values() for p in names for r in row[p]["runs"]]
         report = {"benchmark": "contour", "created": datetime.now(UTC).isoformat(timespec="seconds"),
                   "device": f"cpu-{cores}cores", "platform": platform.platform(),
                   "versions": {"python": platform.python_version(), **_versions()},
-                  "setup": {"model": MODEL, "repeats": args.repeats, "cases": {k: str(CASES[k]) for k in results},
+                  "setup": {"model": MODEL, "candidate": args.candidate, "repeats": args.repeats,
+                            "cases": {k: str(CASES[k]) for k in results},
                             "command": "separeg -v contour CASE --model hn-oar-7 --out DIR --device cpu"},
                   "machine": {"cores": cores, "load_average_at_start": [round(x, 2) for x in load_start],
                               "load_before_runs_max": max(loads), "load_before_runs_min": min(loads),
                               "busy": max(loads) >= 0.5 * cores,
                               "note": "busy = the 1-minute load average before some run was at least half the "
-                                      "cores: other jobs shared the CPU, so compare old and new of this run only"},
+                                      "cores: other jobs shared the CPU, so compare the arms of this run only"},
                   "cases": results}
         if args.agreement:
             report["agreement"] = agreement(Path(tmp))
-    path = write_json(report, args.out / f"bench_contour_cpu-{cores}cores.json")
+    name = "bench_contour_candidate" if args.candidate else "bench_contour"
+    path = write_json(report, args.out / f"{name}_cpu-{cores}cores.json")
     print(f"wrote {path}")
     return 0
 

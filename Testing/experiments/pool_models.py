@@ -31,15 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", type=Path, required=True, help="the OpenKBP pool (../shared/tools/openkbp_pool.py)")
     parser.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
-                        help="a model to score (bundle path or installed name); the first is the reference arm")
+                        help="a model to score (bundle path or installed name; A+B: the ensemble of A and B); the "
+                             "first is the reference arm")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--split", type=Path, default=SPLIT)
     args = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in args.model)
     cases = json.loads(args.split.read_text(encoding="utf-8"))["test"]
     references = copy_references(args.pool, cases, args.out / "references")
-    for name, model in models.items():
-        contour_and_score(model, args.pool, cases, references, args.out / "runs" / name / "n0_d0")
+    for name, model in models.items():  # "A+B+C": an ensemble (separeg contour --model A --ensemble B --ensemble C)
+        first, *members = model.split("+")
+        contour_and_score(first, args.pool, cases, references, args.out / "runs" / name / "n0_d0",
+                          **({"ensemble": tuple(members)} if members else {}))
     cord = {name: cord_on_full_slices(args.pool, cases, args.out / "runs" / name / "n0_d0" / "predictions")
             for name in models}
     names = list(models)

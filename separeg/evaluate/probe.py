@@ -124,8 +124,8 @@ def _features_of(extract: _Features, images: torch.Tensor, stride: int, batch: i
 
 def probe_encoder(arch: str, state: dict | None, train, val, cfg: ProbeConfig, device: torch.device) -> dict:
     """Train the linear head on ``train`` (a :class:`SliceSet`) over frozen features; DSC per organ on ``val``."""
-    from separeg.segment.finetune_validation import by_organ, case_organ_scores
-    from separeg.segment.losses import marginal_dice_ce
+    from separeg.segment.finetune.losses import marginal_dice_ce
+    from separeg.segment.finetune.validation import by_organ, case_organ_scores
 
     n_classes = train.annotated.shape[1]
     extract = _Features(arch, state, n_classes, device, cfg.seed)
@@ -184,7 +184,7 @@ def probe_encoders(states: dict[str, dict | None], arch: str, data: Path, train:
 
     table = load_label_table(labels or Path(data) / "labels.json")
     dev = torch.device(device)
-    from separeg.segment.finetune_data import SliceSet
+    from separeg.segment.finetune.data import SliceSet
 
     train_cases = _load(Path(data), train, table)
     spacing = tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))

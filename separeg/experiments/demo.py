@@ -26,7 +26,7 @@ from separeg.runtime.atomic import atomic_path, write_json
 from separeg.runtime.events import Events
 from separeg.segment.cases import find_cases
 from separeg.segment.contour import SEGMENTATION_FILE, ContourJob, run_contour
-from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
+from separeg.segment.finetune.train import FinetuneConfig, FinetuneJob, run_finetune
 from separeg.sis.figures import pick_slices, region_overlay, save_png
 from separeg.sis.job import organ_coverage, read_reference, region_statistics, separate_volume
 from separeg.sis.regions import SISConfig

@@ -20,16 +20,18 @@ __all__ = ["ExperimentConfig", "Method", "RunSpec", "load_experiment", "plan_run
 @dataclass(frozen=True)
 class Method:
     """``pretrain``: keyword arguments of :class:`separeg.pretrain.config.PretrainConfig` (``separation`` sets
-    ``sis.mode``) or None for random init; ``finetune``: of :class:`separeg.segment.finetune.FinetuneConfig`;
+    ``sis.mode``) or None for random init; ``finetune``: of :class:`separeg.segment.finetune.config.FinetuneConfig`;
     ``unlabelled``: Mean Teacher reads the pretraining set. ``atlas``: multi-atlas contouring instead of a model
-    (``fusion``, ``threads`` and :class:`separeg.segment.atlas_registration.RegistrationConfig` fields); X_tr is the
-    atlas set."""
+    (``fusion``, ``threads`` and :class:`separeg.atlas.registration.RegistrationConfig` fields); X_tr is the
+    atlas set. ``archive``: fine-tune with ``--archive`` on this many training-pool CTs outside X_tr (the labelled
+    cases propagated onto them by registration), the same CTs for every method and seed of a draw."""
 
     name: str
     pretrain: dict[str, Any] | None = None
     finetune: dict[str, Any] = field(default_factory=dict)
     atlas: dict[str, Any] | None = None
     init: str | None = None  # without pretrain: start fine-tuning from this encoder (a bundle path or model name)
+    archive: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,8 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise InputError(f"experiment config {path} lacks {', '.join(missing)}")
     budget = raw.pop("budget", 1.0)
     budgets = budget if isinstance(budget, dict) else {"pretrain": budget, "finetune": budget}
-    methods = [Method(m["name"], m.get("pretrain"), m.get("finetune", {}), m.get("atlas"), m.get("init"))
-               for m in raw.pop("methods")]
+    methods = [Method(m["name"], m.get("pretrain"), m.get("finetune", {}), m.get("atlas"), m.get("init"),
+                      m.get("archive")) for m in raw.pop("methods")]
     data = Path(raw.pop("data"))
     cfg = ExperimentConfig(data=data if data.is_absolute() else (path.parent / data).resolve(), methods=methods,
                            budget_pretrain=float(budgets["pretrain"]), budget_finetune=float(budgets["finetune"]),
@@ -113,8 +115,12 @@ def _check(cfg: ExperimentConfig) -> None:
     if len(set(names)) != len(names) or not names:
         raise InputError("experiment methods need distinct names (and at least one method)")
     for m in cfg.methods:
-        if m.atlas is not None and (m.pretrain is not None or m.finetune):
-            raise InputError(f"method {m.name}: an atlas method trains no model; drop its pretrain/finetune settings")
+        if m.atlas is not None and (m.pretrain is not None or m.finetune or m.archive):
+            raise InputError(f"method {m.name}: an atlas method trains no model; drop its pretrain/finetune/archive "
+                             "settings")
+        if m.archive is not None and not 0 < m.archive <= len(cfg.train_pool) - max(cfg.train_sizes):
+            raise InputError(f"method {m.name}: archive must be 1..{len(cfg.train_pool) - max(cfg.train_sizes)} "
+                             "(training-pool CTs outside the largest X_tr)")
     splits = {"train_pool": set(cfg.train_pool), "validation": set(cfg.validation), "test": set(cfg.test)}
     for a, b in (("train_pool", "validation"), ("train_pool", "test"), ("validation", "test")):
         if splits[a] & splits[b]:

@@ -5,8 +5,9 @@ a labelled training set X_tr of ``train_sizes`` cases is drawn from that pool wi
 small sizes); fixed validation cases pick the best checkpoint; the test cases are touched only at the end, by
 ``separeg contour`` + ``separeg evaluate``. A method is a config entry: pretraining settings (or none: random
 init) and fine-tuning settings; nothing else differs between methods. An ``atlas`` method (``{"atlas": {"fusion":
-"vote"}}``, :mod:`separeg.segment.atlas`) trains nothing: its X_tr cases are the atlases, and the test cases are
-contoured by ``separeg atlas`` instead of ``separeg contour``, then evaluated the same way. The seconds each test case
+"vote"}}``, :mod:`separeg.atlas.contour`) trains nothing: its X_tr cases are the atlases, and the test cases are
+contoured by ``separeg atlas`` instead of ``separeg contour``, then evaluated the same way. A method with ``archive``
+fine-tunes with ``--archive`` on that many unlabelled training-pool CTs outside X_tr. The seconds each test case
 took to contour are recorded (``seconds.json`` per run) and reported next to DSC. One ``budget`` factor scales the
 paper's 100k pretraining iterations and 200 fine-tuning epochs, so the same config runs small on a CPU and in full on a
 GPU.
@@ -113,6 +114,17 @@ def _archive(cfg: ExperimentConfig, out: Path) -> Path:
     return out / "archive"
 
 
+def _archive_draw(cfg: ExperimentConfig, run: RunSpec, out: Path) -> Path:
+    """``run.method.archive`` training-pool CTs outside the run's X_tr, drawn with the config seed per size and
+    draw (so every method and seed of a draw sees the same archive), as a folder of links."""
+    others = sorted(set(cfg.train_pool) - set(run.cases))
+    drawn = np.random.default_rng([cfg.seed, run.size, run.draw, 1]).permutation(others)[:run.method.archive]
+    folder = out / "archives" / f"n{run.size}_d{run.draw}_a{run.method.archive}"
+    for case in sorted(drawn.tolist()):
+        _link(cfg.data / f"{case}_ct.nii.gz", folder / f"{case}_ct.nii.gz")
+    return folder
+
+
 def _device_name(device: str) -> str:
     import os
 
@@ -126,8 +138,8 @@ def _device_name(device: str) -> str:
 def _atlas_contourer(run: RunSpec, data: Path, run_dir: Path, hidden: dict,
                      events: Events) -> Callable[[Path, Path], Path]:
     """The atlas method's "training": its X_tr cases (as partial as the protocol makes them) become the atlases."""
-    from separeg.segment.atlas import AtlasJob, run_atlas
-    from separeg.segment.atlas_registration import RegistrationConfig
+    from separeg.atlas.contour import AtlasJob, run_atlas
+    from separeg.atlas.registration import RegistrationConfig
 
     settings = dict(run.method.atlas or {})
     fusion, threads = settings.pop("fusion", "vote"), settings.pop("threads", None)
@@ -175,7 +187,7 @@ def _model_contourer(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, 
                      hidden: dict, events: Events) -> Callable[[Path, Path], Path]:
     """Fine-tune on X_tr (best checkpoint on the validation cases); test cases are contoured by its model."""
     from separeg.segment.contour import ContourJob, run_contour
-    from separeg.segment.finetune import FinetuneConfig, FinetuneJob, run_finetune
+    from separeg.segment.finetune.train import FinetuneConfig, FinetuneJob, run_finetune
 
     data, validation = run_dir / "data", out / "validation"
     for case in cfg.validation:
@@ -189,9 +201,11 @@ def _model_contourer(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, 
                 "hidden_organs": hidden, "encoder": str(encoder) if encoder else None, "epochs": epochs,
                 "device": _device_name(cfg.device)},
                run_dir / "run.json")
+    archive = _archive_draw(cfg, run, out) if run.method.archive else None
     model = run_finetune(FinetuneJob(data=data, out_dir=run_dir / "finetune", init=encoder, config=config,
                                      device=cfg.device, validation_data=validation,
-                                     unlabelled=_archive(cfg, out) if config.mean_teacher else None), events)
+                                     unlabelled=_archive(cfg, out) if config.mean_teacher else None,
+                                     archive=archive), events)
     return lambda ct, out_dir: run_contour(ContourJob(volume=ct, model=str(model), out_dir=out_dir,
                                                       device=cfg.device), events).segmentation
 

@@ -40,6 +40,7 @@ from separeg.runtime.events import Events
 from separeg.runtime.outdir import begin_result, finish_result
 from separeg.runtime.training import Runtime, setup_runtime
 from separeg.segment.body_site import body_site_warning, expected_volumes
+from separeg.segment.ensemble import ModelEnsemble, check_members
 from separeg.segment.inference import predict_labels, upsampled_argmax
 from separeg.segment.mirror import MirrorEnsemble, lateral_swap
 from separeg.segment.network import (
@@ -87,6 +88,9 @@ class ContourJob:
     patient_id: str | None = None
     # Also write the organs the model did not learn (separeg.segment.learned_organs); off: they are left out, saying so
     include_unlearned: bool = False
+    # Further models whose probabilities are averaged with the model's (separeg.segment.ensemble); the model's own
+    # choices (post-processing, mirroring, learned organs) apply to the ensemble.
+    ensemble: tuple[str, ...] = ()
 
 
 @dataclass
@@ -263,6 +267,10 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
         events.warning(note, stage="contour")
     lap("input checks")
     model = load_segmentation_model(bundle, runtime.device)
+    members = [load_bundle(resolve_model(name), expected_kind="segmentation") for name in job.ensemble]
+    if members:
+        check_members(bundle, members)
+        model = ModelEnsemble([model, *(load_segmentation_model(m, runtime.device) for m in members)])
     mirror = job.mirror
     if mirror is None:  # the model's choice
         mirror = bool((bundle.metadata.get("test_time_mirroring") or {}).get("chosen", False))
@@ -301,7 +309,9 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
         "notice": REVIEW_NOTICE,
         "source": str(job.volume),
         "separeg_version": __version__,
-        "model": {"path": str(bundle.path), "name": Path(bundle.path).stem, "sha256": bundle.weights_sha256},
+        "model": {"path": str(bundle.path), "name": Path(bundle.path).stem, "sha256": bundle.weights_sha256,
+                  **({"ensemble": [{"path": str(m.path), "sha256": m.weights_sha256} for m in members]}
+                     if members else {})},
         "labels": [{"value": lb.value, "name": lb.name, "tg263": lb.tg263, "color": list(lb.color),
                     "volume_cc": volumes[lb.tg263 or lb.name], **_terminology(lb)} for lb in kept.labels],
         "not_contoured": organs.not_contoured,

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
 __all__ = ["CANONICAL_ORIENTATION", "GridSpec", "build_unet", "unet_architecture", "unet_encoder", "decoder_blocks",
-           "load_encoder_weights", "load_segmentation_model", "to_canonical",
-           "from_canonical", "to_model_grid", "model_input", "from_model_grid", "neighbour_index", "with_context"]
+           "output_layer", "transfer_segmentation_weights", "load_encoder_weights", "load_segmentation_model",
+           "to_canonical", "from_canonical", "to_model_grid", "model_input", "from_model_grid", "neighbour_index",
+           "with_context"]
 
 
 
@@ -126,6 +127,36 @@ def load_segmentation_model(bundle, device: torch.device | str = "cpu") -> nn.Mo
     model = build_unet(arch["backbone"], arch["out_channels"], arch.get("in_channels", 1))
     model.load_state_dict(bundle.state_dict)
     return model.to(device).eval()
+
+
+def output_layer(unet: nn.Module) -> nn.Module:
+    """The final convolution of a :func:`build_unet` network: one output channel per organ + background."""
+    return unet.out if hasattr(unet, "swinViT") else unet.segmentation_head
+
+
+def transfer_segmentation_weights(unet: nn.Module, source: dict[str, torch.Tensor],
+                                  organ_map: tuple[int | None, ...]) -> None:
+    """Initialise ``unet`` from a segmentation model's weights ``source`` (same backbone and inputs) trained on
+    other organs: every weight outside the output layer is copied; output channel ``c`` takes the model's channel
+    ``organ_map[c]`` (the same organ) or keeps its fresh initialisation where that is None.
+
+    Raises:
+        InputError: the model is another architecture (its weights outside the output layer do not fit).
+    """
+    prefix = "out." if hasattr(unet, "swinViT") else "segmentation_head."
+    body = {k: v for k, v in source.items() if not k.startswith(prefix)}
+    result = unet.load_state_dict(body, strict=False)
+    unexpected = [k for k in result.missing_keys if not k.startswith(prefix)] + list(result.unexpected_keys)
+    if unexpected:
+        raise InputError(f"the segmentation model's weights do not fit this network ({unexpected[:2]} ...); start "
+                         "from a model with the same encoder and input channels")
+    layer = output_layer(unet)
+    with torch.no_grad():
+        for name, target in layer.named_parameters():
+            weights = source[prefix + name]
+            for channel, origin in enumerate(organ_map):
+                if origin is not None:
+                    target[channel] = weights[origin]
 
 
 def load_encoder_weights(unet: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

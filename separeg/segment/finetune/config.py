@@ -1,15 +1,14 @@
 """What a fine-tuning run is given: :class:`FinetuneConfig` (training settings, recorded in the bundle) and
 :class:`FinetuneJob` (data, output and how to run).
 
-The nnU-Net-grade parts are switches: 2.5D input (``context_slices``), nnU-Net's augmentation set without
-mirroring (``augmentation="nnunet"``, :mod:`separeg.segment.augment`), deep supervision, linear warm-up then poly decay,
-and per-organ post-processing kept only where it helps on the validation cases (``postprocessing="validation"``);
-class-balanced foreground oversampling and the budget chosen on the validation curve (early stopping under an
-epoch cap) are always on. Every part is on by default (``NNUNET_RECIPE``, as the shipped hn-oar-7 v2 was trained):
-trained until the validation curve stops improving, it beat the earlier recipe (``OLD_RECIPE``) with 36 training
-cases and matched or beat it with one (Testing/results/recipe_cpu). Capped at a few hundred steps with one case,
-the earlier recipe was ahead: the nnU-Net parts converge more slowly.
-"""
+The nnU-Net-grade parts are switches: 2.5D input (``context_slices``), nnU-Net's augmentation set without mirroring
+(``augmentation="nnunet"``, :mod:`separeg.segment.finetune.augment`), deep supervision, linear warm-up then poly
+decay, and per-organ post-processing kept only where it helps on the validation cases
+(``postprocessing="validation"``); class-balanced foreground oversampling and the budget chosen on the validation
+curve (early stopping under an epoch cap) are always on. Every part is on by default (``NNUNET_RECIPE``, as the
+shipped hn-oar-7 v2 was trained): trained until the validation curve stops improving, it beat the earlier recipe
+(``OLD_RECIPE``) with 36 training cases and matched or beat it with one (Testing/results/recipe_cpu). Capped at a few
+hundred steps with one case, the earlier recipe was ahead: the nnU-Net parts converge more slowly. """
 
 from __future__ import annotations
 
@@ -29,12 +28,16 @@ from separeg.registry import (
 from separeg.runtime.errors import InputError
 from separeg.runtime.flags import RUN_FLAGS, flag, positive_int
 
-__all__ = ["FinetuneConfig", "FinetuneJob", "OLD_RECIPE", "NNUNET_RECIPE", "SCHEDULES", "POSTPROCESSING_MODES"]
+__all__ = ["FinetuneConfig", "FinetuneJob", "OLD_RECIPE", "NNUNET_RECIPE", "LEGACY_VALIDATION", "SCHEDULES",
+           "POSTPROCESSING_MODES"]
 
 
 # The recipe before issue 21 (for ablations and paired comparisons; its COCL source is PL-Seg's before the fix).
 OLD_RECIPE = {"context_slices": 0, "augmentation": "light", "deep_supervision": False, "schedule": "cosine",
               "warmup_steps": 0, "cocl_source": "features", "postprocessing": "all"}
+# The validation and grid settings before issue 32 (every epoch, every slice, the cases' own spacing): runs started
+# before these settings existed resume when given them, and hn-oar-7's recipe keeps them.
+LEGACY_VALIDATION = {"finest_grid_mm": 0.0, "validate_every": 1, "validation_margin": -1}
 # Every nnU-Net-grade part on, as hn-oar-7 v2 was trained (the `new` arm of Testing/results/recipe_cpu): the defaults.
 NNUNET_RECIPE = {"context_slices": 1, "augmentation": "nnunet", "deep_supervision": True, "schedule": "poly",
                  "warmup_steps": 200, "postprocessing": "validation"}
@@ -44,7 +47,8 @@ NNUNET_RECIPE = {"context_slices": 1, "augmentation": "nnunet", "deep_supervisio
 class FinetuneConfig:
     """Training settings. Paper budget: 200 epochs; an epoch is one pass over the foreground slices."""
 
-    encoder: str = field(default="resnet50", metadata=flag(
+    # A network that trains in minutes on a CPU workstation (resnet50 is the paper's; give it for a GPU).
+    encoder: str = field(default="resnet18-slim", metadata=flag(
         "used without --init (with it, the bundle's encoder); %(default)s", choices=ENCODERS))
     # The cap; early stopping (patience) usually ends training before it.
     epochs: int = field(default=PAPER_FINETUNE_EPOCHS, metadata=flag("epochs (%(default)s, the paper's)",
@@ -62,6 +66,17 @@ class FinetuneConfig:
     # Default: 20 % of the cases (at least 1 when there are 2 or more).
     validation_cases: int | None = field(default=None, metadata=flag("cases held out (default 20 %%)", type=int))
     spacing_xy: tuple[float, float] | None = None  # default: median in-plane spacing of the training cases
+    # A 0.98 mm clinical CT would otherwise train and validate on 512^2 slices: 16x the pixels of a 2 mm grid.
+    finest_grid_mm: float = field(default=2.0, metadata=flag(
+        "the model grid is the training cases' median in-plane spacing, but no finer than this (mm; 0 = no limit; "
+        "%(default)s)", group="recipe"))
+    validate_every: int = field(default=0, metadata=flag(
+        "validate every N epochs (0 = as often as keeps validation cheaper than training; %(default)s)",
+        group="recipe"))
+    validation_margin: int = field(default=8, metadata=flag(
+        "after each epoch, validate only the slices within the validation cases' organs and this many beyond "
+        "(-1 = every slice; the final post-processing choice always sees every slice; %(default)s)",
+        group="recipe"))
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     channels: str | None = field(default=None, metadata=flag(  # e.g. "T1,T2"; None: one CT channel
         CHANNELS_HELP + "; default: those of --init, else CT"))
@@ -69,7 +84,7 @@ class FinetuneConfig:
     # Defaults: NNUNET_RECIPE, measured best once both recipes converge (Testing/results/recipe_cpu).
     context_slices: int = field(default=1, metadata=flag(
         "2.5D: neighbouring slices on each side as extra input channels (0 = 2D; %(default)s)", group="recipe"))
-    augmentation: str = field(default="nnunet", metadata=flag(  # separeg.segment.augment
+    augmentation: str = field(default="nnunet", metadata=flag(  # separeg.segment.finetune.augment
         "nnunet (nnU-Net's set without mirroring), light (the earlier recipe) or none (%(default)s)",
         choices=AUGMENTATIONS, group="recipe"))
     mirror_augmentation: bool = field(default=False, metadata=flag(  # separeg.segment.mirror
@@ -86,14 +101,14 @@ class FinetuneConfig:
     postprocessing: str = field(default="validation", metadata=flag(
         "per-organ largest component and hole filling: chosen on the validation cases, for every organ (all), or "
         "none (%(default)s)", choices=POSTPROCESSING_MODES, group="recipe"))
-    partial_labels: str = field(default="auto", metadata=flag(  # separeg.segment.finetune_objective
+    partial_labels: str = field(default="auto", metadata=flag(  # separeg.segment.finetune.objective
         "how to treat organs a case does not annotate: plseg (PL-Seg losses), marginal (marginal Dice + CE), "
         "background (naive: unlabelled voxels are background); auto: plseg when the training cases annotate "
         "different organs, else background", choices=PARTIAL_LABEL_MODES, group="partial"))
-    open_ended: str = field(default="", metadata=flag(  # separeg.segment.finetune_data.SliceSet
+    open_ended: str = field(default="", metadata=flag(  # separeg.segment.finetune.data.SliceSet
         "organs whose contours may stop short of the organ's end, comma-separated (e.g. SpinalCord,Esophagus): on a "
         "case's slices beyond its contour they are unknown, not background (partial-label modes)", group="partial"))
-    min_body_area: float = field(default=4000.0, metadata=flag(  # separeg.segment.finetune_data.SliceSet
+    min_body_area: float = field(default=4000.0, metadata=flag(  # separeg.segment.finetune.data.SliceSet
         "CT slices whose voxels above -500 HU cover less than this many mm^2 are unknown for every organ in training "
         "and not scored in validation: OpenKBP stores CT only inside the contours outside the treated region "
         "(0 = off; %(default)s)", group="partial"))
@@ -111,6 +126,12 @@ class FinetuneConfig:
         "consistency loss weight after ramp-up (%(default)s)", group="partial"))
     consistency_rampup: float = 0.4  # fraction of training
     unlabelled_slices: int = 2048  # at most this many unlabelled slices held in memory
+    archive_weight: float = field(default=0.5, metadata=flag(  # separeg.segment.finetune.propagated
+        "weight of the loss on the labels propagated onto the --archive CTs, relative to the labelled cases' "
+        "(%(default)s)", group="partial"))
+    archive_confidence: float = field(default=0.5, metadata=flag(  # separeg.atlas.archive: |2 vote - 1|, least organ
+        "propagated voxels less confident than this (0-1: how far every organ's vote over the labelled cases is "
+        "from 50/50) are unknown, not taught (%(default)s)", group="partial"))
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "unlabelled_slices"):
@@ -123,12 +144,16 @@ class FinetuneConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+        if self.validation_margin < -1:
+            raise InputError("validation-margin must be -1 (every slice) or at least 0")
         for name in ("psd_weight", "cocl_weight", "consistency", "context_slices", "warmup_steps",
-                     "encoder_lr_scale", "min_body_area"):
+                     "encoder_lr_scale", "min_body_area", "finest_grid_mm", "validate_every"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', '-')} must not be negative")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError("ema-decay must be in [0, 1)")
+        if self.archive_weight < 0 or not 0.0 <= self.archive_confidence <= 1.0:
+            raise InputError("archive-weight must not be negative and archive-confidence must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -153,6 +178,12 @@ class FinetuneJob:
         exists=True, metavar="DATA", group="finetune"))
     unlabelled: Path | None = field(default=None, metadata=flag(  # for Mean Teacher
         "folder of unlabelled CTs (volumes or DICOM series) for --mean-teacher", exists=True, metavar="ARCHIVE",
+        group="partial"))
+    archive: Path | None = field(default=None, metadata=flag(  # separeg.segment.finetune.propagated
+        "unlabelled CTs to propagate the labelled cases onto (by registration; cached in OUT/archive) and train on "
+        "too", exists=True, metavar="FOLDER", group="partial"))
+    archive_threads: int | None = field(default=None, metadata=flag(
+        "SimpleITK threads for the --archive registrations (default: all cores)", type=positive_int, metavar="N",
         group="partial"))
     device: str = field(default="auto", metadata=RUN_FLAGS["device"])
     resume: bool = field(default=False, metadata=RUN_FLAGS["resume"])

@@ -1,9 +1,11 @@
 """What fine-tuning minimises: the supervised loss chosen for how completely the cases are annotated, plus the
-Mean Teacher consistency term when unlabelled scans are given (DESIGN §2.9, §7).
+Mean Teacher consistency term when unlabelled scans are given (DESIGN §2.9, §7), plus the loss on labels propagated
+onto an archive of CTs with ``--archive`` (:mod:`separeg.segment.finetune.propagated`).
 
 Partial-label modes (``--partial-labels``):
 
-- ``plseg``: PL-Seg's HADFL + COCL + PSD (:mod:`separeg.segment.plseg`); an organ a case does not annotate is unknown.
+- ``plseg``: PL-Seg's HADFL + COCL + PSD (:mod:`separeg.segment.finetune.plseg`); an organ a case does not annotate
+  is unknown.
 - ``marginal``: Dice + CE on marginal probabilities (unannotated organs merged into background; Shi et al. 2021).
 - ``background``: plain Dice + CE where every voxel without a label is background, the naive baseline.
 - ``auto`` (default): ``plseg`` when some training case lacks an organ that another annotates, else
@@ -19,9 +21,9 @@ from torch import nn
 from separeg.registry import PARTIAL_LABEL_MODES
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
-from separeg.segment.losses import marginal_dice_ce
-from separeg.segment.mean_teacher import MeanTeacher
-from separeg.segment.plseg import DeepSupervision, PLSegLoss, resize_labels
+from separeg.segment.finetune.losses import marginal_dice_ce
+from separeg.segment.finetune.mean_teacher import MeanTeacher
+from separeg.segment.finetune.plseg import DeepSupervision, PLSegLoss, resize_labels
 
 __all__ = ["PARTIAL_LABEL_MODES", "choose_partial_label_mode", "Objective"]
 
@@ -59,16 +61,18 @@ class Objective(nn.Module):
         unet: the segmentation U-Net (the deployed model).
         mode: a resolved partial-label mode (not ``auto``).
         hardness, psd_weight, cocl_weight, cocl_source: PL-Seg's switches (see
-        :class:`separeg.segment.plseg.PLSegLoss`). deep_supervision: in the ``marginal`` and ``background`` modes, also
-        supervise the 3 coarser decoder
+        :class:`separeg.segment.finetune.plseg.PLSegLoss`). deep_supervision: in the ``marginal`` and ``background``
+        modes, also supervise the 3 coarser decoder
             scales through 1x1 heads, weighted 1, 1/2, 1/4, 1/8 (normalised), as nnU-Net does (PL-Seg supervises
             every scale whenever PSD is on).
         mean_teacher: the Mean Teacher built on ``unet``, or None.
+        archive: the loss term on propagated archive cases (:class:`~separeg.segment.finetune.propagated.ArchiveTerm`),
+            or None.
     """
 
     def __init__(self, unet: nn.Module, mode: str, n_classes: int, *, hardness: bool = True,
                  psd_weight: float = 0.1, cocl_weight: float = 0.1, cocl_source: str = "probabilities",
-                 deep_supervision: bool = False, mean_teacher: MeanTeacher | None = None) -> None:
+                 deep_supervision: bool = False, mean_teacher: MeanTeacher | None = None, archive=None) -> None:
         super().__init__()
         if mode not in PARTIAL_LABEL_MODES[1:]:
             raise InputError(f"partial-label mode must be one of {', '.join(PARTIAL_LABEL_MODES[1:])}, got {mode!r}")
@@ -82,6 +86,7 @@ class Objective(nn.Module):
             scales = 3 if deep_supervision else 0
         self.net = DeepSupervision(unet, n_classes, extra_scales=scales) if self.plseg is not None or scales else None
         self.mean_teacher = mean_teacher
+        self.archive = archive  # no trained state: not a submodule, checkpoints are unchanged
 
     @property
     def deployable(self) -> nn.Module:
@@ -103,6 +108,8 @@ class Objective(nn.Module):
                        for w, logits in zip(weights, scales, strict=True)) / sum(weights)
         if self.mean_teacher is not None:
             loss = loss + self.mean_teacher.loss(self.unet, len(x), x.shape[-1], progress, rng, generator)
+        if self.archive is not None:
+            loss = loss + self.archive.loss(self.unet, len(x), x.shape[-1], rng, generator)
         return loss
 
     def after_step(self, step: int) -> None:

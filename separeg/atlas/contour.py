@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from separeg.atlas.registration import RegistrationConfig, _prepare, register
 from separeg.registry import FUSIONS
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
-from separeg.segment.atlas_registration import RegistrationConfig, _prepare, register
 
 __all__ = ["AtlasJob", "FUSIONS", "run_atlas", "select_atlases"]
 
@@ -95,15 +95,28 @@ def _field_grid(target):
 def _propagate(transform, target, labels, values: list[int]):
     """Soft masks ``(value, (Z, Y, X) float32 in [0, 1])`` of the atlas organs ``values`` on the target's grid, one at
     a time (linear interpolation through one displacement field)."""
+    warp = _displacement(transform, target)
+    for value in values:
+        yield value, _carry(warp, target, labels == value)
+
+
+def _displacement(transform, target):
+    """``transform`` as one displacement field over the target (:func:`_field_grid`): cheaper to apply per organ."""
     import SimpleITK as sitk
 
     to_field = sitk.TransformToDisplacementFieldFilter()
     to_field.SetReferenceImage(_field_grid(target))
     to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
-    warp = sitk.DisplacementFieldTransform(to_field.Execute(transform))
-    for value in values:
-        mask = sitk.Cast(labels == value, sitk.sitkFloat32)
-        yield value, sitk.GetArrayFromImage(sitk.Resample(mask, target, warp, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    return sitk.DisplacementFieldTransform(to_field.Execute(transform))
+
+
+def _carry(warp, target, mask):
+    """A 0/1 ``mask`` image on the atlas grid, resampled through ``warp`` onto the target's grid: ``(Z, Y, X)``
+    float32 in [0, 1] (0 outside the atlas image)."""
+    import SimpleITK as sitk
+
+    mask = sitk.Cast(mask, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(sitk.Resample(mask, target, warp, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
 
 
 class _Fusion:

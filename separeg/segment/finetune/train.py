@@ -2,12 +2,14 @@
 
 2D (or 2.5D: neighbouring slices as channels) on axial slices as in the paper; Dice + CE with deep supervision, or
 PL-Seg's losses when cases annotate different organs (an organ a case does not annotate is unknown there;
-:mod:`separeg.segment.finetune_objective`); optionally Mean Teacher on unlabelled scans (``--mean-teacher --unlabelled
-ARCHIVE``); class-balanced foreground sampling of square patches (:mod:`separeg.segment.finetune_data`); nnU-Net's
-augmentation without mirroring (:mod:`separeg.segment.augment`); validation by patient after every epoch, the best
-checkpoint by mean DSC kept, early stopping (:mod:`separeg.segment.finetune_validation`; which cases train and which
-validate: :mod:`separeg.segment.finetune_cases`); per-organ post-processing chosen on the validation cases.
-Settings: :mod:`separeg.segment.finetune_config`. Resumable like pretraining; writes ``OUT/model.separeg``.
+:mod:`separeg.segment.finetune.objective`); optionally Mean Teacher on unlabelled scans (``--mean-teacher --unlabelled
+ARCHIVE``) and the training cases' organs carried onto unlabelled CTs by registration (``--archive FOLDER``,
+:mod:`separeg.segment.finetune.propagated`); class-balanced foreground sampling of square patches
+(:mod:`separeg.segment.finetune.data`); nnU-Net's augmentation without mirroring
+(:mod:`separeg.segment.finetune.augment`); validation by patient after every epoch, the best checkpoint by mean DSC
+kept, early stopping (:mod:`separeg.segment.finetune.validation`; which cases train and which validate:
+:mod:`separeg.segment.finetune.cases`); per-organ post-processing chosen on the validation cases.
+Settings: :mod:`separeg.segment.finetune.config`. Resumable like pretraining; writes ``OUT/model.separeg``.
 """
 
 from __future__ import annotations
@@ -34,11 +36,19 @@ from separeg.runtime.training import (
     train_steps,
     warmup_lr,
 )
-from separeg.segment.augment import augment_batch
-from separeg.segment.finetune_cases import load_cases
-from separeg.segment.finetune_config import OLD_RECIPE, FinetuneConfig, FinetuneJob
-from separeg.segment.finetune_data import SliceSet, sample_patches
-from separeg.segment.finetune_validation import EpochValidator, choose_postprocessing, predict_slices, validate
+from separeg.segment.finetune.augment import augment_batch
+from separeg.segment.finetune.cases import load_cases
+from separeg.segment.finetune.config import LEGACY_VALIDATION, OLD_RECIPE, FinetuneConfig, FinetuneJob
+from separeg.segment.finetune.data import SliceSet, sample_patches
+from separeg.segment.finetune.propagated import archive_term, check_archive, with_archive
+from separeg.segment.finetune.validation import (
+    EpochValidator,
+    choose_postprocessing,
+    predict_slices,
+    validate,
+    validation_cadence,
+    validation_rows,
+)
 from separeg.segment.mirror import MirrorEnsemble, lateral_swap, mirror_batch
 from separeg.segment.model_quality import useless_model_reason
 from separeg.segment.network import (
@@ -46,6 +56,7 @@ from separeg.segment.network import (
     build_unet,
     load_encoder_weights,
     load_segmentation_model,
+    transfer_segmentation_weights,
     unet_architecture,
     unet_encoder,
 )
@@ -68,10 +79,13 @@ def run_finetune(job: FinetuneJob, events: Events | None = None) -> Path:
 
 @dataclass(frozen=True)
 class _Start:
-    """Where the network starts: a random ``encoder``, a pretrained encoder bundle or a segmentation model."""
+    """Where the network starts: a random ``encoder``, a pretrained encoder bundle or a segmentation model (continued
+    with its own organs, or transferred to another label table: ``organ_map``)."""
 
     encoder: str
     bundle: object | None = None  # separeg.runtime.bundle.Bundle
+    # Transfer only: per output channel of the new network, the model's channel of the same organ, or None (new).
+    organ_map: tuple[int | None, ...] | None = None
 
     @property
     def model(self):
@@ -84,14 +98,17 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
     runtime = setup_runtime(job.device)
     out = Path(job.out_dir)
     start = _resolve_init(job, events)
-    table, cfg = _resolve_label_table(job, start)
+    table, cfg, start = _resolve_label_table(job, start, events)
     open_ended = _organ_values(cfg.open_ended, table)  # before the run folder is written: a typo leaves none
     channels = _input_channels(cfg, start.bundle, job.init)
     if len(channels) > 1 and cfg.mean_teacher:
         raise InputError("--mean-teacher reads single-volume CT archives; it is not available with several input "
                          "channels yet. Leave out --mean-teacher or train on one channel")
     cases, train_cases, val_cases, synonyms = load_cases(job, cfg, table, events)
-    spacing = cfg.spacing_xy or tuple(float(np.median([c.image.GetSpacing()[a] for c in train_cases])) for a in (0, 1))
+    archive = check_archive(job, channels, [*cases, *val_cases], events)  # --archive: refused before the run folder
+    spacing = cfg.spacing_xy or tuple(max(cfg.finest_grid_mm, float(np.median([c.image.GetSpacing()[a]
+                                                                              for c in train_cases])))
+                                      for a in (0, 1))
     spec = GridSpec(cfg.hu_window, spacing, channels=channels, context_slices=cfg.context_slices)
     identity = {"data": str(Path(job.data).resolve()),
                 "init": start.bundle.weights_sha256 if start.bundle is not None else None,
@@ -99,6 +116,7 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
                 "cases": sorted(c.name for c in cases), "validation": sorted(c.name for c in val_cases),
                 "synonyms": synonyms,
                 "unlabelled": str(Path(job.unlabelled).resolve()) if cfg.mean_teacher else None}
+    identity = with_archive(_without_legacy_validation(identity), archive)
     _check_run(out, identity, job, runtime)
     if runtime.is_main:
         from separeg.runtime.runlock import release_run_lock
@@ -117,6 +135,8 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
     val = SliceSet(val_cases, n_classes, spec, runtime.device, min_body_area=cfg.min_body_area) if val_cases else None
     unet = _build_network(start, spec, n_classes, cfg, runtime)
     objective = _objective(unet, cfg, job, table, train_cases, spec, runtime, events)
+    objective.archive = archive_term(job, cfg, archive, train_cases, n_classes, spec, runtime.device, open_ended,
+                                     lateral_swap(table), events)  # None without --archive
     swap = lateral_swap(table)
     validator = _train(objective, train, val, spec, cfg, job, runtime, events, swap)
     if not runtime.is_main:
@@ -128,6 +148,15 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
                         runtime, events)
     return _write_bundle(out, best, start, spec, n_classes, table, cfg, identity, objective, validator,
                          postprocessing, mirror, train_cases, val_cases, events)
+
+
+def _without_legacy_validation(identity: dict) -> dict:
+    """The identity as before the validation and grid settings existed when they hold their old behaviour, so runs
+    started then still resume (given ``LEGACY_VALIDATION``'s values)."""
+    config = identity["config"]
+    if any(config.get(k) != v for k, v in LEGACY_VALIDATION.items()):
+        return identity
+    return {**identity, "config": {k: v for k, v in config.items() if k not in LEGACY_VALIDATION}}
 
 
 def _resolve_init(job: FinetuneJob, events: Events) -> _Start:
@@ -150,9 +179,10 @@ def _resolve_init(job: FinetuneJob, events: Events) -> _Start:
     return _Start(encoder, bundle)
 
 
-def _resolve_label_table(job: FinetuneJob, start: _Start):
-    """The label table (``--labels``, ``labels.json`` beside the data, or a continued model's) and the config,
-    with a continued model's grid and 2.5D context."""
+def _resolve_label_table(job: FinetuneJob, start: _Start, events: Events):
+    """The label table (``--labels``, ``labels.json`` beside the data, or a continued model's), the config (with a
+    segmentation model's grid and 2.5D context) and the start (with the organ map when the model's organs differ:
+    organs the two tables share keep their output weights, new organs get fresh ones)."""
     from separeg.rt.labels import LabelTable, load_label_table
 
     cfg = job.config
@@ -166,21 +196,48 @@ def _resolve_label_table(job: FinetuneJob, start: _Start):
         table = load_label_table(labels_path)
     if model is not None:
         model_table = LabelTable.from_dict(model.metadata["labels"], source=str(job.init))
-        if [(lb.value, lb.tg263 or lb.name) for lb in table] != [(lb.value, lb.tg263 or lb.name) for lb in model_table]:
-            raise InputError(f"the label table of {labels_path} differs from the model's "
-                             f"({', '.join(model_table.names)}); continue a model only with cases labelled like its "
-                             "training cases")
+        if _organ_keys(table) != _organ_keys(model_table):
+            start = replace(start, organ_map=_transfer_map(table, model_table, job.init, events))
+        # The network body learned its features on the model's grid and context: both come along.
         inputs = GridSpec.from_dict(model.metadata["inputs"])
         cfg = replace(cfg, spacing_xy=tuple(inputs.spacing_xy), hu_window=tuple(inputs.hu_window),
                       context_slices=inputs.context_slices)
-    return table, cfg
+    return table, cfg, start
+
+
+def _organ_keys(table) -> list[tuple[int, str]]:
+    return [(lb.value, lb.tg263 or lb.name) for lb in table]
+
+
+def _transfer_map(table, model_table, source, events: Events) -> tuple[int | None, ...]:
+    """Per output channel of a network for ``table``: the channel of ``model_table`` that holds the same organ (by
+    TG-263 name, else name; background is channel 0), or None for an organ the model never learned."""
+    known = {key: value for value, key in _organ_keys(model_table)}
+    organ_map: list[int | None] = [0] + [None] * max(table.values)
+    for value, key in _organ_keys(table):
+        organ_map[value] = known.get(key)
+    shared = [key for _, key in _organ_keys(table) if key in known]
+    new = [key for _, key in _organ_keys(table) if key not in known]
+    dropped = [key for key in known if key not in shared]
+    if not shared:
+        events.warning(f"{source} contours none of these organs: only its network body comes along (the output "
+                       "layer starts fresh)", stage="finetune")
+    events.log(f"starting from the segmentation model {source} with another label table: "
+               f"{', '.join(shared) or 'no organ'} keep{'s' if len(shared) == 1 else ''} its output weights"
+               + (f"; new: {', '.join(new)}" if new else "") + (f"; not trained on: {', '.join(dropped)}" if dropped
+                                                                else ""), stage="finetune")
+    return tuple(organ_map)
 
 
 def _build_network(start: _Start, spec: GridSpec, n_classes: int, cfg: FinetuneConfig,
                    runtime: Runtime) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    if start.model is not None:  # continue from a fine-tuned model: its network, grid and organs
+    if start.model is not None and start.organ_map is None:  # continue a fine-tuned model: network, grid, organs
         return load_segmentation_model(start.model, runtime.device).train()
+    if start.model is not None:  # another label table: the model's body, and its output weights per shared organ
+        unet = build_unet(start.encoder, n_classes, spec.network_channels)
+        transfer_segmentation_weights(unet, start.model.state_dict, start.organ_map)
+        return unet.to(runtime.device)
     unet = build_unet(start.encoder, n_classes, spec.network_channels).to(runtime.device)
     if start.bundle is not None:
         load_encoder_weights(unet, _widen_input(start.bundle.state_dict, unet_encoder(unet).state_dict(), spec))
@@ -221,9 +278,12 @@ def _train(objective, train: SliceSet, val: SliceSet | None, spec: GridSpec, cfg
     total = cfg.epochs * steps_per_epoch
     warmup = min(cfg.warmup_steps, total // 10)
     patch = spec.multiple * max(1, round(cfg.patch_mm / min(spec.spacing_xy) / spec.multiple))
-    validator = EpochValidator(objective.deployable, val if val is not None else train, on_training_data=val is None,
+    validated = val if val is not None else train
+    rows, every = _validation_plan(validated, cfg, steps_per_epoch, patch, events)
+    validator = EpochValidator(objective.deployable, validated, on_training_data=val is None,
                                steps_per_epoch=steps_per_epoch, total=total, patience=cfg.patience,
-                               best_path=out / "checkpoints" / "best.pt", runtime=runtime, events=events)
+                               best_path=out / "checkpoints" / "best.pt", runtime=runtime, events=events,
+                               every=every, rows=rows)
 
     def step_loss(step: int) -> torch.Tensor:
         rng = np.random.default_rng(step_seed(cfg.seed, "finetune", step))
@@ -245,6 +305,18 @@ def _train(objective, train: SliceSet, val: SliceSet | None, spec: GridSpec, cfg
                     stop=stop, checkpoint_seconds=job.checkpoint_minutes * 60, on_step=validator, restore=restore,
                     lr_at=lambda step: warmup_lr(cfg.lr, step, total, warmup=warmup, schedule=cfg.schedule))
     return validator
+
+
+def _validation_plan(slices: SliceSet, cfg: FinetuneConfig, steps_per_epoch: int, patch: int,
+                     events: Events) -> tuple[np.ndarray | None, int]:
+    """Which slices the epoch-end validation predicts and every how many epochs (validation.py says why)."""
+    rows = validation_rows(slices, cfg.validation_margin) if cfg.validation_margin >= 0 else None
+    height, width = slices.images.shape[-2:]
+    validated = len(rows) if rows is not None else len(slices)
+    every = cfg.validate_every or validation_cadence(validated * height * width, steps_per_epoch, cfg.batch_size,
+                                                     min(patch, height) * min(patch, width))
+    events.log(f"validation every {every} epoch(s) on {validated} of {len(slices)} slices", stage="finetune")
+    return rows, every
 
 
 def _postprocessing(model: torch.nn.Module, slices: SliceSet, on_training_data: bool, table, cfg: FinetuneConfig,
@@ -365,8 +437,8 @@ def _input_channels(cfg: FinetuneConfig, init, source) -> tuple:
 def _objective(unet: torch.nn.Module, cfg: FinetuneConfig, job: FinetuneJob, table, train_cases: list,
                spec: GridSpec, runtime: Runtime, events: Events):
     """The loss for these cases' annotations, with Mean Teacher on the unlabelled scans when asked for."""
-    from separeg.segment.finetune_objective import Objective, choose_partial_label_mode
-    from separeg.segment.mean_teacher import MeanTeacher, UnlabelledSlices
+    from separeg.segment.finetune.mean_teacher import MeanTeacher, UnlabelledSlices
+    from separeg.segment.finetune.objective import Objective, choose_partial_label_mode
 
     mode = choose_partial_label_mode(cfg.partial_labels, [c.annotated for c in train_cases],
                                      [c.name for c in train_cases], {lb.value: lb.name for lb in table}, events)

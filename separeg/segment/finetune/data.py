@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from separeg.io.channels import check_channel_count
 from separeg.segment.network import GridSpec, model_input, neighbour_index, to_canonical, to_model_grid
 
-__all__ = ["SliceSet", "sample_patches"]
+__all__ = ["IGNORE", "SliceSet", "sample_patches"]
+
+# A label voxel the loss must not use (a propagated label below the confidence threshold): negative, so that it never
+# passes for a class; nearest-neighbour warps (augment) keep it.
+IGNORE = -1
 
 
 class SliceSet:
@@ -27,7 +31,8 @@ class SliceSet:
         ``open_ended`` organ on the case's slices beyond its contour, and every organ absent from a sparse slice);
         scored: ``(N, K)`` bool, where validation scores each organ (every slice that is not sparse, and a sparse
         slice for the organs it shows); case_of: ``(N,)`` case index per slice; neighbours: ``(N, 2k + 1)`` rows of
-        ``images`` that make each slice's 2.5D input.
+        ``images`` that make each slice's 2.5D input; known: ``(N, H, W)`` bool, the voxels whose labels the loss may
+        use, or None (all; the cases' own contours).
 
     Args:
         open_ended: label values of organs whose contours may stop short of the organ's end (OpenKBP contours the
@@ -37,13 +42,17 @@ class SliceSet:
             OpenKBP stores CT only inside the contours on slices outside the treated region, so an organ absent
             there (a cord whose contour ends) is unknown, neither taught as background nor scored; the organs a
             sparse slice shows keep their labels (a whole larynx or brainstem may lie on such slices). 0: off.
+        known: per case, a ``(Z, Y, X)`` bool array on its image's grid: the voxels whose labels the loss may use
+            (the confident voxels of labels propagated from other cases, ``--archive``); others are :data:`IGNORE`
+            in :func:`sample_patches`. None: every voxel.
     """
 
     def __init__(self, cases: list, n_classes: int, spec: GridSpec, device: torch.device,
-                 open_ended: tuple[int, ...] = (), min_body_area: float = 0.0) -> None:
+                 open_ended: tuple[int, ...] = (), min_body_area: float = 0.0,
+                 known: list[np.ndarray] | None = None) -> None:
         import SimpleITK as sitk
 
-        images, labels, annotated, supervised, scored, case_of, neighbours = [], [], [], [], [], [], []
+        images, labels, annotated, supervised, scored, case_of, neighbours, voxels = [], [], [], [], [], [], [], []
         shape, offset = None, 0
         for i, case in enumerate(cases):
             check_channel_count(len(case.images), spec.input_channels, f"case {case.name}")
@@ -53,8 +62,14 @@ class SliceSet:
             x = model_input([sitk.GetArrayFromImage(c) for c in canonical], spacing, spec, device=device,
                             context=False)
             y = to_model_grid(lab, spacing, spec, labels=True, device=device)[:, 0]
+            if known is not None:  # like the labels: same grid, nearest neighbour
+                mask = _label_image(case, known[i].astype(np.uint8))
+                voxels.append(to_model_grid(sitk.GetArrayFromImage(to_canonical(mask)), spacing, spec, labels=True,
+                                            device=device)[:, 0] > 0)
             if shape is not None and x.shape[-2:] != shape:
                 x, y = _fit(x, shape), _fit(y[:, None].float(), shape)[:, 0].long()
+                if known is not None:
+                    voxels[-1] = _fit(voxels[-1][:, None].float(), shape)[:, 0] > 0  # the padding is unknown
             shape = tuple(x.shape[-2:])
             mask = torch.zeros(n_classes, dtype=torch.bool)
             mask[0] = True
@@ -63,9 +78,9 @@ class SliceSet:
             labels.append(y.to(torch.uint8) if n_classes <= 256 else y)  # 8x less memory (160 cases: 6 -> 0.8 GB)
             annotated.append(mask.expand(len(x), -1))
             flags = _within_extent(mask.expand(len(x), -1).clone(), y, open_ended)
-            known = _known_on_sparse_slices(canonical[0], y, n_classes, min_body_area, spec)
-            supervised.append(flags & known.to(flags.device))
-            scored.append(known)
+            on_sparse = _known_on_sparse_slices(canonical[0], y, n_classes, min_body_area, spec)
+            supervised.append(flags & on_sparse.to(flags.device))
+            scored.append(on_sparse)
             case_of.append(torch.full((len(x),), i))
             neighbours.append(neighbour_index(len(x), spec.context_slices) + offset)
             offset += len(x)
@@ -78,6 +93,7 @@ class SliceSet:
         self.scored = torch.cat(scored).to(device)
         self.case_of = torch.cat(case_of).numpy()
         self.neighbours = torch.cat(neighbours).to(device)
+        self.known = torch.cat(voxels).to(device) if known is not None else None
         self.foreground = np.flatnonzero((self.labels > 0).flatten(1).any(1).cpu().numpy())
         # (slice, y, x) of every voxel of each organ, for class-balanced patch centres.
         labels_cpu = self.labels.cpu()
@@ -101,7 +117,8 @@ def sample_patches(slices: SliceSet, batch: int, patch: int, foreground_fraction
 
     A ``foreground_fraction`` of the batch is centred (with jitter of a quarter patch) on a voxel of an organ
     drawn uniformly among the organs present (class-balanced oversampling: an organ of a few hundred voxels is
-    seen as often as the mandible); the rest is centred anywhere.
+    seen as often as the mandible); the rest is centred anywhere. Labels are :data:`IGNORE` where ``slices.known``
+    is False.
     """
     _, _, height, width = slices.images.shape
     patch = min(patch, height, width)
@@ -122,6 +139,9 @@ def sample_patches(slices: SliceSet, batch: int, patch: int, foreground_fraction
     images = torch.stack([slices.images[slices.neighbours[k], :, y0:y0 + patch, x0:x0 + patch].transpose(0, 1)
                           .flatten(0, 1) for k, y0, x0 in centres])
     labels = torch.stack([slices.labels[k, y0:y0 + patch, x0:x0 + patch] for k, y0, x0 in centres]).long()
+    if slices.known is not None:
+        known = torch.stack([slices.known[k, y0:y0 + patch, x0:x0 + patch] for k, y0, x0 in centres])
+        labels = labels.masked_fill(~known, IGNORE)
     return images, labels, slices.supervised[index]
 
 
@@ -158,10 +178,11 @@ def _sparse_slices(image, min_body_area: float) -> np.ndarray:
     return body < min_body_area
 
 
-def _label_image(case):
+def _label_image(case, array: np.ndarray | None = None):
+    """``array`` (default: the case's labels) as a uint8 image on the case's grid."""
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(case.labels.astype(np.uint8))
+    image = sitk.GetImageFromArray((case.labels if array is None else array).astype(np.uint8))
     image.CopyInformation(case.image)
     return image
 

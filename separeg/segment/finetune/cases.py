@@ -11,7 +11,7 @@ import numpy as np
 
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
-from separeg.segment.finetune_config import FinetuneConfig, FinetuneJob
+from separeg.segment.finetune.config import FinetuneConfig, FinetuneJob
 
 __all__ = ["load_cases", "case_list", "split_cases", "require_annotated_organs"]
 

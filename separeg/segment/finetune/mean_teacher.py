@@ -19,8 +19,8 @@ from torch import nn
 
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
+from separeg.segment.finetune.plseg import gaussian_rampup
 from separeg.segment.network import GridSpec, neighbour_index, to_canonical, to_model_grid
-from separeg.segment.plseg import gaussian_rampup
 
 __all__ = ["ema_update", "UnlabelledSlices", "MeanTeacher"]
 

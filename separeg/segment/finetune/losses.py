@@ -32,7 +32,7 @@ def marginal_probabilities(logits: torch.Tensor, annotated: torch.Tensor) -> tor
 
 
 def marginal_dice_ce(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
-                     smooth: float = 1e-5) -> torch.Tensor:
+                     smooth: float = 1e-5, voxels: torch.Tensor | None = None) -> torch.Tensor:
     """Cross entropy + soft Dice on the marginal probabilities.
 
     Dice is computed per foreground class over the batch, counting only the samples where that class is
@@ -42,11 +42,19 @@ def marginal_dice_ce(logits: torch.Tensor, target: torch.Tensor, annotated: torc
         logits: ``(B, C, H, W)`` network output.
         target: ``(B, H, W)`` int64 labels (0 = background or not annotated).
         annotated: ``(B, C)`` bool.
+        voxels: ``(B, H, W)`` bool, the voxels both terms count (labels propagated from other cases: the confident
+            ones); None: all.
     """
     probs = marginal_probabilities(logits, annotated)
-    ce = -torch.log(probs.gather(1, target[:, None]).clamp_min(1e-7)).mean()
-    onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    nll = -torch.log(probs.gather(1, target[:, None]).clamp_min(1e-7))
     weight = annotated[:, :, None, None].to(probs.dtype)
+    if voxels is None:
+        ce = nll.mean()
+    else:
+        counted = voxels[:, None].to(probs.dtype)
+        ce = (nll * counted).sum() / counted.sum().clamp_min(1.0)
+        weight = weight * counted
+    onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     intersection = (probs * onehot * weight).sum(dim=(0, 2, 3))
     denominator = ((probs + onehot) * weight).sum(dim=(0, 2, 3))
     dice = (2.0 * intersection + smooth) / (denominator + smooth)
