@@ -58,6 +58,36 @@ def test_fine_tuning_seeds_run_on_the_same_draws_in_their_own_folders(tmp_path: 
     assert [r.cases for r in unseeded] == [r.cases for r in runs[:2]]  # the seeds do not change the draws
 
 
+
+def test_an_archive_method_draws_its_cts_outside_x_tr_once_per_draw(tmp_path: Path) -> None:
+    from separeg.experiments.protocol import _archive_draw
+
+    cfg = load_experiment(_config(tmp_path, train_pool=["pt_1", "pt_22", "pt_16", "pt_5"], validation=["pt_203"],
+                                  test=["pt_209"], methods=[{"name": "Random"}, {"name": "Archive", "archive": 2}]))
+    runs = plan_runs(cfg)
+    archive = next(r for r in runs if r.method.name == "Archive")
+    folder = _archive_draw(cfg, archive, tmp_path / "out")
+    drawn = sorted(p.name.removesuffix("_ct.nii.gz") for p in folder.iterdir())
+    assert len(drawn) == 2 and not set(drawn) & set(archive.cases) and set(drawn) <= set(cfg.train_pool)
+    assert _archive_draw(cfg, archive, tmp_path / "again").name == folder.name
+    assert sorted(p.name for p in (tmp_path / "again" / "archives" / folder.name).iterdir()) == \
+        sorted(p.name for p in folder.iterdir())  # the same CTs whenever the draw is run
+    with pytest.raises(InputError, match="archive must be 1..1"):
+        load_experiment(_config(tmp_path, methods=[{"name": "Archive", "archive": 4}]))
+
+
+def test_an_atlas_run_for_a_later_seed_is_the_first_seeds_run(tmp_path: Path) -> None:
+    from separeg.experiments.protocol import _same_as_first_seed
+
+    cfg = load_experiment(_config(tmp_path, seeds=[0, 1], methods=[{"name": "Atlas", "atlas": {"fusion": "vote"}}]))
+    first, _, later, _ = plan_runs(cfg)
+    out = tmp_path / "out"
+    assert not _same_as_first_seed(later, out)  # the first seed's run is not done yet
+    (out / "runs" / "Atlas" / first.folder).mkdir(parents=True)
+    (out / "runs" / "Atlas" / first.folder / "metrics.csv").write_text("case\n")
+    assert not _same_as_first_seed(first, out) and _same_as_first_seed(later, out)
+    assert (out / "runs" / "Atlas" / later.folder / "metrics.csv").read_text() == "case\n"
+
 def test_experiment_runs_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
     config, out = _config(tmp_path), tmp_path / "out"
     config = _config(tmp_path, draws={"1": 1})

@@ -210,6 +210,20 @@ def _model_contourer(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, 
                                                       device=cfg.device), events).segmentation
 
 
+def _same_as_first_seed(run: RunSpec, out: Path) -> bool:
+    """An atlas method has no seed (its registration's sampling seed is fixed): its run for a later fine-tuning seed
+    is the first seed's run of the same draw, linked once that one is done, so seed-paired comparisons keep every
+    run without registering again."""
+    if run.method.atlas is None or run.first_seed:
+        return False
+    folder = out / "runs" / run.method.name / run.folder
+    first = folder.with_name(f"n{run.size}_d{run.draw}")
+    if not (first / "metrics.csv").exists() or folder.exists() or folder.is_symlink():
+        return False
+    folder.symlink_to(first.name, target_is_directory=True)
+    return True
+
+
 def run_experiment(config_path: str | Path, out: str | Path, events: Events | None = None,
                    only: list[str] | None = None) -> Path:
     """Run every planned run not yet complete (or those of the methods in ``only``), then write the report.
@@ -231,7 +245,7 @@ def run_experiment(config_path: str | Path, out: str | Path, events: Events | No
     for i, run in enumerate(runs, 1):
         metrics = out / "runs" / run.method.name / run.folder / "metrics.csv"
         events.progress("experiment", i - 1, len(runs), msg=run.key)
-        if metrics.exists():
+        if metrics.exists() or _same_as_first_seed(run, out):
             continue
         encoder = _pretrain(cfg, run.method, out, events) if run.method.pretrain is not None else run.method.init
         _finetune_and_test(cfg, run, encoder, out, events)
