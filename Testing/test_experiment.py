@@ -88,6 +88,22 @@ def test_an_atlas_run_for_a_later_seed_is_the_first_seeds_run(tmp_path: Path) ->
     assert not _same_as_first_seed(first, out) and _same_as_first_seed(later, out)
     assert (out / "runs" / "Atlas" / later.folder / "metrics.csv").read_text() == "case\n"
 
+
+def test_an_ensemble_method_names_a_trained_method_and_needs_its_models(tmp_path: Path) -> None:
+    from separeg.experiments.protocol import _ensemble_contourer
+
+    methods = [{"name": "Random"}, {"name": "Random-ens2", "ensemble": {"of": "Random", "seeds": [0, 1]}}]
+    cfg = load_experiment(_config(tmp_path, seeds=[0, 1], methods=methods))
+    runs = [r for r in plan_runs(cfg) if r.method.name == "Random-ens2"]
+    assert [r.folder for r in runs] == ["n1_d0", "n1_d1", "n1_d0_s1", "n1_d1_s1"] and runs[0].method.seedless
+    with pytest.raises(InputError, match="needs Random's models first"):
+        _ensemble_contourer(cfg, runs[0], tmp_path / "out", tmp_path / "out" / "runs" / "Random-ens2" / "n1_d0", None)
+    with pytest.raises(InputError, match="names a trained method"):
+        load_experiment(_config(tmp_path, methods=[{"name": "E", "ensemble": {"of": "Nope", "seeds": [0, 1]}}]))
+    with pytest.raises(InputError, match="2 or more of the config's seeds"):
+        load_experiment(_config(tmp_path, seeds=[0, 1], methods=[methods[0], {**methods[1], "ensemble": {
+            "of": "Random", "seeds": [0, 2]}}]))
+
 def test_experiment_runs_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
     config, out = _config(tmp_path), tmp_path / "out"
     config = _config(tmp_path, draws={"1": 1})

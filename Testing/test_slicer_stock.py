@@ -100,7 +100,9 @@ def test_the_panel_opens_and_lists_the_shipped_models(stock: dict, module: str) 
     if module == "SepaRegSegment":
         assert view["modelComboBox"] == ["hn-oar-7"]
         assert view["modelInfoLabel"].startswith("resnet18-slim, 7 organs") and "Parotid_L" in view["modelInfoLabel"]
-        assert view["initEncoderComboBox"] == ["separeg-encoder-hn-ct", "Random initialisation"]
+        assert view["initEncoderComboBox"] == ["separeg-encoder-hn-ct",
+                                               "hn-oar-7 (model: its network and shared organs)",
+                                               "Random initialisation"]
         assert view["buttons"]["autoContourButton"] and not view["buttons"]["stopButton"]
     else:
         assert "<b>separeg-encoder-hn-ct</b> (resnet18-slim)" in view["shippedEncodersLabel"]

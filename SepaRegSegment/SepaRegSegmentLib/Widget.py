@@ -96,12 +96,19 @@ class Widget:
             self.ui.deviceComboBox.addItem(label, device)
 
     def fillEncoders(self):
-        """Shipped and installed encoders first (the default start for fine-tuning), then random initialisation."""
+        """Shipped and installed encoders first (the default start for fine-tuning), then the installed models (their
+        network comes along; organs both label tables name keep their output weights), then random initialisation."""
         self.ui.initEncoderComboBox.clear()
         for encoder in self.logic.encoders():
             self.ui.initEncoderComboBox.addItem(encoder.name, encoder.name)
             self.ui.initEncoderComboBox.setItemData(self.ui.initEncoderComboBox.count - 1, encoder.description,
                                                     qt.Qt.ToolTipRole)
+        for model in self.logic.models():
+            self.ui.initEncoderComboBox.addItem(f"{model.name} (model: its network and shared organs)", model.name)
+            self.ui.initEncoderComboBox.setItemData(
+                self.ui.initEncoderComboBox.count - 1,
+                f"{model.description}. Organs your label table shares with it (by TG-263 name) keep what it learned; "
+                "new organs start fresh. With its own organs this continues the model.", qt.Qt.ToolTipRole)
         self.ui.initEncoderComboBox.addItem("Random initialisation", "")
 
     def fillModels(self, select: str | None = None):

@@ -24,7 +24,9 @@ class Method:
     ``unlabelled``: Mean Teacher reads the pretraining set. ``atlas``: multi-atlas contouring instead of a model
     (``fusion``, ``threads`` and :class:`separeg.atlas.registration.RegistrationConfig` fields); X_tr is the
     atlas set. ``archive``: fine-tune with ``--archive`` on this many training-pool CTs outside X_tr (the labelled
-    cases propagated onto them by registration), the same CTs for every method and seed of a draw."""
+    cases propagated onto them by registration), the same CTs for every method and seed of a draw. ``ensemble``:
+    ``{"of": METHOD, "seeds": [...]}`` trains nothing: each draw's test cases are contoured by the ensemble of that
+    method's models of those fine-tuning seeds (``separeg contour --ensemble``)."""
 
     name: str
     pretrain: dict[str, Any] | None = None
@@ -32,6 +34,12 @@ class Method:
     atlas: dict[str, Any] | None = None
     init: str | None = None  # without pretrain: start fine-tuning from this encoder (a bundle path or model name)
     archive: int | None = None
+    ensemble: dict[str, Any] | None = None
+
+    @property
+    def seedless(self) -> bool:
+        """Atlas and ensemble methods have no fine-tuning seed: one run per draw serves every seed."""
+        return self.atlas is not None or self.ensemble is not None
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     budget = raw.pop("budget", 1.0)
     budgets = budget if isinstance(budget, dict) else {"pretrain": budget, "finetune": budget}
     methods = [Method(m["name"], m.get("pretrain"), m.get("finetune", {}), m.get("atlas"), m.get("init"),
-                      m.get("archive")) for m in raw.pop("methods")]
+                      m.get("archive"), m.get("ensemble")) for m in raw.pop("methods")]
     data = Path(raw.pop("data"))
     cfg = ExperimentConfig(data=data if data.is_absolute() else (path.parent / data).resolve(), methods=methods,
                            budget_pretrain=float(budgets["pretrain"]), budget_finetune=float(budgets["finetune"]),
@@ -118,6 +126,15 @@ def _check(cfg: ExperimentConfig) -> None:
         if m.atlas is not None and (m.pretrain is not None or m.finetune or m.archive):
             raise InputError(f"method {m.name}: an atlas method trains no model; drop its pretrain/finetune/archive "
                              "settings")
+        if m.ensemble is not None:
+            source = next((o for o in cfg.methods if o.name == m.ensemble.get("of")), None)
+            seeds = list(m.ensemble.get("seeds", []))
+            if source is None or source.seedless or m.pretrain is not None or m.finetune or m.archive:
+                raise InputError(f"method {m.name}: an ensemble names a trained method of this config "
+                                 '({"of": METHOD, "seeds": [...]}) and trains nothing itself')
+            if len(seeds) < 2 or not set(seeds) <= set(cfg.finetune_seeds):
+                raise InputError(f"method {m.name}: ensemble seeds must be 2 or more of the config's seeds "
+                                 f"{cfg.finetune_seeds}")
         if m.archive is not None and not 0 < m.archive <= len(cfg.train_pool) - max(cfg.train_sizes):
             raise InputError(f"method {m.name}: archive must be 1..{len(cfg.train_pool) - max(cfg.train_sizes)} "
                              "(training-pool CTs outside the largest X_tr)")

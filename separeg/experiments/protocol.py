@@ -1,16 +1,17 @@
 """`separeg experiment CONFIG --out OUT`: the paper's comparison protocol (Tables 3-7) with the product's commands.
 
-Protocol (paper, "Experimental Setup"): the pretraining set X_pre is the training pool's CTs (used without labels);
-a labelled training set X_tr of ``train_sizes`` cases is drawn from that pool with fixed seeds (several draws for
-small sizes); fixed validation cases pick the best checkpoint; the test cases are touched only at the end, by
-``separeg contour`` + ``separeg evaluate``. A method is a config entry: pretraining settings (or none: random
-init) and fine-tuning settings; nothing else differs between methods. An ``atlas`` method (``{"atlas": {"fusion":
-"vote"}}``, :mod:`separeg.atlas.contour`) trains nothing: its X_tr cases are the atlases, and the test cases are
-contoured by ``separeg atlas`` instead of ``separeg contour``, then evaluated the same way. A method with ``archive``
-fine-tunes with ``--archive`` on that many unlabelled training-pool CTs outside X_tr. The seconds each test case
-took to contour are recorded (``seconds.json`` per run) and reported next to DSC. One ``budget`` factor scales the
-paper's 100k pretraining iterations and 200 fine-tuning epochs, so the same config runs small on a CPU and in full on a
-GPU.
+Protocol (paper, "Experimental Setup"): the pretraining set X_pre is the training pool's CTs (used without labels); a
+labelled training set X_tr of ``train_sizes`` cases is drawn from that pool with fixed seeds (several draws for small
+sizes); fixed validation cases pick the best checkpoint; the test cases are touched only at the end, by ``separeg
+contour`` + ``separeg evaluate``. A method is a config entry: pretraining settings (or none: random init) and
+fine-tuning settings; nothing else differs between methods. An ``atlas`` method (``{"atlas": {"fusion": "vote"}}``,
+:mod:`separeg.atlas.contour`) trains nothing: its X_tr cases are the atlases, and the test cases are contoured by
+``separeg atlas`` instead of ``separeg contour``, then evaluated the same way. A method with ``archive`` fine-tunes
+with ``--archive`` on that many unlabelled training-pool CTs outside X_tr; an ``ensemble`` method contours with
+another method's models of several fine-tuning seeds averaged (the cost of a seed ensemble is in its seconds). The
+seconds each test case took to contour are recorded (``seconds.json`` per run) and reported next to DSC. One
+``budget`` factor scales the paper's 100k pretraining iterations and 200 fine-tuning epochs, so the same config runs
+small on a CPU and in full on a GPU.
 
 Every run is resumable and skipped once its ``metrics.csv`` exists; the report (``results.md``, ``results.csv``,
 ``boxplots.png``, ``learning_curve.png``) is rebuilt from whatever has finished. ``hide_fraction`` removes organ
@@ -160,8 +161,12 @@ def _finetune_and_test(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None
     data = run_dir / "data"
     hidden = {case: _prepare_case(cfg, case, data) for case in run.cases}
     shutil.copy(cfg.data / "labels.json", data / "labels.json")
-    contour = (_atlas_contourer(run, data, run_dir, hidden, events) if run.method.atlas is not None
-               else _model_contourer(cfg, run, encoder, out, run_dir, hidden, events))
+    if run.method.atlas is not None:
+        contour = _atlas_contourer(run, data, run_dir, hidden, events)
+    elif run.method.ensemble is not None:
+        contour = _ensemble_contourer(cfg, run, out, run_dir, events)
+    else:
+        contour = _model_contourer(cfg, run, encoder, out, run_dir, hidden, events)
     predictions, references = run_dir / "predictions", out / "references"
     seconds_path = run_dir / "seconds.json"
     seconds = json.loads(seconds_path.read_text(encoding="utf-8")) if seconds_path.exists() else {}
@@ -181,6 +186,27 @@ def _finetune_and_test(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None
     with atomic_path(metrics) as tmp:  # written last: its presence marks the run complete
         shutil.copy(evaluation.metrics_csv, tmp)
     return metrics
+
+
+def _ensemble_contourer(cfg: ExperimentConfig, run: RunSpec, out: Path, run_dir: Path,
+                        events: Events) -> Callable[[Path, Path], Path]:
+    """The ensemble method's "training": the finished models of its source method's seeds on this draw."""
+    from separeg.runtime.errors import InputError
+    from separeg.segment.contour import ContourJob, run_contour
+
+    source, seeds = run.method.ensemble["of"], run.method.ensemble["seeds"]
+    first = cfg.finetune_seeds[0]
+    models = [out / "runs" / source / (f"n{run.size}_d{run.draw}" + ("" if s == first else f"_s{s}")) / "finetune"
+              / "model.separeg" for s in seeds]
+    missing = [str(m) for m in models if not m.exists()]
+    if missing:
+        raise InputError(f"method {run.method.name} needs {source}'s models first: {', '.join(missing)}")
+    write_json({"method": run.method.name, "size": run.size, "draw": run.draw, "cases": list(run.cases),
+                "ensemble_of": source, "seeds": seeds, "models": [str(m) for m in models],
+                "device": _device_name(cfg.device)}, run_dir / "run.json")
+    return lambda ct, out_dir: run_contour(ContourJob(volume=ct, model=str(models[0]), out_dir=out_dir,
+                                                      ensemble=tuple(str(m) for m in models[1:]),
+                                                      device=cfg.device), events).segmentation
 
 
 def _model_contourer(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, out: Path, run_dir: Path,
@@ -211,10 +237,10 @@ def _model_contourer(cfg: ExperimentConfig, run: RunSpec, encoder: Path | None, 
 
 
 def _same_as_first_seed(run: RunSpec, out: Path) -> bool:
-    """An atlas method has no seed (its registration's sampling seed is fixed): its run for a later fine-tuning seed
-    is the first seed's run of the same draw, linked once that one is done, so seed-paired comparisons keep every
-    run without registering again."""
-    if run.method.atlas is None or run.first_seed:
+    """An atlas or ensemble method has no seed (the registration's sampling seed is fixed; an ensemble spans seeds):
+    its run for a later fine-tuning seed is the first seed's run of the same draw, linked once that one is done, so
+    seed-paired comparisons keep every run without computing it again."""
+    if not run.method.seedless or run.first_seed:
         return False
     folder = out / "runs" / run.method.name / run.folder
     first = folder.with_name(f"n{run.size}_d{run.draw}")
