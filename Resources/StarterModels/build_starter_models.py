@@ -18,7 +18,8 @@ Every step resumes (its run folder is kept in ``--work``), so a killed build con
     python Resources/StarterModels/build_starter_models.py --work /tmp/v3 --init separeg-encoder-hn-ct \\
         --data POOL --split Testing/experiments/openkbp_pool_split.json --epochs 120 --patience 15 \\
         --models-out /tmp/v3/models                  # hn-oar-7 v3 candidate on the OpenKBP pool (issue 31);
-    # add --training-patients 80 for the learning curve's middle point
+    # add --training-patients 80 for the learning curve's middle point; --drop-organs Larynx,Esophagus for the
+    # source model of the transfer experiment (issue 32)
     # POOL: python ../shared/tools/openkbp_pool.py GIT_DIR POOL, GIT_DIR a bare copy of github:ababier/open-kbp
     python Resources/StarterModels/build_starter_models.py --work /tmp/starter --encoder resnet50 \\
         --iterations 100000 --epochs 200 --device cuda --models-out /tmp/paper-models       # the paper's budget
@@ -129,6 +130,35 @@ def link_cases(data: Path, work: Path, holdout: set[str], unused: frozenset[str]
     return {part: sorted(c for c, p in split.items() if p == part) for part in parts}
 
 
+def drop_organs(work: Path, data: Path, names: list[str]) -> None:
+    """Leave ``names`` out of the train, holdout and validation label maps and tables (a source model for the
+    transfer experiment of issue 32 must never have seen the organs it is tested on): their voxels become background
+    and the table loses them; written once, as files replacing the links."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    table = json.loads((data / "labels.json").read_text(encoding="utf-8"))
+    tg263 = table.get("index_to_tg263", {})
+    values = {int(v) for v, name in table["index_to_name"].items() if name in names or tg263.get(v) in names}
+    if len(values) != len(names):
+        sys.exit(f"--drop-organs {','.join(names)}: not all are organs of {data / 'labels.json'}")
+    kept = {key: {v: n for v, n in part.items() if int(v) not in values} if isinstance(part, dict) else part
+            for key, part in table.items()}
+    for folder in ("train", "holdout", "validation"):
+        (work / folder / "labels.json").unlink(missing_ok=True)
+        (work / folder / "labels.json").write_text(json.dumps(kept, indent=1), encoding="utf-8")
+        for path in sorted((work / folder).glob("*_oar.nii.gz")):
+            if not path.is_symlink():
+                continue  # already written
+            image = sitk.ReadImage(str(path))
+            array = sitk.GetArrayFromImage(image)
+            array[np.isin(array, sorted(values))] = 0
+            out = sitk.GetImageFromArray(array)
+            out.CopyInformation(image)
+            path.unlink()
+            sitk.WriteImage(out, str(path), useCompression=True)
+
+
 def device_name(device: str) -> str:
     import torch
 
@@ -154,7 +184,7 @@ def validate(model: Path, work: Path, cases: list[str], log: Path) -> tuple[dict
         if not ref.exists():
             ref.symlink_to(work / "validation" / f"{case}_oar.nii.gz")
     separeg(["evaluate", str(predictions), str(references), "--out", str(work / "evaluation"),
-             "--labels", str(work / "train" / "labels.json")], log)
+             "--labels", str(work / "train" / "labels.json")], log)  # dropped organs: not in the table or maps
     summary = json.loads((work / "evaluation" / "summary.json").read_text(encoding="utf-8"))
     return summary, seconds, command
 
@@ -205,6 +235,9 @@ def main() -> None:
     parser.add_argument("--training-patients", type=int, default=None,
                         help="with --split: fine-tune on this many of its training patients (a fixed-seed draw, "
                              "recorded in WORK/training_draw.json), for a learning curve")
+    parser.add_argument("--drop-organs", default=None, metavar="NAMES",
+                        help="leave these organs (comma-separated) out of training and validation: a source model "
+                             "for the transfer experiment (it must never see the organs it is tested on)")
     parser.add_argument("--min-body-area", default=None, help="separeg finetune --min-body-area (mm^2)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -215,6 +248,8 @@ def main() -> None:
         sys.exit("--training-patients needs --split")
     unused = draw_training(args.split, args.training_patients, work) if args.training_patients else frozenset()
     splits = link_cases(data, work, holdout, frozenset(unused))
+    if args.drop_organs:
+        drop_organs(work, data, [n.strip() for n in args.drop_organs.split(",") if n.strip()])
     started = time.perf_counter()
     pretrain = None
     if args.init is None:
