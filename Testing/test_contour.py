@@ -288,3 +288,30 @@ def test_an_ensemble_averages_its_members_probabilities(model_bundle: Path, open
     with pytest.raises(InputError, match="other organs"):
         run_contour(ContourJob(volume=volume, model=str(model_bundle), out_dir=tmp_path / "bad", device="cpu",
                                ensemble=(str(other),)))
+
+
+def test_a_packed_ensemble_contours_like_its_members_given_at_contour_time(model_bundle: Path, openkbp: Path,
+                                                                           tmp_path: Path) -> None:
+    """``separeg pack --ensemble``: one bundle holding both members gives the labels of ``contour --ensemble``;
+    fine-tuning from it is refused (train a member instead)."""
+    from separeg.cli import main
+    from separeg.runtime.bundle import load_bundle
+    from separeg.segment.finetune.train import FinetuneJob, run_finetune
+
+    torch.manual_seed(2)
+    bundle = load_bundle(model_bundle)
+    other = save_bundle(tmp_path / "seed2.separeg", kind="segmentation", architecture=bundle.architecture,
+                        state_dict=build_unet("resnet18", bundle.architecture["out_channels"]).state_dict(),
+                        metadata=bundle.metadata)
+    packed = tmp_path / "ensemble.separeg"
+    assert main(["pack", str(model_bundle), "--ensemble", str(other), "--out", str(packed)]) == 0
+    assert len(load_bundle(packed).architecture["members"]) == 2
+    volume = tmp_path / "part.nii.gz"
+    sitk.WriteImage(read_volume(openkbp / "pt_203_ct.nii.gz")[:, :, 60:76], str(volume))
+    given, _ = _contour(volume, packed, tmp_path / "packed")
+    run_contour(ContourJob(volume=volume, model=str(model_bundle), out_dir=tmp_path / "given", device="cpu",
+                           ensemble=(str(other),)))
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "given" / SEGMENTATION_FILE)))
+    assert np.array_equal(sitk.GetArrayFromImage(given), expected)
+    with pytest.raises(InputError, match="is an ensemble of 2 models"):
+        run_finetune(FinetuneJob(data=openkbp, out_dir=tmp_path / "ft", init=packed, device="cpu"))

@@ -223,6 +223,9 @@ def _pack_command(sub: argparse._SubParsersAction) -> None:
     pack.add_argument("bundle", type=_existing_path, help="the bundle from pretrain or finetune")
     pack.add_argument("--out", type=Path, required=True, help="the packed bundle (NAME.separeg)")
     pack.add_argument("--fp16", action="store_true", help="store floating-point weights in half precision")
+    pack.add_argument("--ensemble", action="append", default=[], metavar="MODEL",
+                      help="also hold this segmentation model (repeatable): one bundle whose contours average the "
+                           "members' probabilities (seeds or folds of one recipe, same organs and inputs)")
     pack.add_argument("--metadata", type=_existing_path, default=None,
                       help="JSON object whose keys are added to bundle.json (training command, data, metrics)")
     pack.set_defaults(handler=commands.run_pack, json=False)

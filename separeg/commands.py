@@ -125,7 +125,12 @@ def run_pack(args: argparse.Namespace, events: Events) -> int:
             raise InputError(f"--metadata {args.metadata} is not valid JSON ({e})") from e
         if not isinstance(metadata, dict):
             raise InputError(f"--metadata {args.metadata} must hold a JSON object (keys for bundle.json)")
-    path = pack_bundle(args.bundle, args.out, half=args.fp16, metadata=metadata)
+    if args.ensemble:
+        from separeg.segment.ensemble import pack_ensemble
+
+        path = pack_ensemble([args.bundle, *args.ensemble], args.out, half=args.fp16, metadata=metadata)
+    else:
+        path = pack_bundle(args.bundle, args.out, half=args.fp16, metadata=metadata)
     events.done(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

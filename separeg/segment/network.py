@@ -124,7 +124,13 @@ def load_segmentation_model(bundle, device: torch.device | str = "cpu") -> nn.Mo
         device: where the network goes.
     """
     arch = bundle.architecture
-    model = build_unet(arch["backbone"], arch["out_channels"], arch.get("in_channels", 1))
+    if "members" in arch:  # one bundle holding an ensemble (separeg.segment.ensemble.pack_ensemble)
+        from separeg.segment.ensemble import ModelEnsemble
+
+        model = ModelEnsemble([build_unet(m["backbone"], m["out_channels"], m.get("in_channels", 1))
+                               for m in arch["members"]])
+    else:
+        model = build_unet(arch["backbone"], arch["out_channels"], arch.get("in_channels", 1))
     model.load_state_dict(bundle.state_dict)
     return model.to(device).eval()
 

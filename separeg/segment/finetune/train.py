@@ -167,6 +167,9 @@ def _resolve_init(job: FinetuneJob, events: Events) -> _Start:
     from separeg.runtime.model_store import resolve_model
 
     bundle = load_bundle(resolve_model(job.init))
+    if "members" in bundle.architecture:
+        raise InputError(f"--init {job.init} is an ensemble of {len(bundle.architecture['members'])} models; "
+                         "fine-tune from one of its members (or from an encoder) instead")
     if bundle.kind == "segmentation":  # "Update model": continue from a fine-tuned model (same organs, grid)
         encoder = bundle.architecture["backbone"]
     elif bundle.kind == "encoder":
