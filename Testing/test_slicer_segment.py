@@ -99,29 +99,8 @@ def test_finetune_request_problems() -> None:
     assert "needs 2 cases" in " ".join(one.problems())
 
 
-def test_unlabelled_folder_adds_mean_teacher_to_the_command(monkeypatch, tmp_path: Path) -> None:
-    slicer_fakes.install(monkeypatch)
-    commands = []
-
-    class Recorded:
-        def __init__(self, command, **_):
-            commands.append([str(c) for c in command])
-            self.event, self.finished = Signal(object), Signal(object, str)
-
-        def start(self):
-            pass
-
-    logic = SegmentLogic(SceneIO(), workDir=tmp_path, python=sys.executable, runFactory=Recorded)
-    request = FinetuneRequest(outDir=tmp_path / "ft", modelName="m", dataFolder=SAMPLES, unlabelled=tmp_path)
-    logic.finetune(request)
-    command = commands[-1]
-    assert command[command.index("--unlabelled") + 1] == str(tmp_path) and "--mean-teacher" in command
-    missing = FinetuneRequest(outDir=tmp_path, modelName="m", dataFolder=SAMPLES, unlabelled=tmp_path / "nowhere")
-    assert "unlabelled CT folder" in " ".join(missing.problems())
-
-
-def test_archive_folder_adds_archive_propagation_to_the_command(monkeypatch, tmp_path: Path) -> None:
-    """The optional "Unlabelled archive" folder becomes ``--archive`` (not Mean Teacher); a missing one is refused."""
+def _recording_logic(monkeypatch, tmp_path: Path) -> tuple[SegmentLogic, list[list[str]]]:
+    """A logic whose background runs only record their command lines (never started)."""
     slicer_fakes.install(monkeypatch)
     commands = []
 
@@ -135,7 +114,22 @@ def test_archive_folder_adds_archive_propagation_to_the_command(monkeypatch, tmp
         def start(self):
             pass
 
-    logic = SegmentLogic(SceneIO(), workDir=tmp_path, python=sys.executable, runFactory=Recorded)
+    return SegmentLogic(SceneIO(), workDir=tmp_path, python=sys.executable, runFactory=Recorded), commands
+
+
+def test_unlabelled_folder_adds_mean_teacher_to_the_command(monkeypatch, tmp_path: Path) -> None:
+    logic, commands = _recording_logic(monkeypatch, tmp_path)
+    request = FinetuneRequest(outDir=tmp_path / "ft", modelName="m", dataFolder=SAMPLES, unlabelled=tmp_path)
+    logic.finetune(request)
+    command = commands[-1]
+    assert command[command.index("--unlabelled") + 1] == str(tmp_path) and "--mean-teacher" in command
+    missing = FinetuneRequest(outDir=tmp_path, modelName="m", dataFolder=SAMPLES, unlabelled=tmp_path / "nowhere")
+    assert "unlabelled CT folder" in " ".join(missing.problems())
+
+
+def test_archive_folder_adds_archive_propagation_to_the_command(monkeypatch, tmp_path: Path) -> None:
+    """The optional "Unlabelled archive" folder becomes ``--archive`` (not Mean Teacher); a missing one is refused."""
+    logic, commands = _recording_logic(monkeypatch, tmp_path)
     logic.finetune(FinetuneRequest(outDir=tmp_path / "ft", modelName="m", dataFolder=SAMPLES, archive=tmp_path))
     command = commands[-1]
     assert command[command.index("--archive") + 1] == str(tmp_path) and "--mean-teacher" not in command
