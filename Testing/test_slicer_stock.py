@@ -19,10 +19,12 @@ task from its button, with the background runs replaced by a recorder.
 
 What a planner sees on first open in a Slicer without torch (``pytest -s`` prints it, ``test_print_first_open``):
 
-- SepaReg Segment: Model "hn-oar-7", described "resnet18-slim, 7 organs, 36 training case(s). <release limits>:
+- SepaReg Segment: Model "hn-oar-7", described "resnet18-slim x 2 (ensemble), 7 organs, 36 + 160 training case(s).
+  <release limits>:
   Brainstem, SpinalCord, Parotid_R, Parotid_L, Esophagus, Larynx, Bone_Mandible"; "0 corrected case(s) stored";
-  initial encoder "separeg-encoder-hn-ct" or "Random initialisation"; device "Automatic (GPU when available)" or
-  "CPU" (no GPU can be listed without torch); status "Idle"; every button but Stop enabled.
+  start "separeg-encoder-hn-ct", "hn-oar-7 (model: its network and shared organs)" or "Random initialisation";
+  device "Automatic (GPU when available)" or "CPU" (no GPU can be listed without torch); status "Idle"; every
+  button but Stop enabled.
 - SepaReg Pretrain: "Ready to fine-tune from, in SepaReg Segment (no pretraining needed): separeg-encoder-hn-ct
   (resnet18-slim): OpenKBP (...)"; methods simsiam, byol, simclr, mocov3; encoders ResNet-50 (paper), ResNet-18,
   ResNet-18 slim, Swin; the six stages; the same two devices; status "Idle".
@@ -99,7 +101,8 @@ def test_the_panel_opens_and_lists_the_shipped_models(stock: dict, module: str) 
     assert view["deviceComboBox"] == ["Automatic (GPU when available)", "CPU"]
     if module == "SepaRegSegment":
         assert view["modelComboBox"] == ["hn-oar-7"]
-        assert view["modelInfoLabel"].startswith("resnet18-slim, 7 organs") and "Parotid_L" in view["modelInfoLabel"]
+        assert view["modelInfoLabel"].startswith("resnet18-slim x 2 (ensemble), 7 organs, 36 + 160 training case(s)")
+        assert "Parotid_L" in view["modelInfoLabel"]
         assert view["initEncoderComboBox"] == ["separeg-encoder-hn-ct",
                                                "hn-oar-7 (model: its network and shared organs)",
                                                "Random initialisation"]

@@ -40,6 +40,9 @@ def test_shipped_bundles_are_intact_documented_and_small() -> None:
     model = load_bundle(paths["hn-oar-7"])
     assert [lb["tg263"] for lb in model.metadata["labels"]["labels"]] == ORGANS
     assert model.architecture["backbone"] == "resnet18-slim" and model.metadata["training"]["training_cases"] == 36
+    # v3: v2's network (36 training patients; its training metadata) and the pool network (160), one bundle.
+    assert [m["backbone"] for m in model.architecture["members"]] == ["resnet18-slim"] * 2
+    assert [m["training_cases"] for m in model.metadata["release"]["members"]] == [36, 160]
     assert model.metadata["inputs"]["context_slices"] == 1 and model.architecture["in_channels"] == 3  # 2.5D
     validation = model.metadata["release"]["validation"]
     assert len(validation["patients"]) == 10 and set(ORGANS) <= set(validation["per_organ"])

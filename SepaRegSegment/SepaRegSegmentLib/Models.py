@@ -45,9 +45,11 @@ class ModelLibrary:
             if kind == "encoder":
                 description = f"{backbone} encoder" + (f"; {release['data']}" if release.get("data") else "")
             else:
-                training = info.get("training", {})
-                description = (f"{backbone}, {len(labels)} organs, "
-                               f"{training.get('training_cases', '?')} training case(s)")
+                members = release.get("members") or []  # an ensemble (separeg pack --ensemble)
+                cases = (" + ".join(str(m.get("training_cases", "?")) for m in members) if members
+                         else info.get("training", {}).get("training_cases", "?"))
+                description = (f"{backbone}{f' x {len(members)} (ensemble)' if members else ''}, {len(labels)} "
+                               f"organs, {cases} training case(s)")
             if release.get("limits"):
                 description += f". {release['limits']}"
             channels = [c if isinstance(c, str) else c.get("name", "?")

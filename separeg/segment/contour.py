@@ -39,7 +39,13 @@ from separeg.runtime.atomic import write_json
 from separeg.runtime.events import Events
 from separeg.runtime.outdir import begin_result, finish_result
 from separeg.runtime.training import Runtime, setup_runtime
-from separeg.segment.body_site import body_site_warning, expected_volumes
+from separeg.segment.body_site import (
+    body_area_cm2,
+    body_area_warning,
+    body_site_warning,
+    expected_body_area,
+    expected_volumes,
+)
 from separeg.segment.ensemble import ModelEnsemble, check_members
 from separeg.segment.inference import predict_labels, upsampled_argmax
 from separeg.segment.mirror import MirrorEnsemble, lateral_swap
@@ -302,6 +308,10 @@ def _contour(job: ContourJob, events: Events, segment: Segmenter, *, cpu_batch: 
     volumes = {label.tg263 or label.name: round(float(counts[label.value]) * voxel_cc, 2) for label in kept.labels}
     expected, source = expected_volumes(bundle.metadata, kept)
     site = body_site_warning({lb.value: volumes[lb.tg263 or lb.name] for lb in kept}, expected, kept, source)
+    if site is None and is_ct:  # the body's size, which no chance finding of an organ can hide
+        area_range, area_source = expected_body_area(bundle.metadata, kept)
+        site = body_area_warning(body_area_cm2(sitk.GetArrayViewFromImage(canonical), canonical.GetSpacing()),
+                                 area_range, area_source)
     for note in [*organs.warnings, *([site] if site else [])]:
         events.warning(note, stage="contour")
         warnings.append(note)

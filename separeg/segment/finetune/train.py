@@ -374,7 +374,7 @@ def _write_bundle(out: Path, best: dict, start: _Start, spec: GridSpec, n_classe
                   mirror: dict, train_cases: list, val_cases: list, events: Events) -> Path:
     from separeg import __version__
     from separeg.runtime.bundle import save_bundle
-    from separeg.segment.body_site import organ_volume_statistics
+    from separeg.segment.body_site import body_area_statistics, organ_volume_statistics
     from separeg.segment.learned_organs import annotated_cases_per_organ
 
     history = validator.history
@@ -401,7 +401,8 @@ def _write_bundle(out: Path, best: dict, start: _Start, spec: GridSpec, n_classe
                   "postprocessing": postprocessing,
                   "test_time_mirroring": mirror,
                   "data": {**_data_statistics(train_cases),  # organ volumes: contour's body-site check
-                           "organ_volume_cc": organ_volume_statistics(train_cases, table.values)}})
+                           "organ_volume_cc": organ_volume_statistics(train_cases, table.values),
+                           "body_area_cm2": body_area_statistics(train_cases)}})
     write_json(history, out / "history.json")
     best_dsc = history["best"] or 0.0
     if unusable is not None:
