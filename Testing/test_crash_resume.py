@@ -228,7 +228,8 @@ def cases(tmp_path_factory) -> Path:
 def test_finetune_survives_sigkill_at_three_points(cases: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["finetune", str(cases), "--out", str(run), "--device", "cpu", "--encoder", "resnet18", "--epochs", "2",
-            "--steps-per-epoch", "3", "--batch-size", "4", "--validation-cases", "1", "--checkpoint-minutes", "0"]
+            "--steps-per-epoch", "3", "--batch-size", "4", "--validation-cases", "1", "--checkpoint-minutes", "0",
+            "--validate-every", "1"]  # a validation (and its best.pt) at every epoch's end: the kill points
     resume = [*args, "--resume"]
     checkpoint = run / "checkpoints" / "finetune.pt"
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from separeg.runtime.errors import InputError
 
-__all__ = ["ModelEnsemble", "check_members", "pack_ensemble"]
+__all__ = ["ModelEnsemble", "check_members", "pack_ensemble", "member_bundle"]
 
 
 class ModelEnsemble(nn.Module):
@@ -78,3 +78,16 @@ def pack_ensemble(sources: list, target, *, half: bool = False, metadata: dict |
              "packed_from": {"weights_sha256": first.weights_sha256, "created": first.created,
                              "weights_dtype": "float16" if half else "as trained"}}
     return save_bundle(target, kind="segmentation", architecture=architecture, state_dict=state, metadata=extra)
+
+
+def member_bundle(bundle, index: int = 0):
+    """Member ``index`` of an ensemble bundle as a bundle of its own (its architecture and weights; the ensemble's
+    labels, inputs and choices): what fine-tuning continues from, since an average of networks has no decoder to
+    supervise."""
+    from dataclasses import replace
+
+    prefix = f"members.{index}."
+    return replace(bundle, architecture=bundle.architecture["members"][index],
+                   state_dict={k[len(prefix):]: v for k, v in bundle.state_dict.items() if k.startswith(prefix)},
+                   weights_sha256=(bundle.metadata.get("ensemble") or [{}] * (index + 1))[index].get(
+                       "weights_sha256", bundle.weights_sha256))

@@ -167,9 +167,13 @@ def _resolve_init(job: FinetuneJob, events: Events) -> _Start:
     from separeg.runtime.model_store import resolve_model
 
     bundle = load_bundle(resolve_model(job.init))
-    if "members" in bundle.architecture:
-        raise InputError(f"--init {job.init} is an ensemble of {len(bundle.architecture['members'])} models; "
-                         "fine-tune from one of its members (or from an encoder) instead")
+    if "members" in bundle.architecture:  # an average of networks has no decoder to supervise: its first one goes on
+        from separeg.segment.ensemble import member_bundle
+
+        events.warning(f"{job.init} is an ensemble of {len(bundle.architecture['members'])} networks: fine-tuning "
+                       "continues its first network, and the model it writes is that one network",
+                       stage="finetune")
+        bundle = member_bundle(bundle, 0)
     if bundle.kind == "segmentation":  # "Update model": continue from a fine-tuned model (same organs, grid)
         encoder = bundle.architecture["backbone"]
     elif bundle.kind == "encoder":
