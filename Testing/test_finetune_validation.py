@@ -62,6 +62,21 @@ def test_runs_from_before_these_settings_resume_when_given_their_old_values() ->
     from separeg.segment.finetune.config import LEGACY_VALIDATION
     from separeg.segment.finetune.train import _without_legacy_validation
 
-    assert _without_legacy_validation({"config": {"epochs": 5, **LEGACY_VALIDATION}}) == {"config": {"epochs": 5}}
-    new = {"config": {"epochs": 5, **LEGACY_VALIDATION, "validate_every": 0}}
-    assert _without_legacy_validation(new) == new
+    old = {"config": {"epochs": 5, **LEGACY_VALIDATION, "bn_momentum": 0.1}}
+    assert _without_legacy_validation(old) == {"config": {"epochs": 5}}
+    new = {"config": {"epochs": 5, **LEGACY_VALIDATION, "validate_every": 0, "bn_momentum": 0.1}}
+    assert _without_legacy_validation(new) == {"config": {"epochs": 5, **LEGACY_VALIDATION, "validate_every": 0}}
+    smoother = {"config": {"epochs": 5, **LEGACY_VALIDATION, "bn_momentum": 0.01}}
+    assert _without_legacy_validation(smoother) == {"config": {"epochs": 5, "bn_momentum": 0.01}}
+
+
+def test_the_batchnorm_momentum_reaches_every_normalisation_layer(tmp_path: Path) -> None:
+    from separeg.runtime.training import Runtime
+    from separeg.segment.finetune.config import FinetuneConfig
+    from separeg.segment.finetune.train import _build_network, _Start
+    from separeg.segment.network import GridSpec
+
+    unet = _build_network(_Start("resnet18-slim"), GridSpec(spacing_xy=(4.0, 4.0)), 3,
+                          FinetuneConfig(bn_momentum=0.01), Runtime(torch.device("cpu")))
+    momenta = {m.momentum for m in unet.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert momenta == {0.01}

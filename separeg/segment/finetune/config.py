@@ -96,6 +96,11 @@ class FinetuneConfig:
         "learning-rate decay after the warm-up (%(default)s)", choices=SCHEDULES, group="recipe"))
     warmup_steps: int = field(default=200, metadata=flag(
         "linear warm-up steps, at most a tenth of the run (%(default)s)", group="recipe"))
+    # Running statistics are an exponential average over the last batches of augmented patches: at 0.1 a few odd
+    # batches moved them far enough to collapse validation (Testing/results/pool_cpu, the 80-patient run).
+    bn_momentum: float = field(default=0.1, metadata=flag(
+        "BatchNorm running-statistics momentum (PyTorch's; smaller averages over more batches; %(default)s)",
+        group="recipe"))
     encoder_lr_scale: float = field(default=1.0, metadata=flag(
         "encoder learning rate relative to the decoder's (%(default)s)", group="recipe"))
     postprocessing: str = field(default="validation", metadata=flag(
@@ -150,6 +155,8 @@ class FinetuneConfig:
                      "encoder_lr_scale", "min_body_area", "finest_grid_mm", "validate_every"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', '-')} must not be negative")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise InputError("bn-momentum must be in (0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError("ema-decay must be in [0, 1)")
         if self.archive_weight < 0 or not 0.0 <= self.archive_confidence <= 1.0:

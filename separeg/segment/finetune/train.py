@@ -151,12 +151,14 @@ def _run_finetune(job: FinetuneJob, events: Events, cleanup: ExitStack) -> Path:
 
 
 def _without_legacy_validation(identity: dict) -> dict:
-    """The identity as before the validation and grid settings existed when they hold their old behaviour, so runs
-    started then still resume (given ``LEGACY_VALIDATION``'s values)."""
+    """The identity as before the validation, grid and BatchNorm settings existed when they hold their old behaviour,
+    so runs started then still resume (given ``LEGACY_VALIDATION``'s values; PyTorch's BatchNorm momentum 0.1)."""
     config = identity["config"]
-    if any(config.get(k) != v for k, v in LEGACY_VALIDATION.items()):
-        return identity
-    return {**identity, "config": {k: v for k, v in config.items() if k not in LEGACY_VALIDATION}}
+    if config.get("bn_momentum") == 0.1:
+        config = {k: v for k, v in config.items() if k != "bn_momentum"}
+    if all(config.get(k) == v for k, v in LEGACY_VALIDATION.items()):
+        config = {k: v for k, v in config.items() if k not in LEGACY_VALIDATION}
+    return {**identity, "config": config}
 
 
 def _resolve_init(job: FinetuneJob, events: Events) -> _Start:
@@ -238,6 +240,15 @@ def _transfer_map(table, model_table, source, events: Events) -> tuple[int | Non
 
 def _build_network(start: _Start, spec: GridSpec, n_classes: int, cfg: FinetuneConfig,
                    runtime: Runtime) -> torch.nn.Module:
+    unet = _initial_network(start, spec, n_classes, cfg, runtime)
+    for module in unet.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = cfg.bn_momentum
+    return unet
+
+
+def _initial_network(start: _Start, spec: GridSpec, n_classes: int, cfg: FinetuneConfig,
+                     runtime: Runtime) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     if start.model is not None and start.organ_map is None:  # continue a fine-tuned model: network, grid, organs
         return load_segmentation_model(start.model, runtime.device).train()
