@@ -155,3 +155,38 @@ def test_an_atlas_method_runs_in_the_experiment_harness(tmp_path: Path) -> None:
     assert rows and float(rows[0]["seconds_mean"]) > 0
     path.write_text(json.dumps({**config, "methods": [{"name": "Atlas", "atlas": {}, "pretrain": {}}]}))
     assert main(["experiment", str(path), "--out", str(tmp_path / "bad")]) == 1
+
+
+def test_a_registration_without_overlap_is_handled_not_a_crash(tmp_path: Path, monkeypatch) -> None:
+    """ITK's "all samples map outside the moving image" (an OpenKBP pair of the pool did it in the B-spline stage):
+    the B-spline stage falls back to the affine registration; a linear stage leaves that atlas out with a warning;
+    no atlas left is a clear error, never an internal one."""
+    import SimpleITK
+
+    from separeg.runtime.events import Events
+
+    target, reference = _moved_copy("pt_1", tmp_path / "target")
+    atlases = _atlas_folder(tmp_path / "atlases", {"a": [], "b": []})
+    execute = SimpleITK.ImageRegistrationMethod.Execute
+    failing = {"stage": "B-spline", "calls": 0}  # per atlas: translation search, similarity, affine, B-spline
+
+    def no_overlap(method, fixed, moving):
+        failing["calls"] += 1
+        if (failing["stage"] == "B-spline" and failing["calls"] % 4 == 0) or (
+                failing["stage"] == "similarity" and failing["calls"] % 2 == 0):
+            raise RuntimeError("ITK ERROR: MattesMutualInformationImageToImageMetricv4: All samples map outside "
+                               "moving image buffer. The images do not sufficiently overlap.")
+        return execute(method, fixed, moving)
+
+    monkeypatch.setattr(SimpleITK.ImageRegistrationMethod, "Execute", no_overlap)
+    result = run_atlas(AtlasJob(volume=target, atlases=atlases, out_dir=tmp_path / "affine", cases=("a",),
+                                threads=1))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.segmentation)))
+    assert _dsc(labels == 7, reference == 7) >= 0.8  # the affine registration carried the mandible
+    failing.update(stage="similarity", calls=0)  # each atlas: search (call 1) then similarity (call 2) fails
+    warnings = []
+    events = Events(lambda e: warnings.append(e.msg or ""), min_interval=0.0)
+    with pytest.raises(InputError, match="no atlas could be registered"):
+        run_atlas(AtlasJob(volume=target, atlases=atlases, out_dir=tmp_path / "none", cases=("a", "b"), threads=1),
+                  events)
+    assert sum("left out: the similarity registration found no overlap" in w for w in warnings) == 2

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from separeg.atlas.registration import RegistrationConfig, _prepare, register
+from separeg.atlas.registration import RegistrationConfig, RegistrationError, _prepare, register
 from separeg.runtime.atomic import atomic_path, write_json
 from separeg.runtime.errors import CancelledError, InputError
 from separeg.runtime.events import Events
@@ -198,7 +198,14 @@ def _register_pair(fixed, image, case, moving, registration: RegistrationConfig,
     from separeg.atlas.contour import _carry, _displacement
 
     start = time.perf_counter()
-    transform, metric = register(fixed, moving, registration)
+    try:
+        transform, metric = register(fixed, moving, registration)
+    except RegistrationError as exc:  # recorded as a pair that matched nothing: MIN_MI drops it, with a warning
+        record = {"mi": 0.0, "seconds": round(time.perf_counter() - start, 1), "organs": [], "failed": str(exc)}
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, key=np.array(key), record=np.array(json.dumps(record)),
+                                coverage=np.packbits(np.zeros(1, bool)))
+        return record
     warp = _displacement(transform, image)
     labels = sitk.GetImageFromArray(case.labels)
     labels.CopyInformation(case.image)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from separeg.atlas.registration import RegistrationConfig, _prepare, register
+from separeg.atlas.registration import RegistrationConfig, RegistrationError, _prepare, register
 from separeg.registry import FUSIONS
 from separeg.runtime.errors import InputError
 from separeg.runtime.events import Events
@@ -237,7 +237,12 @@ def run_atlas(job: AtlasJob, events: Events | None = None):
         loaded = load_case(case, table)
         label_image = sitk.GetImageFromArray(loaded.labels)
         label_image.CopyInformation(loaded.image)
-        transform, metric = register(fixed, _prepare(loaded.image, job.registration), job.registration)
+        try:
+            transform, metric = register(fixed, _prepare(loaded.image, job.registration), job.registration)
+        except RegistrationError as exc:  # one atlas that cannot be aligned must not stop the others
+            events.warning(f"atlas {case.name} left out: {exc}", stage="atlas")
+            per_atlas.append({"case": case.name, "failed": str(exc)})
+            continue
         annotated = sorted(loaded.annotated)
         for value, mask in _propagate(transform, image, label_image, annotated):
             fusion.add(value, mask)
@@ -245,6 +250,8 @@ def run_atlas(job: AtlasJob, events: Events | None = None):
         per_atlas.append({"case": case.name, "annotated": annotated, "mutual_information": round(float(metric), 4),
                           "seconds": round(seconds, 1)})
         events.progress("atlas", i + 1, len(atlases), msg=f"{case.name}: {seconds:.0f} s")
+    if not fusion.counts:
+        raise InputError(f"no atlas could be registered to {job.volume} ({len(atlases)} tried; the warnings say why)")
     shape = sitk.GetArrayViewFromImage(image).shape
     fused = sitk.GetImageFromArray(_fuse(fusion, shape))
     fused.CopyInformation(image)

@@ -3,13 +3,20 @@ mutual information, multi-resolution) of each atlas CT onto the CT to contour.""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from separeg.runtime.errors import InputError
 
-__all__ = ["RegistrationConfig", "register"]
+__all__ = ["RegistrationConfig", "RegistrationError", "register"]
+
+log = logging.getLogger(__name__)
+
+
+class RegistrationError(InputError):
+    """The two CTs could not be registered (ITK: no overlap left after the initial alignment)."""
 
 
 BODY_HU = -500.0
@@ -125,7 +132,7 @@ def register(fixed: _Prepared, moving: _Prepared, config: RegistrationConfig):
     search.SetOptimizerAsExhaustive(steps, stepLength=config.search_step_mm)
     search.SetOptimizerScales([1.0, 1.0, 1.0])
     search.SetInitialTransform(translation, inPlace=True)
-    search.Execute(fixed.bone, moving.bone)
+    _execute(search, fixed.bone, moving.bone, "translation search")
 
     similarity = sitk.Similarity3DTransform()
     similarity.SetCenter(fixed.centroid.tolist())
@@ -133,7 +140,7 @@ def register(fixed: _Prepared, moving: _Prepared, config: RegistrationConfig):
     linear = _method(config, mask, [4, 2], [2.0, 1.0])
     _gradient_descent(linear, 2.0, config.linear_iterations)
     linear.SetInitialTransform(similarity, inPlace=True)
-    linear.Execute(fixed.window, moving.window)
+    _execute(linear, fixed.window, moving.window, "similarity")
 
     affine = sitk.AffineTransform(3)
     affine.SetCenter(similarity.GetCenter())
@@ -142,7 +149,7 @@ def register(fixed: _Prepared, moving: _Prepared, config: RegistrationConfig):
     linear = _method(config, mask, [4, 2], [2.0, 1.0])
     _gradient_descent(linear, 1.0, config.linear_iterations)
     linear.SetInitialTransform(affine, inPlace=True)
-    linear.Execute(fixed.window, moving.window)
+    _execute(linear, fixed.window, moving.window, "affine")
     metric = linear.GetMetricValue()
     if not config.bspline_mesh:
         return affine, metric
@@ -154,5 +161,20 @@ def register(fixed: _Prepared, moving: _Prepared, config: RegistrationConfig):
                                     maximumNumberOfFunctionEvaluations=2 * config.bspline_iterations)
     deformable.SetMovingInitialTransform(affine)
     deformable.SetInitialTransform(bspline, inPlace=True)
-    deformable.Execute(fixed.window, moving.window)
+    try:
+        _execute(deformable, fixed.window, moving.window, "B-spline")
+    except RegistrationError as exc:  # the affine registration stands; the deformable one found no overlap
+        log.warning("%s; keeping the affine registration", exc)
+        return affine, metric
     return sitk.CompositeTransform([affine, bspline]), deformable.GetMetricValue()
+
+
+def _execute(method, fixed, moving, stage: str) -> None:
+    """Run one registration stage; ITK's "images do not sufficiently overlap" becomes a :class:`RegistrationError`."""
+    try:
+        method.Execute(fixed, moving)
+    except RuntimeError as exc:
+        if "overlap" not in str(exc) and "outside moving image" not in str(exc):
+            raise
+        raise RegistrationError(f"the {stage} registration found no overlap between the two CTs (ITK: all samples "
+                                "map outside the moving image): they may show different body regions") from exc
