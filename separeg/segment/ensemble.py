@@ -87,7 +87,7 @@ def member_bundle(bundle, index: int = 0):
     from dataclasses import replace
 
     prefix = f"members.{index}."
+    recorded = bundle.metadata.get("ensemble") or []  # each member's own hash, as pack_ensemble wrote it
     return replace(bundle, architecture=bundle.architecture["members"][index],
                    state_dict={k[len(prefix):]: v for k, v in bundle.state_dict.items() if k.startswith(prefix)},
-                   weights_sha256=(bundle.metadata.get("ensemble") or [{}] * (index + 1))[index].get(
-                       "weights_sha256", bundle.weights_sha256))
+                   weights_sha256=recorded[index]["weights_sha256"] if index < len(recorded) else bundle.weights_sha256)

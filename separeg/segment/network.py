@@ -149,14 +149,14 @@ def transfer_segmentation_weights(unet: nn.Module, source: dict[str, torch.Tenso
     Raises:
         InputError: the model is another architecture (its weights outside the output layer do not fit).
     """
-    prefix = "out." if hasattr(unet, "swinViT") else "segmentation_head."
+    layer = output_layer(unet)
+    prefix = next(name for name, child in unet.named_children() if child is layer) + "."
     body = {k: v for k, v in source.items() if not k.startswith(prefix)}
     result = unet.load_state_dict(body, strict=False)
     unexpected = [k for k in result.missing_keys if not k.startswith(prefix)] + list(result.unexpected_keys)
     if unexpected:
         raise InputError(f"the segmentation model's weights do not fit this network ({unexpected[:2]} ...); start "
                          "from a model with the same encoder and input channels")
-    layer = output_layer(unet)
     with torch.no_grad():
         for name, target in layer.named_parameters():
             weights = source[prefix + name]

@@ -76,16 +76,16 @@ def case_organ_scores(prediction: torch.Tensor, slices: SliceSet,
     """``{case index: {organ: DSC}}``, 3D over each case's slices that score the organ (``slices.scored``),
     annotated organs only; organs neither predicted nor present in a case are not scored there. ``prediction``
     holds the slices ``rows`` (default: all)."""
-    rows_all = np.arange(len(slices)) if rows is None else rows
-    case_of = slices.case_of[rows_all]
+    rows = np.arange(len(slices)) if rows is None else rows
+    case_of = slices.case_of[rows]
     scores: dict[int, dict[int, float]] = {}
     for case in np.unique(case_of):
-        where = np.flatnonzero(case_of == case)
-        at = torch.as_tensor(where, device=prediction.device)
-        rows = torch.as_tensor(rows_all[where], device=slices.labels.device)
-        pred, ref, scored = prediction[at], slices.labels[rows], slices.scored[rows]
+        where = np.flatnonzero(case_of == case)  # positions in ``prediction``
+        case_rows = torch.as_tensor(rows[where], device=slices.labels.device)  # rows of ``slices``
+        pred = prediction[torch.as_tensor(where, device=prediction.device)]
+        ref, scored = slices.labels[case_rows], slices.scored[case_rows]
         scores[int(case)] = {}
-        for organ in torch.nonzero(slices.annotated[rows[0]]).flatten().tolist()[1:]:
+        for organ in torch.nonzero(slices.annotated[case_rows[0]]).flatten().tolist()[1:]:
             keep = scored[:, organ]
             score = _dsc(pred[keep] == organ, ref[keep] == organ)
             if score is not None:
